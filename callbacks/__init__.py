@@ -1,0 +1,10 @@
+"""Lightning callbacks of nl_lightning, importable as ``nl_lightning.callbacks``.
+
+The source lives in the repository's top-level ``callbacks/`` folder and is mapped into the
+package by setuptools ``package-dir`` (SPEC §1). Callbacks here may import ``nl_lightning.optim``
+but nothing from ``nl_lightning.cli``.
+"""
+
+from nl_lightning.callbacks.tensorboard_hint import TensorBoardHint
+
+__all__ = ["TensorBoardHint"]

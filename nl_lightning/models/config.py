@@ -1,0 +1,71 @@
+"""One config dataclass for every model size, with named presets (litgpt style)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes shared by every model family. Families read the fields they need.
+
+    ``stated_params`` is the size a preset promises (at the byte-level vocabulary); tests hold
+    every preset to within 10% of it.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 192
+    n_layer: int = 4
+    n_head: int = 4
+    mlp_multiple_of: int = 64
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-6
+    # Untied by default: at a 256-byte vocabulary the head costs little, and a tied head starts
+    # out predicting "next byte = this byte" (initial loss ≈ ln V + 1 instead of ln V).
+    tie_embeddings: bool = False
+    stated_params: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "mlp_multiple_of"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"ModelConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                "choose n_head that divides d_model"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got d_model/n_head = {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """SwiGLU hidden width: 8/3·d (keeps 3 matrices at the cost of a 4·d GELU MLP), rounded up."""
+        hidden = (8 * self.d_model) // 3
+        return self.mlp_multiple_of * -(-hidden // self.mlp_multiple_of)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields are {sorted(fields)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# Sizes at the byte-level vocabulary (256). `tiny` trains on 2 CPU cores in minutes; `760m` and
+# `1.3b` are for GPUs (tests only build them on the meta device).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=192, n_layer=4, n_head=4, stated_params=1_800_000),
+    "small": dict(d_model=512, n_layer=12, n_head=8, stated_params=38_000_000),
+    "760m": dict(d_model=1536, n_layer=27, n_head=12, stated_params=760_000_000),
+    "1.3b": dict(d_model=2048, n_layer=26, n_head=16, stated_params=1_300_000_000),
+}

@@ -1,0 +1,159 @@
+"""Next-token language modelling for any network mapping tokens (B, T) → logits (B, T, V)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from nl_lightning.metrics import BitsPerByte
+
+
+class LanguageModel(LightningModule):
+    """Cross-entropy next-token training, with perplexity and bits-per-byte on validation.
+
+    Args:
+        network: the model (Transformer++, Titans, HOPE, or any ``nn.Module`` with the same
+            forward). A network may define ``param_groups()`` to hand the optimizer its own
+            groups (e.g. CMS levels carrying ``period``); otherwise matrices get weight decay and
+            vectors/embeddings do not.
+        optimizer: any optimizer class/callable taking param groups (recipe: ``class_path``).
+        warmup_steps: linear warm-up length in optimizer steps.
+        lr_schedule: ``cosine`` decays to ``min_lr_ratio`` × lr over the run; ``constant`` keeps lr.
+        min_lr_ratio: final lr as a fraction of the peak lr for the cosine schedule.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        warmup_steps: int = 100,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.save_hyperparameters(ignore=["network", "optimizer"])
+        self.network = network
+        self.optimizer_factory = optimizer
+        self.warmup_steps, self.lr_schedule, self.min_lr_ratio = warmup_steps, lr_schedule, min_lr_ratio
+        self.metrics = nn.ModuleDict(
+            {
+                stage: nn.ModuleDict({"loss": MeanMetric(), "ppl": Perplexity(), "bpb": BitsPerByte()})
+                for stage in ("val", "test")
+            }
+        )
+        self._batch_started: float | None = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.network(tokens)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.network.parameters())
+
+    # -- hooks, in the order they fire -------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_vocab = getattr(datamodule, "vocab_size", None)
+        model_vocab = getattr(getattr(self.network, "config", None), "vocab_size", None)
+        if data_vocab is not None and model_vocab is not None and data_vocab > model_vocab:
+            raise ValueError(
+                f"the data has {data_vocab} token ids but the network's vocab_size is {model_vocab}; "
+                f"set the network's vocab_size to at least {data_vocab}"
+            )
+
+    def on_fit_start(self) -> None:
+        n_params = self.num_parameters()
+        rank_zero_info(f"{type(self.network).__name__}: {n_params:,} parameters")
+        for logger in self.loggers:
+            logger.log_metrics({"model/params": float(n_params)}, step=0)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        loss = F.cross_entropy(self(inputs).flatten(0, 1).float(), targets.flatten())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step}; lower the "
+                "learning rate or set trainer.gradient_clip_val (the last checkpoint is kept)"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/bpb", loss.detach() / math.log(2))
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._batch_started is None:
+            return
+        elapsed = time.perf_counter() - self._batch_started
+        tokens = batch[1].numel() * self.trainer.world_size
+        self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate("val", batch)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate("test", batch)
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Greedy next-byte predictions for every position of the input window."""
+        return self(batch[0]).argmax(-1)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self._param_groups())
+        if self.lr_schedule == "constant" and self.warmup_steps == 0:
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = LambdaLR(optimizer, lr_lambda=lambda step: self.lr_factor(step, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """Multiplier on the peak lr: linear warm-up, then cosine to ``min_lr_ratio`` (or constant)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _param_groups(self) -> list[dict]:
+        if hasattr(self.network, "param_groups"):
+            return self.network.param_groups()
+        decay, no_decay = [], []
+        for module in self.network.modules():
+            for param in module.parameters(recurse=False):
+                if param.requires_grad:
+                    (decay if param.dim() >= 2 and not isinstance(module, nn.Embedding) else no_decay).append(param)
+        # A tied head shares the embedding's tensor; keep each parameter in one group only.
+        seen = {id(p) for p in no_decay}
+        decay = [p for p in dict.fromkeys(decay) if id(p) not in seen]
+        return [{"params": decay}, {"params": list(dict.fromkeys(no_decay)), "weight_decay": 0.0}]
+
+    def _evaluate(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        inputs, targets = batch
+        logits = self(inputs).float()
+        nll_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        metrics = self.metrics[stage]
+        metrics["loss"].update(nll_sum / targets.numel(), weight=targets.numel())
+        metrics["ppl"].update(logits, targets)
+        metrics["bpb"].update(nll_sum, targets.numel())
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric, prog_bar=name == "loss")

@@ -1,0 +1,30 @@
+"""Shared fixtures: small generated corpora and a helper that runs the real CLI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Two threads: the CI machine has 2 cores, and oversubscription makes tests slower, not faster.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def text_dir(tmp_path: Path) -> Path:
+    """A small corpus of 6 generated text files (~6 KB each), enough for a train/val split by file."""
+    root = tmp_path / "texts"
+    root.mkdir()
+    for i in range(6):
+        lines = [f"def function_{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(200)]
+        (root / f"file_{i}.py").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT

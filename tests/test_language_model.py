@@ -1,0 +1,80 @@
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from nl_lightning.data import ByteLMDataModule
+from nl_lightning.models import TransformerPP
+from nl_lightning.modules import LanguageModel
+
+
+def tiny_lm(**kwargs) -> LanguageModel:
+    torch.manual_seed(0)
+    overrides = kwargs.pop("overrides", {})
+    return LanguageModel(TransformerPP("tiny", overrides={"n_layer": 1, **overrides}), **kwargs)
+
+
+def test_lr_warms_up_linearly_then_follows_cosine_to_the_floor():
+    module = tiny_lm(warmup_steps=10, min_lr_ratio=0.1)
+    assert module.lr_factor(0, 110) == pytest.approx(0.1)
+    assert module.lr_factor(9, 110) == pytest.approx(1.0)
+    assert module.lr_factor(10, 110) == pytest.approx(1.0)
+    assert module.lr_factor(60, 110) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert module.lr_factor(110, 110) == pytest.approx(0.1)
+    assert tiny_lm(warmup_steps=0, lr_schedule="constant").lr_factor(50, 110) == 1.0
+
+
+def test_param_groups_cover_every_parameter_once_and_skip_decay_on_vectors_and_embeddings():
+    module = tiny_lm(overrides={"tie_embeddings": True})
+    decay, no_decay = module._param_groups()
+    ids = [id(p) for group in (decay, no_decay) for p in group["params"]]
+    assert len(ids) == len(set(ids)) == len(list(module.network.parameters()))
+    assert no_decay["weight_decay"] == 0.0
+    assert id(module.network.embed.weight) in {id(p) for p in no_decay["params"]}
+    assert all(p.dim() >= 2 for p in decay["params"])
+
+
+def test_network_param_groups_hook_is_used():
+    module = tiny_lm()
+    groups = [{"params": list(module.network.parameters()), "period": 4}]
+    module.network.param_groups = lambda: groups
+    assert module._param_groups() is groups
+
+
+def test_custom_optimizer_from_a_callable_is_used(tmp_path, text_dir):
+    module = tiny_lm(optimizer=lambda params: torch.optim.SGD(params, lr=0.5), warmup_steps=0, lr_schedule="constant")
+    module.trainer = Trainer(logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_non_finite_loss_raises_instead_of_training_on(tmp_path, text_dir):
+    module = tiny_lm()
+    with torch.no_grad():
+        module.network.head.weight.fill_(float("nan"))
+    data = ByteLMDataModule([str(text_dir)], data_dir=str(tmp_path / "data"), seq_len=32, batch_size=2, val_fraction=0.3)
+    trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                      enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(FloatingPointError, match="non-finite training loss.*lower the learning rate"):
+        trainer.fit(module, data)
+
+
+def test_data_vocabulary_larger_than_the_model_raises(tmp_path, text_dir):
+    module = tiny_lm(overrides={"vocab_size": 128})
+    data = ByteLMDataModule([str(text_dir)], data_dir=str(tmp_path / "data"), seq_len=32, batch_size=2, val_fraction=0.3)
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="vocab_size is 128; set the network's vocab_size to at least 256"):
+        trainer.fit(module, data)
+
+
+def test_validation_metrics_agree_with_each_other(tmp_path, text_dir):
+    module = tiny_lm()
+    data = ByteLMDataModule([str(text_dir)], data_dir=str(tmp_path / "data"), seq_len=32, batch_size=2, val_fraction=0.3)
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=3,
+                      default_root_dir=tmp_path)
+    (metrics,) = trainer.validate(module, data, verbose=False)
+    assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-4)
+    assert metrics["val/bpb"] == pytest.approx(metrics["val/loss"] / math.log(2), rel=1e-4)
+    assert metrics["val/loss"] == pytest.approx(math.log(256), abs=0.1)
