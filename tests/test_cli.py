@@ -1,0 +1,105 @@
+"""The real `nl-lightning` CLI: every recipe trains a few steps; logs and checkpoints land on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from nl_lightning.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO_ROOT / "recipes").rglob("*.yaml"))
+# DeepSpeed recipes target GPUs; their CPU path is tested with the CPU strategy in its own tests.
+TRAINABLE_HERE = [r for r in RECIPES if "deepspeed" not in r.parts]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """One working directory per module, so the default corpus under data/ is built once."""
+    path = tmp_path_factory.mktemp("cli")
+    previous = os.getcwd()
+    os.chdir(path)
+    yield path
+    os.chdir(previous)
+
+
+def few_steps(recipe: Path, save_dir: Path, steps: int = 3) -> list[str]:
+    """Overrides that turn any recipe into a short smoke run that still validates and logs."""
+    args = [
+        "fit", "--config", str(recipe),
+        f"--trainer.max_steps={steps}", f"--trainer.limit_train_batches={steps}",
+        "--trainer.limit_val_batches=2", "--trainer.val_check_interval=1.0",
+        "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+    ]
+    config = yaml.safe_load(recipe.read_text())
+    if config.get("data", {}).get("class_path", "").endswith("ByteLMDataModule"):
+        args.append("--data.init_args.max_bytes=2000000")  # smoke runs need far less than 8 MB
+    return args
+
+
+def scalar_tags(log_dir: Path) -> set[str]:
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+def single_version_dir(save_dir: Path) -> Path:
+    (version,) = [p for p in save_dir.glob("*/version_*") if p.is_dir()]
+    return version
+
+
+def test_every_recipe_has_a_smoke_test():
+    assert RECIPES, "no recipes found under recipes/"
+    assert any(r.name == "transformer_tiny.yaml" for r in TRAINABLE_HERE)
+
+
+@pytest.mark.parametrize("recipe", TRAINABLE_HERE, ids=lambda p: str(p.relative_to(REPO_ROOT / "recipes")))
+def test_recipe_trains_a_few_steps_and_writes_checkpoint_and_tensorboard_events(recipe, workdir):
+    save_dir = workdir / f"runs-{recipe.stem}"
+    main(few_steps(recipe, save_dir))
+    version = single_version_dir(save_dir)
+    assert (version / "checkpoints" / "last.ckpt").is_file()
+    tags = scalar_tags(version)
+    assert {"train/loss", "val/loss", "lr", "train/tokens_per_s", "model/params"} <= tags, tags
+    assert (version / "config.yaml").is_file()
+
+
+def test_training_resumes_from_the_last_checkpoint(workdir):
+    recipe = REPO_ROOT / "recipes/lm/transformer_tiny.yaml"
+    save_dir = workdir / "runs-resume"
+    main(few_steps(recipe, save_dir, steps=2))
+    last = single_version_dir(save_dir) / "checkpoints" / "last.ckpt"
+    import torch
+
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    main([*few_steps(recipe, save_dir, steps=4), f"--ckpt_path={last}", "--trainer.limit_train_batches=4"])
+    resumed = sorted(save_dir.glob("*/version_*/checkpoints/last.ckpt"))[-1]
+    assert torch.load(resumed, weights_only=False)["global_step"] == 4
+
+
+def test_print_config_shows_the_resolved_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO_ROOT / "recipes/lm/transformer_tiny.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "nl_lightning.modules.LanguageModel"
+    assert printed["model"]["init_args"]["network"]["init_args"]["preset"] == "tiny"
+    assert printed["checkpoint"]["save_last"] is True
+
+
+def test_unknown_model_class_names_it_and_the_valid_choices(tmp_path, capsys):
+    recipe = yaml.safe_load((REPO_ROOT / "recipes/lm/transformer_tiny.yaml").read_text())
+    recipe["model"]["init_args"]["network"]["class_path"] = "nl_lightning.models.NoSuchNet"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(bad)])
+    assert exit_info.value.code != 0
+    message = capsys.readouterr().err
+    assert "NoSuchNet" in message
+    assert "nl_lightning.models.TransformerPP" in message and "nl_lightning.modules.LanguageModel" in message
