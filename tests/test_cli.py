@@ -103,3 +103,20 @@ def test_unknown_model_class_names_it_and_the_valid_choices(tmp_path, capsys):
     message = capsys.readouterr().err
     assert "NoSuchNet" in message
     assert "nl_lightning.models.TransformerPP" in message and "nl_lightning.modules.LanguageModel" in message
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluation_subcommands_run_from_a_checkpoint(subcommand, workdir):
+    recipe = REPO_ROOT / "recipes/lm/transformer_tiny.yaml"
+    train_dir = workdir / "runs-for-eval"
+    if not train_dir.exists():
+        main(few_steps(recipe, train_dir, steps=2))
+    last = next(train_dir.glob("*/version_*/checkpoints/last.ckpt"))
+    eval_dir = workdir / f"runs-{subcommand}"
+    main([
+        subcommand, "--config", str(recipe), f"--ckpt_path={last}", "--data.init_args.max_bytes=2000000",
+        "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2", "--trainer.limit_predict_batches=2",
+        "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={eval_dir}",
+    ])
+    if subcommand != "predict":
+        assert f"{'val' if subcommand == 'validate' else 'test'}/loss" in scalar_tags(single_version_dir(eval_dir))

@@ -35,11 +35,16 @@ def test_param_groups_cover_every_parameter_once_and_skip_decay_on_vectors_and_e
     assert all(p.dim() >= 2 for p in decay["params"])
 
 
-def test_network_param_groups_hook_is_used():
+def test_network_param_groups_keep_their_metadata_and_are_split_by_decay():
     module = tiny_lm()
-    groups = [{"params": list(module.network.parameters()), "period": 4}]
-    module.network.param_groups = lambda: groups
-    assert module._param_groups() is groups
+    params = list(module.network.parameters())
+    module.network.param_groups = lambda: [{"params": params[:3], "period": 4, "name": "slow"},
+                                           {"params": params[3:], "period": 1}]
+    groups = module._param_groups()
+    slow = [g for g in groups if g.get("name") == "slow"]
+    assert slow and all(g["period"] == 4 for g in slow)
+    assert sum(len(g["params"]) for g in slow) == 3
+    assert sum(len(g["params"]) for g in groups) == len(params)
 
 
 def test_custom_optimizer_from_a_callable_is_used(tmp_path, text_dir):

@@ -25,8 +25,8 @@ class LanguageModel(LightningModule):
     Args:
         network: the model (Transformer++, Titans, HOPE, or any ``nn.Module`` with the same
             forward). A network may define ``param_groups()`` to hand the optimizer its own
-            groups (e.g. CMS levels carrying ``period``); otherwise matrices get weight decay and
-            vectors/embeddings do not.
+            groups (e.g. HOPE's CMS levels carrying ``period``). Within each group, matrices get
+            weight decay and vectors/embeddings do not.
         optimizer: any optimizer class/callable taking param groups (recipe: ``class_path``).
         warmup_steps: linear warm-up length in optimizer steps.
         lr_schedule: ``cosine`` decays to ``min_lr_ratio`` × lr over the run; ``constant`` keeps lr.
@@ -135,17 +135,24 @@ class LanguageModel(LightningModule):
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def _param_groups(self) -> list[dict]:
+        """The network's groups (or one group), each split into weight-decay and no-decay halves.
+
+        Matrices get weight decay; vectors (norms, biases, gates) and embeddings do not. Extra
+        keys a network puts on its groups (``period``, ``level``, ``name``) are kept on both halves.
+        """
         if hasattr(self.network, "param_groups"):
-            return self.network.param_groups()
-        decay, no_decay = [], []
-        for module in self.network.modules():
-            for param in module.parameters(recurse=False):
-                if param.requires_grad:
-                    (decay if param.dim() >= 2 and not isinstance(module, nn.Embedding) else no_decay).append(param)
-        # A tied head shares the embedding's tensor; keep each parameter in one group only.
-        seen = {id(p) for p in no_decay}
-        decay = [p for p in dict.fromkeys(decay) if id(p) not in seen]
-        return [{"params": decay}, {"params": list(dict.fromkeys(no_decay)), "weight_decay": 0.0}]
+            base_groups = self.network.param_groups()
+        else:
+            base_groups = [{"params": list(self.network.parameters())}]
+        embeddings = {id(m.weight) for m in self.network.modules() if isinstance(m, nn.Embedding)}
+        groups = []
+        for group in base_groups:
+            params = [p for p in dict.fromkeys(group["params"]) if p.requires_grad]  # a tied head appears once
+            meta = {key: value for key, value in group.items() if key != "params"}
+            decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
+            no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
+            groups += [{**meta, "params": decay}, {**meta, "params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
 
     def _evaluate(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         inputs, targets = batch
