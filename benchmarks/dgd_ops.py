@@ -1,0 +1,115 @@
+"""Time the DGD memory kernels (forward + backward) side by side in one run and print ratios.
+
+    PYTHONPATH=. python benchmarks/dgd_ops.py                      # mlp memory, T = 512 1024 2048
+    PYTHONPATH=. python benchmarks/dgd_ops.py --kind linear --impls naive chunk
+
+Every implementation runs on the same inputs in the same process, interleaved per length, so the
+ratios compare like with like; absolute times depend on the machine. The compiled kernel is warmed
+up (compiled) before timing, and its compile time is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nl_lightning.ops.dgd import dgd_memory
+
+
+def make_inputs(args, length):
+    gen = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    shape = (args.batch, args.heads, length, args.dim)
+
+    def randn(*s, scale=1.0):
+        return (torch.randn(*s, generator=gen, dtype=dtype) * scale).requires_grad_()
+
+    seq = {
+        "q": randn(*shape),
+        "k": F.normalize(torch.randn(*shape, generator=gen, dtype=dtype), dim=-1).requires_grad_(),
+        "v": randn(*shape, scale=0.5),
+        "eta": (torch.rand(shape[:3], generator=gen, dtype=dtype) * 0.5).requires_grad_(),
+        "alpha": (0.9 + 0.1 * torch.rand(shape[:3], generator=gen, dtype=dtype)).requires_grad_(),
+    }
+    h, d, dh = args.heads, args.dim, args.hidden
+    if args.kind == "linear":
+        return seq, (randn(h, d, d, scale=0.1),)
+    return seq, (randn(h, d, dh, scale=0.1), randn(h, dh, d, scale=0.1))
+
+
+def forward_backward(seq, weights, args, impl):
+    o, state = dgd_memory(**seq, weights=weights, kind=args.kind, chunk_size=args.chunk_size, impl=impl)
+    (o.square().mean() + sum(s.square().mean() for s in state)).backward()
+    return o.detach()
+
+
+def time_impl(seq, weights, args, impl):
+    times = []
+    for _ in range(args.repeats):
+        for x in (*seq.values(), *weights):
+            x.grad = None
+        start = time.perf_counter()
+        o = forward_backward(seq, weights, args, impl)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), o
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kind", choices=["linear", "mlp"], default="mlp")
+    impls = ["naive", "chunk", "compiled"]
+    parser.add_argument("--impls", nargs="+", choices=impls, default=impls)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=64, help="Dh of the mlp memory")
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median reported)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads. Default 1: the naive loop is thousands of tiny ops, and with "
+        "more threads on shared cores their OpenMP synchronisation, not the math, sets its time",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if "naive" not in args.impls:
+        parser.error("--impls must include naive: ratios are naive time / other time")
+
+    print(
+        f"DGD memory fwd+bwd, kind={args.kind}, B={args.batch} H={args.heads} D={args.dim}"
+        + (f" Dh={args.hidden}" if args.kind == "mlp" else "")
+        + f" C={args.chunk_size} {args.dtype}, torch {torch.__version__}, threads={torch.get_num_threads()}"
+    )
+    if "compiled" in args.impls:
+        seq, weights = make_inputs(args, args.chunk_size * 2)
+        start = time.perf_counter()
+        forward_backward(seq, weights, args, "compiled")
+        print(f"compiled warm-up (compile) time: {time.perf_counter() - start:.1f} s")
+
+    others = [impl for impl in args.impls if impl != "naive"]
+    header = ["T"] + [f"{impl} ms" for impl in args.impls] + [f"naive/{impl}" for impl in others]
+    header += [f"max|o_{impl}-o_naive|" for impl in others]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for length in args.lengths:
+        seq, weights = make_inputs(args, length)
+        for impl in args.impls:  # one untimed run each: allocator and (for compiled) guards warm
+            forward_backward(seq, weights, args, impl)
+        results = {impl: time_impl(seq, weights, args, impl) for impl in args.impls}
+        base, base_o = results["naive"]
+        row = [str(length)] + [f"{results[impl][0] * 1e3:.1f}" for impl in args.impls]
+        row += [f"{base / results[impl][0]:.1f}x" for impl in others]
+        row += [f"{(results[impl][1] - base_o).abs().max().item():.1e}" for impl in others]
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

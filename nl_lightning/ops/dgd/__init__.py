@@ -1,0 +1,140 @@
+"""HOPE's self-modifying memory updated with DGD (delta gradient descent), SPEC §2.
+
+Each token t writes into a memory M with DGD and reads it back:
+
+    v̂_t = M_{t-1}(v_t)                                   the memory makes its own target
+    W  <- W (alpha_t I - eta_t x xᵀ) - eta_t grad_W ||M(k_t) - v̂_t||²    for each layer W, input x
+    o_t = M_t(q_t)                                       read after the update
+
+``naive.py`` is the token-by-token definition (including the chunked semantics), ``chunk.py`` the
+chunk-parallel kernel, ``fused.py`` the compiled kernel. They agree in forward and backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
+from nl_lightning.ops.dgd.common import KINDS
+from nl_lightning.ops.dgd.fused import compiled_dgd_memory
+from nl_lightning.ops.dgd.naive import naive_dgd_memory
+
+__all__ = ["dgd_memory"]
+
+_IMPLS = {"chunk": chunk_dgd_memory, "naive": naive_dgd_memory, "compiled": compiled_dgd_memory}
+
+
+def dgd_memory(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    weights: Sequence[torch.Tensor] | None = None,
+    *,
+    kind: str,
+    chunk_size: int,
+    state: Sequence[torch.Tensor] | None = None,
+    impl: str = "chunk",
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Run a DGD memory over a sequence.
+
+    Args:
+        q, k, v: (B, H, T, D) queries, keys and values.
+        eta, alpha: (B, H, T) per-token learning rate and retention, expected in (0, 1).
+        weights: the memory's initial (slow, trainable) weights, one set per head and shared by the
+            batch: ``(W,)`` with W (H, D, D) for ``kind="linear"``; ``(W1, W2)`` with
+            W1 (H, D, Dh), W2 (H, Dh, D) for ``kind="mlp"``. Gradients flow into them.
+        kind: ``"linear"`` (M(z) = W z) or ``"mlp"`` (M(z) = z + W1 silu(W2 z)).
+        chunk_size: tokens whose targets and gradients are taken at their chunk-start state;
+            1 is the exact online rule.
+        state: per-batch weights to start from instead of ``weights`` (the state returned by a
+            previous call, to continue a sequence): same layout with a leading B dimension.
+            Give exactly one of ``weights`` and ``state``.
+        impl: ``"chunk"`` (chunk-parallel), ``"naive"`` (token loop) or ``"compiled"``
+            (``torch.compile``d chunk steps).
+
+    Returns:
+        o: (B, H, T, D) read-outs o_t = M_t(q_t); and the per-batch state after the last token.
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {sorted(_IMPLS)}.")
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {sorted(KINDS)}.")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (1 = exact online rule).")
+    batch, heads, _, dim = _check_sequence(q, k, v, eta, alpha)
+    if (weights is None) == (state is None):
+        raise ValueError(
+            "Give exactly one of `weights` (initial per-head weights) and `state` (per-batch state "
+            f"returned by a previous call); got weights={'set' if weights is not None else None}, "
+            f"state={'set' if state is not None else None}."
+        )
+    if state is None:
+        weights = _check_weights(weights, kind, (heads,), dim, "weights", q)
+        state = tuple(w.unsqueeze(0).expand(batch, *w.shape) for w in weights)
+    else:
+        state = _check_weights(state, kind, (batch, heads), dim, "state", q)
+    return _run_in_full_precision(_IMPLS[impl], q, k, v, eta, alpha, state, kind=kind, chunk_size=chunk_size)
+
+
+def _run_in_full_precision(impl, q, k, v, eta, alpha, state, **options):
+    """Run ``impl`` with autocast off, upcasting float16/bfloat16 inputs to float32.
+
+    The triangular solve has no half-precision kernel, and the state is a running sum over the
+    sequence, so within a call it is kept in float32 at least (as flash-linear-attention does for
+    its states); o and the final state come back in the input dtype.
+    """
+    dtype = q.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    autocast_on = q.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(q.device.type)
+    with torch.autocast(q.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
+        q, k, v, eta, alpha = (x.to(compute) for x in (q, k, v, eta, alpha))
+        o, state = impl(q, k, v, eta, alpha, tuple(s.to(compute) for s in state), **options)
+    return o.to(dtype), tuple(s.to(dtype) for s in state)
+
+
+def _check_sequence(q, k, v, eta, alpha):
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, H, T, D); got shape {tuple(q.shape)}.")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}; got {tuple(x.shape)}.")
+    for name, x in (("eta", eta), ("alpha", alpha)):
+        if x.shape != q.shape[:3]:
+            raise ValueError(
+                f"{name} must be (B, H, T) = {tuple(q.shape[:3])}, one scalar per token; "
+                f"got {tuple(x.shape)}."
+            )
+    for name, x in (("k", k), ("v", v), ("eta", eta), ("alpha", alpha)):
+        if x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(
+                f"{name} is {x.dtype} on {x.device} but q is {q.dtype} on {q.device}; cast all inputs to one."
+            )
+    return q.shape[0], q.shape[1], q.shape[2], q.shape[3]
+
+
+def _check_weights(tensors, kind, lead, dim, name, q):
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    layout = "(W,)" if kind == "linear" else "(W1, W2)"
+    if len(tensors) != KINDS[kind]:
+        raise ValueError(f"{name} for kind={kind!r} must be {layout}; got {len(tensors)} tensors.")
+    if kind == "linear":
+        expected = [(*lead, dim, dim)]
+    else:
+        hidden = tensors[0].shape[-1] if tensors[0].dim() > 0 else 0  # Dh is read from W1
+        expected = [(*lead, dim, hidden), (*lead, hidden, dim)]
+    for i, (x, shape) in enumerate(zip(tensors, expected)):
+        if tuple(x.shape) != shape:
+            raise ValueError(
+                f"{name}[{i}] of {layout} for kind={kind!r} must have shape {shape} "
+                f"(leading dims {'(H,)' if name == 'weights' else '(B, H)'}); got {tuple(x.shape)}."
+            )
+        if x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(
+                f"{name}[{i}] is {x.dtype} on {x.device} but q is {q.dtype} on {q.device}; cast it to match."
+            )
+    return tensors

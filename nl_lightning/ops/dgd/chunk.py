@@ -1,0 +1,138 @@
+"""Chunk-parallel DGD memory: same semantics as ``naive.py``, matmuls inside each chunk.
+
+Within a chunk every quantity the gradient needs (target, error, layer inputs) comes from the
+chunk-start state, so each layer's update is a gated delta-rule recurrence with *known* additive
+terms:
+
+    S_t = S_{t-1} (alpha_t I - eta_t x_t x_tᵀ) + u_t x_tᵀ,       u_t = -eta_t delta_t
+
+Write S_t = gamma_t S_0 + sum_{i<=t} (gamma_t / gamma_i) r_i x_iᵀ with gamma_t = prod_{j<=t} alpha_j
+and r_t = u_t - eta_t S_{t-1} x_t (the update vector that actually lands). Substituting S_{t-1} into
+r_t gives a unit lower-triangular system (the WY / UT form of DeltaNet chunking):
+
+    r_t + eta_t sum_{i<t} (gamma_{t-1}/gamma_i) (x_t·x_i) r_i = u_t - eta_t gamma_{t-1} S_0 x_t
+
+One triangular solve gives every r_t; outputs and the end-of-chunk state are then matmuls. Decay
+ratios are exponentials of log-space segment sums, masked *before* the exp, so only ratios <= 1 are
+ever built: nothing divides by a cumulative product that may have underflowed.
+
+The MLP memory M(z) = z + W1 silu(W2 z) runs two such recurrences per chunk: W2 on inputs k (read
+out at q), then W1 on inputs h = silu(W2_{start} k) (read out at silu(W2_t q_t)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nl_lightning.ops.dgd.common import silu_grad
+
+
+def _masked_exp(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # Masking first keeps exp away from the entries above the diagonal, so neither the forward
+    # nor the backward ever sees inf.
+    return torch.where(mask, log_ratio, float("-inf")).exp()
+
+
+def _chunk_decays(alpha: torch.Tensor):
+    """Log cumulative retention of one chunk and the decay-ratio matrices built from it.
+
+    Every log-ratio is a direct sum of the log(alpha_j) it covers (a segment sum, as in Mamba-2's
+    ``segsum``), never a difference of two cumulative sums. A difference would be exact in the
+    forward but its backward cancels O(1) terms to get d/dlog(alpha) = alpha d/dalpha, which for
+    small alpha leaves a rounding error that 1/alpha then blows up in the gradient w.r.t. alpha.
+    """
+    length = alpha.shape[-1]
+    # alpha is expected in (0, 1]; the clamp only keeps an exact 0 (e.g. an underflowed sigmoid)
+    # from becoming log 0 = -inf.
+    log_alpha = alpha.clamp_min(torch.finfo(alpha.dtype).tiny).log()
+    log_gamma = log_alpha.cumsum(-1)  # log gamma_t = sum_{j<=t} log alpha_j
+    log_gamma_prev = F.pad(log_gamma[..., :-1], (1, 0))  # log gamma_{t-1}, 0 before the chunk
+    ones = torch.ones(length, length, dtype=torch.bool, device=alpha.device)
+    # segment[t, i] = sum_{i<j<=t} log alpha_j = log(gamma_t / gamma_i) for t >= i.
+    terms = torch.where(ones.tril(-1), log_alpha[..., :, None], 0.0)  # [j, i] = log alpha_j if j > i
+    segment = terms.cumsum(-2)
+    # gamma_t / gamma_i for i <= t: how much of r_i is left in the state after token t.
+    ratio = _masked_exp(segment, ones.tril())
+    # gamma_{t-1} / gamma_i for i < t: how much of r_i is left when token t reads the state.
+    prev_ratio = _masked_exp(F.pad(segment[..., :-1, :], (0, 0, 1, 0)), ones.tril(-1))
+    return log_gamma, log_gamma_prev, prev_ratio, ratio
+
+
+def _gated_delta_chunk(s0, x, u, q, eta, decays):
+    """One chunk of S_t = S_{t-1}(alpha_t I - eta_t x_t x_tᵀ) + u_t x_tᵀ.
+
+    Args:
+        s0: (B, H, Dout, Din) state before the chunk.
+        x, q: (B, H, L, Din) layer inputs and read-out queries.
+        u: (B, H, L, Dout) additive update vectors.
+        eta: (B, H, L).
+        decays: ``_chunk_decays(alpha)`` for this chunk.
+
+    Returns:
+        (S_t q_t for every t in the chunk, (B, H, L, Dout); S_L).
+    """
+    log_gamma, log_gamma_prev, prev_ratio, ratio = decays
+    length = x.shape[-2]
+    eye = torch.eye(length, dtype=x.dtype, device=x.device)
+    system = eye + eta[..., :, None] * prev_ratio * (x @ x.mT)
+    rhs = u - (eta * log_gamma_prev.exp())[..., None] * (x @ s0.mT)
+    r = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    out = log_gamma.exp()[..., None] * (q @ s0.mT) + (ratio * (q @ x.mT)) @ r
+    # gamma_L / gamma_i is the last row of the ratio matrix.
+    s_end = log_gamma[..., -1:].exp()[..., None] * s0 + (r * ratio[..., -1, :, None]).mT @ x
+    return out, s_end
+
+
+def linear_chunk_step(state, q, k, v, eta, alpha):
+    """One chunk of the linear memory M(z) = W z. Shapes as in ``chunk_dgd_memory``, T -> L."""
+    (w,) = state
+    # grad_W L = 2 (W k - v̂) kᵀ with v̂ = W v, all at the chunk-start state.
+    delta = 2 * ((k - v) @ w.mT)
+    o, w = _gated_delta_chunk(w, k, -eta[..., None] * delta, q, eta, _chunk_decays(alpha))
+    return o, (w,)
+
+
+def mlp_chunk_step(state, q, k, v, eta, alpha):
+    """One chunk of the MLP memory M(z) = z + W1 silu(W2 z). Shapes as in ``chunk_dgd_memory``."""
+    w1, w2 = state
+    pre = k @ w2.mT
+    hidden = F.silu(pre)  # W1's layer inputs, at the chunk-start state
+    target = v + F.silu(v @ w2.mT) @ w1.mT  # v̂ = M(v)
+    delta1 = 2 * (k + hidden @ w1.mT - target)  # dL/d(W1 h)
+    delta2 = silu_grad(pre) * (delta1 @ w1)  # dL/d(W2 k)
+    decays = _chunk_decays(alpha)  # both layers share alpha_t, so they share the decays
+    z, w2 = _gated_delta_chunk(w2, k, -eta[..., None] * delta2, q, eta, decays)
+    o, w1 = _gated_delta_chunk(w1, hidden, -eta[..., None] * delta1, F.silu(z), eta, decays)
+    return q + o, (w1, w2)
+
+
+CHUNK_STEPS = {"linear": linear_chunk_step, "mlp": mlp_chunk_step}
+
+
+def chunk_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, step=None):
+    """Chunk-parallel DGD memory; arguments and returns as in ``naive_dgd_memory``.
+
+    ``step`` replaces the per-chunk function (``fused.py`` passes a compiled one).
+    """
+    step = CHUNK_STEPS[kind] if step is None else step
+    state = tuple(state)
+    length = q.shape[2]
+    if length == 0:
+        return q.new_empty(q.shape), state
+    # A sequence shorter than the chunk is one chunk either way; shrinking C saves the padding.
+    chunk_size = min(chunk_size, length)
+    pad = -length % chunk_size
+    if pad:
+        # Padded tokens have eta = 0 and alpha = 1: the update is the identity, exactly, so the
+        # final partial chunk can use the same (compiled) full-size step as the others.
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        eta = F.pad(eta, (0, pad), value=0.0)
+        alpha = F.pad(alpha, (0, pad), value=1.0)
+    outputs = []
+    for start in range(0, length + pad, chunk_size):
+        piece = slice(start, start + chunk_size)
+        chunk = (q[:, :, piece], k[:, :, piece], v[:, :, piece], eta[..., piece], alpha[..., piece])
+        o, state = step(state, *chunk)
+        outputs.append(o)
+    return torch.cat(outputs, dim=2)[:, :, :length], state

@@ -1,0 +1,247 @@
+"""DGD memory (HOPE, SPEC §2): chunk and compiled kernels against the token-by-token reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nl_lightning.ops.dgd import dgd_memory
+
+B, H, T, D, DH = 2, 2, 10, 4, 6
+F64 = dict(atol=1e-10, rtol=1e-10)
+
+
+def make_inputs(kind, *, batch=B, length=T, dtype=torch.float64, seed=0):
+    """Sequence inputs and per-head weights as the model produces them: unit keys, eta and alpha in (0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=dtype) * scale
+
+    seq = {
+        "q": randn(batch, H, length, D),
+        "k": F.normalize(randn(batch, H, length, D), dim=-1),
+        "v": randn(batch, H, length, D, scale=0.5),
+        "eta": torch.rand(batch, H, length, generator=gen, dtype=dtype) * 0.5,
+        "alpha": 0.8 + 0.2 * torch.rand(batch, H, length, generator=gen, dtype=dtype),
+    }
+    if kind == "linear":
+        weights = (randn(H, D, D, scale=0.3),)
+    else:
+        weights = (randn(H, D, DH, scale=0.3), randn(H, DH, D, scale=0.3))
+    for x in (*seq.values(), *weights):
+        x.requires_grad_()
+    return seq, weights
+
+
+def run_with_grads(seq, weights, *, kind, chunk_size, impl):
+    """Forward, then gradients of a fixed random projection of (o, final state) w.r.t. every input."""
+    o, state = dgd_memory(**seq, weights=weights, kind=kind, chunk_size=chunk_size, impl=impl)
+    gen = torch.Generator().manual_seed(123)
+    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype)).sum() for x in (o, *state))
+    grads = torch.autograd.grad(loss, [*seq.values(), *weights])
+    return o, state, grads
+
+
+def assert_same_run(actual, expected, **tol):
+    (o_a, state_a, grads_a), (o_e, state_e, grads_e) = actual, expected
+    torch.testing.assert_close(o_a, o_e, **tol)
+    for a, e in zip(state_a, state_e):
+        torch.testing.assert_close(a, e, **tol)
+    names = ["q", "k", "v", "eta", "alpha"] + [f"weights[{i}]" for i in range(len(grads_e) - 5)]
+    for name, a, e in zip(names, grads_a, grads_e):
+        torch.testing.assert_close(a, e, **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, T, 16], ids=["online", "C3", "C4", "C=T", "C>T"])
+def test_chunk_matches_naive_forward_and_grads_float64(kind, chunk_size):
+    seq, weights = make_inputs(kind)
+    expected = run_with_grads(seq, weights, kind=kind, chunk_size=chunk_size, impl="naive")
+    actual = run_with_grads(seq, weights, kind=kind, chunk_size=chunk_size, impl="chunk")
+    assert_same_run(actual, expected, **F64)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("kind", ["linear", pytest.param("mlp", marks=pytest.mark.slow)])
+def test_compiled_matches_chunk_float32(kind):
+    # A cold inductor compile of forward + backward takes ~20 s (linear) to ~60 s (mlp) on 2 CPU
+    # cores, so only the linear kind, which runs the same gated delta-rule chunk, is in the fast
+    # suite. C = 4 does not divide T, so the padded final chunk is covered too.
+    seq, weights = make_inputs(kind, dtype=torch.float32)
+    expected = run_with_grads(seq, weights, kind=kind, chunk_size=4, impl="chunk")
+    actual = run_with_grads(seq, weights, kind=kind, chunk_size=4, impl="compiled")
+    assert_same_run(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_chunk_backward_matches_finite_differences():
+    seq, weights = make_inputs("mlp", batch=1, length=5)
+    names = list(seq)
+
+    def fn(*xs):
+        o, state = dgd_memory(**dict(zip(names, xs[:5])), weights=xs[5:], kind="mlp", chunk_size=2)
+        return o, *state
+
+    assert torch.autograd.gradcheck(fn, (*seq.values(), *weights), fast_mode=True)
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunk"])
+def test_linear_online_step_is_the_dgd_rule(impl):
+    seq, (w,) = make_inputs("linear", batch=1, length=1)
+    o, (w_new,) = dgd_memory(**seq, weights=(w,), kind="linear", chunk_size=1, impl=impl)
+    w0 = w[0].detach()
+    q, k, v = (seq[n][0, 0, 0].detach() for n in "qkv")
+    eta, alpha = seq["eta"][0, 0, 0].item(), seq["alpha"][0, 0, 0].item()
+    target = w0 @ v
+    expected = w0 @ (alpha * torch.eye(D, dtype=w0.dtype) - eta * torch.outer(k, k)) - eta * 2 * torch.outer(
+        w0 @ k - target, k
+    )
+    torch.testing.assert_close(w_new[0, 0], expected, **F64)
+    torch.testing.assert_close(o[0, 0, 0], expected @ q, **F64)
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunk"])
+def test_mlp_step_uses_inner_gradient_with_constant_target(impl):
+    seq, (w1, w2) = make_inputs("mlp", batch=1, length=1)
+    _, (w1_new, w2_new) = dgd_memory(**seq, weights=(w1, w2), kind="mlp", chunk_size=1, impl=impl)
+    k, v = (seq[n][0, 0, 0].detach() for n in "kv")
+    eta, alpha = seq["eta"][0, 0, 0].item(), seq["alpha"][0, 0, 0].item()
+    a1, a2 = w1[0].detach().clone().requires_grad_(), w2[0].detach().clone().requires_grad_()
+
+    def memory(z):
+        return z + a1 @ F.silu(a2 @ z)
+
+    loss = (memory(k) - memory(v).detach()).square().sum()  # stop-gradient on the target
+    g1, g2 = torch.autograd.grad(loss, (a1, a2))
+    hidden = F.silu(a2 @ k).detach()
+    eye_h, eye_d = torch.eye(DH, dtype=k.dtype), torch.eye(D, dtype=k.dtype)
+    expected_w1 = a1.detach() @ (alpha * eye_h - eta * torch.outer(hidden, hidden)) - eta * g1
+    expected_w2 = a2.detach() @ (alpha * eye_d - eta * torch.outer(k, k)) - eta * g2
+    torch.testing.assert_close(w1_new[0, 0], expected_w1, **F64)
+    torch.testing.assert_close(w2_new[0, 0], expected_w2, **F64)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_batch_elements_do_not_share_state(kind):
+    seq, weights = make_inputs(kind)
+    o, state = dgd_memory(**seq, weights=weights, kind=kind, chunk_size=3)
+    changed = {name: x.detach().clone() for name, x in seq.items()}
+    for name in ("q", "k", "v"):
+        changed[name][1] = torch.randn_like(changed[name][1])
+    o2, state2 = dgd_memory(**changed, weights=weights, kind=kind, chunk_size=3)
+    torch.testing.assert_close(o2[0], o[0], **F64)
+    for a, b in zip(state2, state):
+        torch.testing.assert_close(a[0], b[0], **F64)
+        assert not torch.allclose(a[1], b[1])
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunk"])
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_output_at_t_ignores_later_tokens(kind, impl):
+    seq, weights = make_inputs(kind)
+    o, _ = dgd_memory(**seq, weights=weights, kind=kind, chunk_size=4, impl=impl)
+    t0 = 5  # mid-chunk, so later tokens of the same chunk are perturbed too
+    changed = {name: x.detach().clone() for name, x in seq.items()}
+    for name in ("q", "k", "v", "eta", "alpha"):
+        changed[name][:, :, t0:] = changed[name][:, :, t0:].flip(2)
+    o2, _ = dgd_memory(**changed, weights=weights, kind=kind, chunk_size=4, impl=impl)
+    torch.testing.assert_close(o2[:, :, :t0], o[:, :, :t0], **F64)
+    assert not torch.allclose(o2[:, :, t0:], o[:, :, t0:])
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunk"])
+def test_sequence_shorter_than_chunk_still_updates_state(impl):
+    seq, weights = make_inputs("mlp", length=3)
+    _, state = dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=8, impl=impl)
+    for initial, final in zip(weights, state):
+        assert not torch.allclose(final, initial.expand_as(final))
+    _, online_state = dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=3, impl="naive")
+    for a, b in zip(state, online_state):  # one chunk either way
+        torch.testing.assert_close(a, b, **F64)
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "split"), [(4, 8), (1, 3)], ids=["split-at-chunk-boundary", "online-any-split"]
+)
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_state_passed_over_two_calls_equals_one_call(kind, chunk_size, split):
+    # Each call starts a fresh chunk, so two calls equal one only when the split is on a chunk
+    # boundary of the single call (any split when chunk_size = 1).
+    seq, weights = make_inputs(kind)
+    whole = run_with_grads(seq, weights, kind=kind, chunk_size=chunk_size, impl="chunk")
+
+    first = {n: x[:, :, :split] for n, x in seq.items()}
+    second = {n: x[:, :, split:] for n, x in seq.items()}
+    o1, mid = dgd_memory(**first, weights=weights, kind=kind, chunk_size=chunk_size)
+    o2, state = dgd_memory(**second, state=mid, kind=kind, chunk_size=chunk_size)
+    o = torch.cat([o1, o2], dim=2)
+    gen = torch.Generator().manual_seed(123)
+    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype)).sum() for x in (o, *state))
+    grads = torch.autograd.grad(loss, [*seq.values(), *weights])
+    assert_same_run((o, state, grads), whole, **F64)
+
+
+def test_tiny_alpha_stays_finite_and_matches_naive():
+    # prod(alpha) over the chunk is ~1e-400, far below float64's smallest normal: a kernel that
+    # divided by cumulative products would produce inf/nan here.
+    seq, weights = make_inputs("mlp")
+    with torch.no_grad():
+        seq["alpha"].fill_(1e-40)
+    expected = run_with_grads(seq, weights, kind="mlp", chunk_size=T, impl="naive")
+    actual = run_with_grads(seq, weights, kind="mlp", chunk_size=T, impl="chunk")
+    for x in (actual[0], *actual[1], *actual[2]):
+        assert torch.isfinite(x).all()
+    assert_same_run(actual, expected, **F64)
+
+
+def test_bfloat16_inputs_run_in_float32_and_return_bfloat16():
+    seq, weights = make_inputs("mlp", dtype=torch.bfloat16)
+    o, state = dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=4)
+    up = {n: x.detach().float() for n, x in seq.items()}
+    up_weights = tuple(w.detach().float() for w in weights)
+    o32, state32 = dgd_memory(**up, weights=up_weights, kind="mlp", chunk_size=4)
+    assert o.dtype == torch.bfloat16 and all(s.dtype == torch.bfloat16 for s in state)
+    torch.testing.assert_close(o, o32.to(torch.bfloat16), atol=0, rtol=0)
+    for a, b in zip(state, state32):
+        torch.testing.assert_close(a, b.to(torch.bfloat16), atol=0, rtol=0)
+
+
+def test_autocast_does_not_lower_the_kernel_precision():
+    seq, weights = make_inputs("mlp", dtype=torch.float32)
+    o, _ = dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o_autocast, _ = dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=4)
+    assert o_autocast.dtype == torch.float32
+    torch.testing.assert_close(o_autocast, o, atol=0, rtol=0)
+
+
+def _bad_calls():
+    seq, weights = make_inputs("mlp")
+    seq = {n: x.detach() for n, x in seq.items()}
+    weights = tuple(w.detach() for w in weights)
+    state = tuple(w.expand(B, *w.shape) for w in weights)
+    ok = dict(seq, weights=weights, kind="mlp", chunk_size=4)
+    return [
+        ("kind", dict(ok, kind="gru"), "kind='gru'"),
+        ("impl", dict(ok, impl="triton"), "impl='triton'"),
+        ("chunk-zero", dict(ok, chunk_size=0), "chunk_size=0"),
+        ("chunk-negative", dict(ok, chunk_size=-2), "chunk_size=-2"),
+        ("chunk-float", dict(ok, chunk_size=2.0), "chunk_size=2.0"),
+        ("q-3d", dict(ok, q=seq["q"][0]), r"q must be \(B, H, T, D\)"),
+        ("k-shape", dict(ok, k=seq["k"][:, :, :5]), r"k must have q's shape"),
+        ("eta-shape", dict(ok, eta=seq["eta"][..., None]), r"eta must be \(B, H, T\)"),
+        ("dtype", dict(ok, v=seq["v"].float()), "v is torch.float32"),
+        ("weights-count", dict(ok, weights=weights[:1]), r"must be \(W1, W2\); got 1"),
+        ("weights-shape", dict(ok, weights=(weights[0], weights[1][:, :3])), r"weights\[1\]"),
+        ("linear-weights", dict(ok, kind="linear"), r"must be \(W,\); got 2"),
+        ("both", dict(ok, state=state), "exactly one of `weights`"),
+        ("neither", dict(ok, weights=None), "exactly one of `weights`"),
+        ("state-no-batch", dict(ok, weights=None, state=weights), r"leading dims \(B, H\)"),
+    ]
+
+
+@pytest.mark.parametrize(("case", "kwargs", "message"), _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_bad_inputs_raise_value_error_naming_the_value(case, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        dgd_memory(**kwargs)
