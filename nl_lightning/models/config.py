@@ -26,9 +26,25 @@ class ModelConfig:
     # out predicting "next byte = this byte" (initial loss ≈ ln V + 1 instead of ln V).
     tie_embeddings: bool = False
     stated_params: int | None = None
+    # -- neural memory (Titans, HOPE) --
+    memory_kind: str = "mlp"  # "linear" or "mlp" (residual 2-layer MLP, M(z) = z + W1 σ(W2 z))
+    chunk_size: int = 64  # tokens whose memory gradients share one chunk-start state
+    memory_impl: str = "chunk"  # "chunk", "naive", "compiled" (Titans also "triton")
+    conv_kernel: int = 4  # short causal depthwise convolution on q, k, v
+    # -- Titans --
+    attn_window: int = 64  # sliding-window attention span in Titans' attention layers
+    attn_every: int = 2  # every attn_every-th layer is sliding-window attention, the rest memory
+    # -- HOPE --
+    proj_chunk_size: int = 64  # chunk size of the self-modifying projection memories (k, v, η, α)
+    cms_periods: tuple[int, ...] = (1, 4, 16)  # training-step period of each CMS level (NestedScheduler)
+    cms_hidden: int | None = None  # SwiGLU width of a CMS level; None matches Transformer++'s parameter count
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layer", "n_head", "mlp_multiple_of"):
+        # YAML/JSON give lists; keep the frozen config hashable.
+        object.__setattr__(self, "cms_periods", tuple(self.cms_periods))
+        positive = ("vocab_size", "d_model", "n_layer", "n_head", "mlp_multiple_of", "chunk_size",
+                    "conv_kernel", "attn_window", "attn_every", "proj_chunk_size")
+        for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
@@ -39,6 +55,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got d_model/n_head = {self.head_dim}")
+        if self.memory_kind not in ("linear", "mlp"):
+            raise ValueError(f"memory_kind must be 'linear' or 'mlp', got {self.memory_kind!r}")
+        if not self.cms_periods or any(not isinstance(p, int) or p <= 0 for p in self.cms_periods):
+            raise ValueError(f"cms_periods must be positive integers, one per CMS level, got {self.cms_periods!r}")
 
     @property
     def head_dim(self) -> int:

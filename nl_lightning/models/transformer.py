@@ -39,6 +39,10 @@ class LanguageModelBackbone(nn.Module):
         if self.config.tie_embeddings:
             self.head.weight = self.embed.weight
         self.apply(_init_weights)
+        # Layers whose start matters (memory gates, identity convolutions) re-apply their own init.
+        for module in self.modules():
+            if module is not self and hasattr(module, "init_weights"):
+                module.init_weights()
 
     def build_block(self, index: int) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__} must build its blocks")

@@ -1,0 +1,149 @@
+"""Titans memory kernels side by side: chunk-parallel vs naive forward+backward time, and the
+chunk kernel's peak memory at two sequence lengths.
+
+    python benchmarks/memory_ops.py                       # default table (a few minutes on 2 cores)
+    python benchmarks/memory_ops.py --lengths 512 1024 --kinds linear --repeats 5
+
+Both implementations are timed in the same process, interleaved repeat by repeat, so a change in
+machine load hits both columns alike; the table reports medians and their ratio.
+
+Peak memory is the highest total size of live CPU tensors during one forward+backward of the
+chunk kernel, from ``torch.profiler``'s memory timeline (inputs created before profiling are not
+counted; activations, saved tensors and gradients are). Linear scaling means a ratio of about
+the ratio of lengths (8x for 1K -> 8K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from nl_lightning.ops.titans import chunk_titans_memory, compiled_titans_memory, naive_titans_memory  # noqa: E402
+
+IMPLS = {"chunk": chunk_titans_memory, "naive": naive_titans_memory, "compiled": compiled_titans_memory}
+
+
+def make_inputs(kind: str, batch: int, heads: int, length: int, dim: int, dtype: torch.dtype, seed: int = 0):
+    """Inputs as a Titans layer makes them: unit-norm keys, gates in (0, 1), small initial memory."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=dtype) * scale
+
+    def gate(low, high):
+        return low + (high - low) * torch.rand(batch, heads, length, generator=gen, dtype=dtype)
+
+    seq = {
+        "q": randn(batch, heads, length, dim),
+        "k": F.normalize(randn(batch, heads, length, dim), dim=-1),
+        "v": randn(batch, heads, length, dim),
+        "theta": gate(0.01, 0.1),
+        "eta": gate(0.5, 0.95),
+        "alpha": gate(0.001, 0.05),
+    }
+    n_weights = 1 if kind == "linear" else 2
+    weights = [randn(heads, dim, dim, scale=dim**-0.5) for _ in range(n_weights)]
+    for x in (*seq.values(), *weights):
+        x.requires_grad_()
+    return seq, weights
+
+
+def forward_backward(fn, seq, weights, kind: str, chunk_size: int) -> None:
+    y, state = fn(**seq, weights=weights, kind=kind, chunk_size=chunk_size)
+    loss = y.square().mean() + sum(w.square().mean() for w in state.weights)
+    loss.backward()
+
+
+def time_side_by_side(impls: list[str], seq, weights, kind: str, chunk_size: int, repeats: int) -> dict:
+    """Median seconds per forward+backward for each impl, interleaving the repeats."""
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(repeats):
+        for name in impls:
+            start = time.perf_counter()
+            forward_backward(IMPLS[name], seq, weights, kind, chunk_size)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_memory_bytes(seq, weights, kind: str, chunk_size: int) -> int:
+    """Peak total bytes of live CPU tensors allocated during one chunk forward+backward."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        forward_backward(chunk_titans_memory, seq, weights, kind, chunk_size)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # Deprecated in favour of CUDA memory snapshots, which do not cover CPU tensors; this is
+        # still the only allocation timeline torch offers for CPU.
+        warnings.filterwarnings("ignore", message=".*export_memory_timeline", category=FutureWarning)
+        path = Path(tmp) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())  # [times, per-category sizes over time]
+    return max(sum(s) for s in sizes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--kinds", nargs="+", default=["linear", "mlp"], choices=["linear", "mlp"])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=32, help="Dk = Dv (and the MLP hidden width)")
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compiled", action="store_true", help="also time the torch.compile path")
+    parser.add_argument("--memory-lengths", type=int, nargs=2, default=[1024, 8192], metavar=("SHORT", "LONG"))
+    parser.add_argument("--skip-memory", action="store_true")
+    # One thread by default: the naive loop is thousands of tiny ops, and on a small shared CPU
+    # the OpenMP hand-off for each of them costs more than the op (10x slower at 2 threads here).
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    impls = ["chunk", "naive"] + (["compiled"] if args.compiled else [])
+    print(
+        f"Titans memory, forward+backward, float32, B={args.batch} H={args.heads} D={args.dim} "
+        f"chunk={args.chunk_size}, threads={args.threads}, median of {args.repeats}"
+    )
+    header = f"{'kind':<7}{'T':>6}" + "".join(f"{name + ' s':>12}" for name in impls) + f"{'naive/chunk':>13}"
+    print(header)
+    print("-" * len(header))
+    for kind in args.kinds:
+        warm_seq, warm_weights = make_inputs(kind, args.batch, args.heads, args.chunk_size, args.dim, torch.float32)
+        time_side_by_side(impls, warm_seq, warm_weights, kind, args.chunk_size, repeats=1)  # warm-up / compile
+        for length in args.lengths:
+            seq, weights = make_inputs(kind, args.batch, args.heads, length, args.dim, torch.float32)
+            med = time_side_by_side(impls, seq, weights, kind, args.chunk_size, args.repeats)
+            row = f"{kind:<7}{length:>6}" + "".join(f"{med[name]:>12.3f}" for name in impls)
+            print(row + f"{med['naive'] / med['chunk']:>12.1f}x", flush=True)
+
+    if args.skip_memory:
+        return
+    short, long = args.memory_lengths
+    print(f"\nChunk kernel peak memory during forward+backward (T={short} vs T={long}):")
+    for kind in args.kinds:
+        peaks = []
+        for length in (short, long):
+            seq, weights = make_inputs(kind, args.batch, args.heads, length, args.dim, torch.float32)
+            peaks.append(peak_memory_bytes(seq, weights, kind, args.chunk_size))
+        ratio = peaks[1] / peaks[0]
+        budget = 1.0625 * long / short  # linear scaling plus a small margin (8.5x for 1K -> 8K)
+        verdict = "within" if ratio <= budget else "OVER"
+        print(
+            f"{kind:<7} {peaks[0] / 2**20:8.1f} MiB -> {peaks[1] / 2**20:8.1f} MiB   "
+            f"ratio {ratio:.2f}x for {long / short:.0f}x tokens ({verdict} the {budget:.1f}x goal)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""HOPE: self-modifying Titans memory followed by a Continuum Memory System (SPEC §2).
+
+Self-referential memory: the projections are adaptive memories,
+``k_t = M_k(x_t), v_t = M_v(x_t), η_t = M_η(x_t), α_t = M_α(x_t)``, ``q_t = x_t W_q`` fixed. Each
+memory is a residual MLP ``M(z) = z + W1 σ(W2 z)`` whose initial state is a slow (trained)
+parameter; during a sequence each memory makes its own target ``v̂ = M(v_t)`` and updates with the
+DGD rule (``nl_lightning.ops.dgd``). Chunk-parallel form: within a chunk of ``proj_chunk_size``
+tokens the projections are read from the memories' chunk-start state, so one chunk's k, v, η, α
+are computed in parallel and only the chunk loop is sequential. The main memory (per head, chunk
+``chunk_size``) is read before its own update: ``o_t = M_{memory,t−1}(q_t)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nl_lightning.models.cms import ContinuumMemory
+from nl_lightning.models.config import ModelConfig
+from nl_lightning.models.layers import RMSNorm
+from nl_lightning.models.titans import CausalDepthwiseConv, gate_bias, merge_heads, split_heads
+from nl_lightning.models.transformer import LanguageModelBackbone
+from nl_lightning.ops.dgd import dgd_memory
+
+PROJECTIONS = ("k", "v", "eta", "alpha")
+
+
+def residual_mlp_weights(heads: int, dim: int, hidden: int) -> nn.ParameterList:
+    """Initial state (W1, W2) of ``M(z) = z + W1 silu(W2 z)``; scaled so the MLP part is O(|z|)."""
+    return nn.ParameterList(
+        [
+            nn.Parameter(torch.randn(heads, dim, hidden) / math.sqrt(hidden)),
+            nn.Parameter(torch.randn(heads, hidden, dim) / math.sqrt(dim)),
+        ]
+    )
+
+
+def apply_residual_mlp(weights, z: torch.Tensor) -> torch.Tensor:
+    """M(z) for per-batch weights W1 (B, H, D, Dh), W2 (B, H, Dh, D) and z (B, H, T, D)."""
+    w1, w2 = weights
+    return z + F.silu(z @ w2.transpose(-1, -2)) @ w1.transpose(-1, -2)
+
+
+class SelfModifyingMemory(nn.Module):
+    """HOPE's token mixer."""
+
+    INITIAL_GATES = {"eta": 0.5, "alpha": 0.99}  # DGD step size (before the 1/chunk scaling) and retention
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, h, hd = config.d_model, config.n_head, config.head_dim
+        self.config = config
+        self.conv = CausalDepthwiseConv(d, config.conv_kernel)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        # The four projection memories share keys, values and gates, so they are stacked as the
+        # "heads" of one memory and updated by a single kernel call per chunk.
+        self.projections = residual_mlp_weights(len(PROJECTIONS), d, max(8, d // 4))
+        # Gate biases: per main-memory head, plus one for the projection memories' own updates.
+        self.gate_bias = nn.ParameterDict(
+            {name: nn.Parameter(torch.full((h + 1,), gate_bias(v))) for name, v in self.INITIAL_GATES.items()}
+        )
+        if config.memory_kind == "linear":
+            self.memory = nn.ParameterList([nn.Parameter(torch.eye(hd).repeat(h, 1, 1))])
+        else:
+            self.memory = residual_mlp_weights(h, hd, hd)
+        self.out_norm = RMSNorm(d, config.norm_eps)
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def _gates(self, name: str, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """raw (B, T, d) → per-head gates (B, H, T) and the projection memories' gate (B, 1, T).
+
+        η is divided by the chunk size of the memory it drives. Within a chunk every token's
+        gradient is taken at the chunk-start state, so C tokens with similar errors add up to a
+        step of C·η on a stale error: without the 1/C the chunked update overshoots and diverges
+        for any C·η > 1. With it, C = 1 is the plain online rule with η ∈ (0, 1).
+        """
+        h = self.config.n_head
+        per_head = raw.unflatten(-1, (h, -1)).mean(-1).transpose(1, 2)  # (B, H, T)
+        shared = raw.mean(-1)[:, None]  # (B, 1, T)
+        bias = self.gate_bias[name]
+        per_head, shared = torch.sigmoid(per_head + bias[:h, None]), torch.sigmoid(shared + bias[h])
+        if name == "eta":
+            return per_head / self.config.chunk_size, shared / self.config.proj_chunk_size
+        return per_head, shared
+
+    def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the self-modifying projection memories over the sequence: k, v, η, α for every token."""
+        chunk, (batch, seq_len, _) = self.config.proj_chunk_size, x.shape
+        n = len(PROJECTIONS)
+        state = tuple(w.expand(batch, *w.shape) for w in self.projections)
+        outputs = []
+        for start in range(0, seq_len, chunk):
+            z = x[:, None, start : start + chunk]  # (B, 1, C, d)
+            out = apply_residual_mlp(state, z)  # (B, 4, C, d), read from the chunk-start state
+            outputs.append(out)
+            if start + chunk >= seq_len:  # the last chunk's update would never be read
+                break
+            k, v, eta, alpha = out.unbind(1)
+            key = F.normalize(k, dim=-1)[:, None].expand(-1, n, -1, -1)
+            _, eta = self._gates("eta", eta)
+            _, alpha = self._gates("alpha", alpha)
+            _, state = dgd_memory(
+                key, key, v[:, None].expand(-1, n, -1, -1), eta.expand(-1, n, -1), alpha.expand(-1, n, -1),
+                state=state, kind="mlp", chunk_size=chunk, impl=self.config.memory_impl,
+            )
+        return dict(zip(PROJECTIONS, torch.cat(outputs, dim=2).unbind(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.config.n_head
+        x = self.conv(x)
+        # The memories see unit-norm inputs, so their keys, targets and errors are O(1) whatever
+        # the residual stream's scale.
+        p = self.project(F.normalize(x, dim=-1))
+        q = F.normalize(split_heads(self.q_proj(x), h), dim=-1)
+        k = F.normalize(split_heads(p["k"], h), dim=-1)
+        v = split_heads(p["v"], h)
+        eta, _ = self._gates("eta", p["eta"])
+        alpha, _ = self._gates("alpha", p["alpha"])
+        # o_t = M_{t-1}(q_t): read token t+1's query after token t's update, and the first
+        # token's query from the initial state.
+        next_q = torch.cat([q[:, :, 1:], torch.zeros_like(q[:, :, :1])], dim=2)
+        read_after, _ = dgd_memory(
+            next_q, k, v, eta, alpha, tuple(self.memory), kind=self.config.memory_kind,
+            chunk_size=self.config.chunk_size, impl=self.config.memory_impl,
+        )
+        first = self._initial_readout(q[:, :, :1])
+        out = torch.cat([first, read_after[:, :, :-1]], dim=2)
+        return self.proj(self.out_norm(merge_heads(out)))
+
+    def _initial_readout(self, q: torch.Tensor) -> torch.Tensor:
+        weights = tuple(w.unsqueeze(0) for w in self.memory)
+        if self.config.memory_kind == "linear":
+            return q @ weights[0].transpose(-1, -2)
+        return apply_residual_mlp(weights, q)
+
+
+class HopeBlock(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = SelfModifyingMemory(config)
+        self.cms = ContinuumMemory(config.d_model, cms_hidden(config, self.mixer), config.cms_periods, config.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cms(x + self.mixer(self.mixer_norm(x)))
+
+
+def cms_hidden(config: ModelConfig, mixer: nn.Module) -> int:
+    """CMS width that gives a HOPE block the parameter count of a Transformer++ block."""
+    if config.cms_hidden is not None:
+        return config.cms_hidden
+    d = config.d_model
+    transformer_block = 4 * d * d + 3 * d * config.mlp_hidden + 2 * d
+    budget = transformer_block - sum(p.numel() for p in mixer.parameters()) - d
+    per_level = budget / len(config.cms_periods) - d  # each level has its own norm
+    return max(8, 8 * round(per_level / (3 * d) / 8))
+
+
+class Hope(LanguageModelBackbone):
+    """HOPE language model. ``param_groups()`` hands CMS levels to the optimizer with their ``period``."""
+
+    is_abstract_base = False
+
+    def build_block(self, index: int) -> nn.Module:
+        return HopeBlock(self.config)
+
+    def param_groups(self) -> list[dict]:
+        """One group per CMS level (all blocks), with ``period`` and ``level``; the rest is level 0."""
+        levels: dict[int, list[nn.Parameter]] = {i: [] for i in range(len(self.config.cms_periods))}
+        in_cms: set[int] = set()
+        for block in self.blocks:
+            for i, level in enumerate(block.cms.levels):
+                levels[i].extend(level.parameters())
+                in_cms.update(id(p) for p in level.parameters())
+        rest = [p for p in self.parameters() if id(p) not in in_cms]
+        groups = [{"params": rest, "name": "backbone", "period": 1, "level": 0}]
+        for i, period in enumerate(self.config.cms_periods):
+            groups.append({"params": levels[i], "name": f"cms.{i}", "period": period, "level": i})
+        return groups

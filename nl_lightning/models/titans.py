@@ -1,0 +1,130 @@
+"""Titans (LMM): neural long-term memory layers interleaved with sliding-window attention.
+
+The memory layer (SPEC §2): k = xW_K, v = xW_V, q = xW_Q (after a short causal convolution, keys
+and queries L2-normalised per head), data-dependent gates θ_t (inner learning rate), η_t
+(momentum) and α_t (forgetting) in (0, 1), and the read-out y_t = M_t(q_t) of the memory updated
+by ``nl_lightning.ops.titans``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nl_lightning.models.config import ModelConfig
+from nl_lightning.models.layers import CausalSelfAttention, RMSNorm, SwiGLU
+from nl_lightning.models.transformer import LanguageModelBackbone
+from nl_lightning.ops.titans import titans_memory
+
+
+class CausalDepthwiseConv(nn.Module):
+    """Per-channel causal convolution over time: output t sees inputs t-kernel+1 .. t only."""
+
+    def __init__(self, dim: int, kernel: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.conv = nn.Conv1d(dim, dim, kernel, groups=dim, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        # Start as the identity (weight 1 on the current token) so the conv only learns a mix.
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, 0, -1] = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) → (B, T, D)."""
+        return self.conv(F.pad(x.transpose(1, 2), (self.kernel - 1, 0))).transpose(1, 2)
+
+
+def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    batch, seq_len, dim = x.shape
+    return x.view(batch, seq_len, n_head, dim // n_head).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, n_head, seq_len, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, seq_len, n_head * head_dim)
+
+
+def gate_bias(target: float) -> float:
+    """Bias that makes sigmoid start at ``target``."""
+    return math.log(target / (1 - target))
+
+
+class TitansMemoryLayer(nn.Module):
+    """Token mixer built on the Titans memory: one memory state per batch element and head."""
+
+    # Starting gates: a small inner step, strong momentum, little forgetting.
+    INITIAL_GATES = {"theta": 0.1, "eta": 0.9, "alpha": 0.01}
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, h, hd = config.d_model, config.n_head, config.head_dim
+        self.config = config
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.conv = CausalDepthwiseConv(3 * d, config.conv_kernel)
+        self.gates = nn.Linear(d, 3 * h)  # θ, η, α per head
+        if config.memory_kind == "linear":
+            self.memory_weights = nn.ParameterList([nn.Parameter(torch.zeros(h, hd, hd))])
+        else:  # residual MLP starting near the identity map
+            self.memory_weights = nn.ParameterList(
+                [nn.Parameter(torch.randn(h, hd, hd) * 0.02), nn.Parameter(torch.randn(h, hd, hd) / math.sqrt(hd))]
+            )
+        self.out_norm = RMSNorm(d, config.norm_eps)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Gates start input-independent at INITIAL_GATES; the input weights then learn to modulate them."""
+        h = self.config.n_head
+        with torch.no_grad():
+            self.gates.weight.zero_()
+            self.gates.bias.copy_(torch.tensor([gate_bias(v) for v in self.INITIAL_GATES.values()]).repeat_interleave(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.config.n_head
+        q, k, v = self.conv(self.qkv(x)).chunk(3, dim=-1)
+        q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        theta, eta, alpha = torch.sigmoid(self.gates(x)).transpose(1, 2).chunk(3, dim=1)  # (B, H, T) each
+        y, _ = titans_memory(
+            q, k, v, theta, eta, alpha, tuple(self.memory_weights),
+            kind=self.config.memory_kind, chunk_size=self.config.chunk_size, impl=self.config.memory_impl,
+        )
+        return self.proj(self.out_norm(merge_heads(y)))
+
+
+class TitansBlock(nn.Module):
+    def __init__(self, config: ModelConfig, mixer: nn.Module) -> None:
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = mixer
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Titans(LanguageModelBackbone):
+    """Titans LMM: every ``attn_every``-th layer is sliding-window attention, the others memory.
+
+    With the same preset as Transformer++ the parameter count matches within a few percent: a
+    memory layer's q/k/v/out projections cost what attention's do, and the memory's own initial
+    weights and gates are small.
+    """
+
+    is_abstract_base = False
+
+    def build_block(self, index: int) -> nn.Module:
+        c = self.config
+        if (index + 1) % c.attn_every == 0:
+            mixer = CausalSelfAttention(c.d_model, c.n_head, c.rope_base, window=c.attn_window)
+        else:
+            mixer = TitansMemoryLayer(c)
+        return TitansBlock(c, mixer)

@@ -1,0 +1,312 @@
+"""Titans memory (SPEC §2): chunk, compiled and Triton kernels against the token-by-token reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nl_lightning.ops.titans import (
+    MemoryState,
+    chunk_titans_memory,
+    compiled_titans_memory,
+    naive_titans_memory,
+    titans_memory,
+)
+from nl_lightning.ops.titans.common import loss_grad_factors, memory_forward
+
+B, H, T, D, DH = 2, 2, 11, 4, 6
+F64 = dict(atol=1e-10, rtol=1e-10)
+CHUNKS = pytest.mark.parametrize("chunk_size", [1, 4, T], ids=["online", "C4-not-dividing-T", "C=T"])
+KINDS = pytest.mark.parametrize("kind", ["linear", "mlp"])
+GATES = ("theta", "eta", "alpha")
+
+
+def make_inputs(kind, *, batch=B, length=T, dtype=torch.float64, seed=0, dv=D):
+    """Inputs in the regime a Titans layer produces: unit-norm keys, gates strictly in (0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=dtype) * scale
+
+    def gate(low, high):
+        return low + (high - low) * torch.rand(batch, H, length, generator=gen, dtype=dtype)
+
+    seq = {
+        "q": randn(batch, H, length, D),
+        "k": F.normalize(randn(batch, H, length, D), dim=-1),
+        "v": randn(batch, H, length, dv, scale=0.5),
+        "theta": gate(0.05, 0.3),
+        "eta": gate(0.1, 0.9),
+        "alpha": gate(0.01, 0.3),
+    }
+    if kind == "linear":
+        weights = (randn(H, dv, D, scale=0.3),)
+    else:
+        weights = (randn(H, dv, DH, scale=0.3), randn(H, DH, D, scale=0.3))
+    for x in (*seq.values(), *weights):
+        x.requires_grad_()
+    return seq, weights
+
+
+def run_with_grads(fn, seq, weights, **kwargs):
+    """Forward, then gradients of a fixed random projection of (y, final state) w.r.t. every input."""
+    y, state = fn(**seq, weights=weights, **kwargs)
+    outputs = (y, *state.weights, *state.momentum)
+    gen = torch.Generator().manual_seed(123)
+    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype)).sum() for x in outputs)
+    grads = torch.autograd.grad(loss, [*seq.values(), *weights])
+    return outputs, grads
+
+
+def assert_same_run(actual, expected, **tol):
+    (out_a, grads_a), (out_e, grads_e) = actual, expected
+    out_names = ["y"] + [f"state[{i}]" for i in range(len(out_e) - 1)]
+    for name, a, e in zip(out_names, out_a, out_e):
+        torch.testing.assert_close(a, e, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    names = ["q", "k", "v", *GATES] + [f"weights[{i}]" for i in range(len(grads_e) - 6)]
+    for name, a, e in zip(names, grads_a, grads_e):
+        torch.testing.assert_close(a, e, **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@KINDS
+def test_explicit_memory_gradient_equals_autograd_of_squared_error(kind):
+    seq, weights = make_inputs(kind, batch=1, length=3)
+    ws = [w.detach().unsqueeze(0).requires_grad_() for w in weights]
+    k, v = seq["k"].detach(), seq["v"].detach()
+    loss = (memory_forward(kind, ws, k) - v).square().sum()
+    expected = torch.autograd.grad(loss, ws)
+    explicit = [(u.mT @ x) for u, x in loss_grad_factors(kind, ws, k, v)]  # summed over tokens
+    for e, g in zip(expected, explicit):
+        torch.testing.assert_close(g, e, **F64)
+
+
+@KINDS
+@pytest.mark.parametrize("chunk_size", [1, 4, T, 16], ids=["online", "C4-not-dividing-T", "C=T", "C>T"])
+def test_chunk_matches_naive_forward_and_grads_float64(kind, chunk_size):
+    seq, weights = make_inputs(kind)
+    expected = run_with_grads(naive_titans_memory, seq, weights, kind=kind, chunk_size=chunk_size)
+    actual = run_with_grads(chunk_titans_memory, seq, weights, kind=kind, chunk_size=chunk_size)
+    assert_same_run(actual, expected, **F64)
+
+
+def test_chunk_matches_naive_with_different_key_and_value_widths():
+    seq, weights = make_inputs("linear", dv=3)
+    expected = run_with_grads(naive_titans_memory, seq, weights, kind="linear", chunk_size=4)
+    actual = run_with_grads(chunk_titans_memory, seq, weights, kind="linear", chunk_size=4)
+    assert_same_run(actual, expected, **F64)
+
+
+def test_chunk_stays_finite_and_exact_under_strong_forgetting():
+    # Cumulative products of (1 - alpha) and eta underflow float32 inside a 64-token chunk; a
+    # kernel that divides cumulative products would produce 0/0 here.
+    seq, weights = make_inputs("linear", length=64)
+    with torch.no_grad():
+        seq["alpha"].fill_(0.9)
+        seq["eta"].fill_(1e-3)
+    expected = run_with_grads(naive_titans_memory, seq, weights, kind="linear", chunk_size=64)
+    assert_same_run(run_with_grads(chunk_titans_memory, seq, weights, kind="linear", chunk_size=64), expected, **F64)
+    seq32 = {n: x.detach().float().requires_grad_() for n, x in seq.items()}
+    weights32 = [w.detach().float().requires_grad_() for w in weights]
+    outputs, grads = run_with_grads(chunk_titans_memory, seq32, weights32, kind="linear", chunk_size=64)
+    assert all(torch.isfinite(x).all() for x in (*outputs, *grads))
+
+
+@KINDS
+def test_chunk_matches_naive_when_gates_reach_zero_or_one(kind):
+    # eta = 0 wipes the momentum and alpha = 1 wipes the memory: zero factors inside the chunk's
+    # cumulative products, where a ratio of cumulative products would be 0/0.
+    seq, weights = make_inputs(kind)
+    with torch.no_grad():
+        seq["eta"][:, :, [2, 6]] = 0.0
+        seq["alpha"][:, :, [5, 6]] = 1.0
+    expected = run_with_grads(naive_titans_memory, seq, weights, kind=kind, chunk_size=4)
+    actual = run_with_grads(chunk_titans_memory, seq, weights, kind=kind, chunk_size=4)
+    assert_same_run(actual, expected, **F64)
+
+
+@KINDS
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor import
+def test_compiled_matches_chunk_float32(kind):
+    seq, weights = make_inputs(kind, length=13, dtype=torch.float32)
+    expected = run_with_grads(chunk_titans_memory, seq, weights, kind=kind, chunk_size=4)
+    actual = run_with_grads(compiled_titans_memory, seq, weights, kind=kind, chunk_size=4)
+    assert_same_run(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def triton_linear(monkeypatch):
+    """The Triton implementation, run by Triton's interpreter when there is no GPU."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed; install the dev extra to test the Triton kernel")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernels are built and launched
+    from nl_lightning.ops.titans.triton_linear import triton_linear_titans_memory
+
+    return triton_linear_titans_memory
+
+
+@CHUNKS
+def test_triton_linear_matches_chunk_forward_and_grads(triton_linear, chunk_size):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seq, weights = make_inputs("linear", dv=3)
+    seq = {n: x.detach().to(device).requires_grad_() for n, x in seq.items()}
+    weights = [w.detach().to(device).requires_grad_() for w in weights]
+    expected = run_with_grads(chunk_titans_memory, seq, weights, kind="linear", chunk_size=chunk_size)
+    actual = run_with_grads(triton_linear, seq, weights, kind="linear", chunk_size=chunk_size)
+    assert_same_run(actual, expected, **F64)
+
+
+def test_triton_linear_continues_from_a_passed_state(triton_linear):
+    seq, weights = make_inputs("linear", length=12)
+    y, state = chunk_titans_memory(**seq, weights=weights, kind="linear", chunk_size=4)
+    _, mid = chunk_titans_memory(**{n: x[:, :, :8] for n, x in seq.items()}, weights=weights, chunk_size=4)
+    y2, end = triton_linear(**{n: x[:, :, 8:] for n, x in seq.items()}, weights=weights, chunk_size=4, state=mid)
+    torch.testing.assert_close(y2, y[:, :, 8:], **F64)
+    for a, e in zip((*end.weights, *end.momentum), (*state.weights, *state.momentum)):
+        torch.testing.assert_close(a, e, **F64)
+
+
+CUDA_COMPILE_CHECK = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nl_lightning.ops.titans import triton_linear as module
+
+options = module._launch_options(64, 32, 32)
+blocks = {name: options.pop(name) for name in ("BLOCK_C", "BLOCK_DK", "BLOCK_DV")}
+for kernel in module._kernels(False):
+    names = kernel.arg_names
+    n_pointers = names.index("N")
+    signature = {n: "*fp32" if i < n_pointers else "constexpr" if n in blocks else "i32" for i, n in enumerate(names)}
+    source = ASTSource(kernel, signature, constexprs={(names.index(n),): v for n, v in blocks.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 80, 32), options=options)
+    assert compiled.metadata.shared <= 163 * 1024, (kernel.__name__, compiled.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_cuda_within_a100_shared_memory():
+    # No GPU is needed to run Triton's compiler down to a cubin; this catches what the
+    # interpreter does not check (dot shapes, loop-carried types, shared-memory size). In a
+    # subprocess because a process that imported Triton in interpreter mode cannot compile.
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed; install the dev extra to test the Triton kernel")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    result = subprocess.run([sys.executable, "-c", CUDA_COMPILE_CHECK], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@KINDS
+def test_batch_elements_do_not_share_state(kind):
+    seq, weights = make_inputs(kind)
+    y, _ = chunk_titans_memory(**seq, weights=weights, kind=kind, chunk_size=4)
+    changed = {n: x.detach().clone() for n, x in seq.items()}
+    changed["k"][1] = F.normalize(torch.randn_like(changed["k"][1]), dim=-1)
+    changed["v"][1] += 1.0
+    changed["theta"][1] = 0.5
+    y_changed, _ = chunk_titans_memory(**changed, weights=weights, kind=kind, chunk_size=4)
+    torch.testing.assert_close(y_changed[0], y[0], atol=0, rtol=0)
+    assert not torch.allclose(y_changed[1], y[1])
+
+
+@KINDS
+@pytest.mark.parametrize("impl", ["naive", "chunk"])
+def test_read_out_is_causal(kind, impl):
+    seq, weights = make_inputs(kind)
+    t = 5  # inside the second chunk of 4, so a later token of the same chunk is perturbed
+    y, _ = titans_memory(**seq, weights=weights, kind=kind, chunk_size=4, impl=impl)
+    changed = {n: x.detach().clone() for n, x in seq.items()}
+    for name in ("q", "k", "v", *GATES):
+        changed[name][:, :, t + 1 :] = changed[name][:, :, t + 1 :].flip(2) * 0.5
+    y_changed, _ = titans_memory(**changed, weights=weights, kind=kind, chunk_size=4, impl=impl)
+    torch.testing.assert_close(y_changed[:, :, : t + 1], y[:, :, : t + 1], atol=0, rtol=0)
+    assert not torch.allclose(y_changed[:, :, t + 1 :], y[:, :, t + 1 :])
+
+
+@KINDS
+@pytest.mark.parametrize("impl", ["naive", "chunk"])
+def test_sequence_shorter_than_chunk_updates_memory(kind, impl):
+    seq, weights = make_inputs(kind, length=3)
+    _, state = titans_memory(**seq, weights=weights, kind=kind, chunk_size=64, impl=impl)
+    for start, end in zip(weights, state.weights):
+        assert not torch.allclose(end, start.expand_as(end))
+    assert all(s.abs().max() > 0 for s in state.momentum)
+
+
+@KINDS
+@pytest.mark.parametrize("impl", ["naive", "chunk"])
+def test_two_calls_with_state_passing_equal_one_call(kind, impl):
+    seq, weights = make_inputs(kind, length=12)
+    run = dict(weights=weights, kind=kind, chunk_size=4, impl=impl)
+    y, state = titans_memory(**seq, **run)
+    first = {n: x[:, :, :8] for n, x in seq.items()}  # split on a chunk boundary
+    second = {n: x[:, :, 8:] for n, x in seq.items()}
+    y1, mid = titans_memory(**first, **run)
+    y2, end = titans_memory(**second, **run, state=mid)
+    torch.testing.assert_close(torch.cat([y1, y2], dim=2), y, **F64)
+    for a, e in zip((*end.weights, *end.momentum), (*state.weights, *state.momentum)):
+        torch.testing.assert_close(a, e, **F64)
+    # and gradients reach the slow weights through the handed-over state
+    (grad,) = torch.autograd.grad(y2.sum(), weights[0])
+    assert grad.abs().max() > 0
+
+
+@KINDS
+def test_dispatcher_runs_every_impl_with_one_contract(kind):
+    seq, weights = make_inputs(kind)
+    y_ref, _ = titans_memory(**seq, weights=weights, kind=kind, chunk_size=4, impl="naive")
+    y, state = titans_memory(**seq, weights=weights, kind=kind, chunk_size=4)
+    torch.testing.assert_close(y, y_ref, **F64)
+    assert isinstance(state, MemoryState) and y.shape == (B, H, T, D)
+
+
+def _bad(**changes):
+    seq, weights = make_inputs("linear")
+    args = dict(seq, weights=weights, kind="linear", chunk_size=4)
+    args.update(changes)
+    return args
+
+
+BAD_INPUTS = {
+    "unknown kind": (_bad(kind="gru"), "kind='gru'"),
+    "unknown impl": (_bad(impl="cuda"), "impl='cuda'"),
+    "zero chunk size": (_bad(chunk_size=0), "chunk_size=0"),
+    "negative chunk size": (_bad(chunk_size=-2), "chunk_size=-2"),
+    "float chunk size": (_bad(chunk_size=4.0), "chunk_size=4.0"),
+    "3-d q": (_bad(q=torch.zeros(B, T, D, dtype=torch.float64)), "q must be"),
+    "k unlike q": (_bad(k=torch.zeros(B, H, T, D + 1, dtype=torch.float64)), "k must have the shape"),
+    "gate per head only": (_bad(theta=torch.zeros(B, H, dtype=torch.float64)), "theta must be"),
+    "float32 alpha": (_bad(alpha=torch.zeros(B, H, T)), "alpha is torch.float32"),
+    "per-batch weights": (_bad(weights=(torch.zeros(B, H, D, D, dtype=torch.float64),)), "initial weight 0"),
+    "two weights for linear": (_bad(weights=(torch.zeros(H, D, D), torch.zeros(H, D, D))), "one weight"),
+    "mlp with Dk != Dv": (
+        _bad(kind="mlp", v=torch.zeros(B, H, T, D + 1, dtype=torch.float64)),
+        "Dk == Dv",
+    ),
+    "state without batch dim": (
+        _bad(state=MemoryState((torch.zeros(H, D, D),), (torch.zeros(H, D, D),))),
+        "one state per batch",
+    ),
+    "empty sequence": (_bad(**{n: x[:, :, :0] for n, x in make_inputs("linear")[0].items()}), "T=0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_bad_inputs_raise_a_value_error_naming_the_problem(case):
+    args, match = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(".", r"\.")):
+        titans_memory(**args)
+
+
+def test_triton_rejects_mlp_memory(triton_linear):
+    seq, weights = make_inputs("mlp")
+    with pytest.raises(ValueError, match="kind='linear' only"):
+        triton_linear(**seq, weights=weights, kind="mlp", chunk_size=4)

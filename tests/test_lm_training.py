@@ -1,0 +1,27 @@
+"""Every model family learns: validation loss falls on the default corpus within a short run."""
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from nl_lightning.data import ByteLMDataModule
+from nl_lightning.models import Hope, Titans, TransformerPP
+from nl_lightning.modules import LanguageModel
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [TransformerPP, Titans, Hope], ids=lambda f: f.__name__)
+def test_validation_loss_falls_within_a_short_run(family, tmp_path):
+    seed_everything(0)
+    network = family("tiny", overrides={"n_layer": 2})
+    module = LanguageModel(network, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), warmup_steps=5)
+    data = ByteLMDataModule(data_dir=str(tmp_path / "data"), seq_len=128, batch_size=8, max_bytes=2_000_000)
+    trainer = Trainer(max_steps=60, limit_val_batches=4, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    (before,) = trainer.validate(module, data, verbose=False)
+    trainer.fit(module, data)
+    (after,) = trainer.validate(module, data, verbose=False)
+    assert before["val/loss"] == pytest.approx(math.log(256), abs=0.15)
+    assert after["val/loss"] < before["val/loss"] - 1.5, (before, after)

@@ -1,0 +1,93 @@
+"""Titans and HOPE as language models: causality, per-sequence memory, parameter parity."""
+
+import pytest
+import torch
+
+from nl_lightning.models import PRESETS, Hope, Titans, TransformerPP
+
+FAMILIES = [Titans, Hope]
+SMALL = {"n_layer": 2, "chunk_size": 8, "proj_chunk_size": 8, "attn_window": 8}
+
+
+def small_model(family, **overrides):
+    torch.manual_seed(0)
+    return family("tiny", overrides={**SMALL, **overrides}).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_changing_a_later_token_leaves_earlier_logits_unchanged(family, kind):
+    model = small_model(family, memory_kind=kind)
+    tokens = torch.randint(0, 256, (2, 40))
+    changed = tokens.clone()
+    changed[:, 21] = (changed[:, 21] + 7) % 256  # inside a chunk, not on its boundary
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    torch.testing.assert_close(before[:, :21], after[:, :21], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before[:, 21:], after[:, 21:], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
+def test_batch_elements_do_not_share_memory_state(family):
+    model = small_model(family)
+    tokens = torch.randint(0, 256, (3, 32))
+    changed = tokens.clone()
+    changed[1] = torch.randint(0, 256, (32,))
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    torch.testing.assert_close(before[[0, 2]], after[[0, 2]], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before[1], after[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
+def test_memory_makes_the_output_depend_on_distant_context(family):
+    """Tokens far outside every attention window and conv kernel still reach the output through memory."""
+    model = small_model(family, attn_window=4, conv_kernel=2)
+    tokens = torch.randint(0, 256, (1, 48))
+    changed = tokens.clone()
+    changed[0, 0] = (changed[0, 0] + 1) % 256
+    with torch.no_grad():
+        difference = (model(tokens)[0, -1] - model(changed)[0, -1]).abs().max()
+    assert difference > 1e-3  # far above float32 noise (~1e-6)
+
+
+def test_titans_gates_start_at_their_initial_values_after_model_init():
+    """The backbone's generic init must not overwrite the memory layer's gate init."""
+    model = small_model(Titans)
+    layer = model.blocks[0].mixer
+    gates = torch.sigmoid(layer.gates(torch.randn(1, 1, model.config.d_model))).view(3, -1)
+    expected = torch.tensor(list(layer.INITIAL_GATES.values()))[:, None].expand_as(gates)
+    torch.testing.assert_close(gates, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
+def test_sequences_shorter_than_the_chunk_train(family):
+    model = small_model(family, chunk_size=64, proj_chunk_size=64).train()
+    tokens = torch.randint(0, 256, (2, 10))
+    logits = model(tokens)
+    assert logits.shape == (2, 10, 256) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_parameter_count_within_ten_percent_of_transformer_at_the_same_preset(family, preset):
+    with torch.device("meta"):
+        model, baseline = family(preset), TransformerPP(preset)
+    assert abs(model.num_parameters() - baseline.num_parameters()) <= 0.10 * baseline.num_parameters()
+
+
+def test_hope_param_groups_carry_cms_periods_and_cover_every_parameter_once():
+    model = small_model(Hope, cms_periods=[1, 4, 16])
+    groups = model.param_groups()
+    assert [g["period"] for g in groups] == [1, 1, 4, 16]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    level_2 = {id(p) for p in model.blocks[1].cms.levels[2].parameters()}
+    assert level_2 <= {id(p) for p in groups[3]["params"]}
+
+
+def test_cms_periods_must_run_fastest_first():
+    with pytest.raises(ValueError, match="non-decreasing"):
+        small_model(Hope, cms_periods=[16, 1])
