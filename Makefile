@@ -6,7 +6,7 @@
 VENV        ?= .venv
 PYTHON      ?= python3
 TORCH_SPEC  ?= torch==2.13.0
-RECIPE      ?= recipes/lm/transformer_tiny.yaml
+RECIPE      ?= recipes/lm/hope_tiny.yaml
 CONSTRAINTS := requirements/constraints.txt
 PIP         := $(VENV)/bin/pip
 STAMP       := $(VENV)/.installed

@@ -29,10 +29,14 @@ PROJECTIONS = ("k", "v", "eta", "alpha")
 
 
 def residual_mlp_weights(heads: int, dim: int, hidden: int) -> nn.ParameterList:
-    """Initial state (W1, W2) of ``M(z) = z + W1 silu(W2 z)``; scaled so the MLP part is O(|z|)."""
+    """Initial state (W1, W2) of ``M(z) = z + W1 silu(W2 z)``.
+
+    W1 starts small (the MLP part is ~10% of |z|): the curvature of the inner loss w.r.t. W2
+    grows with |W1|², and a large W1 makes the DGD steps overshoot (see ``MAX_STEP``).
+    """
     return nn.ParameterList(
         [
-            nn.Parameter(torch.randn(heads, dim, hidden) / math.sqrt(hidden)),
+            nn.Parameter(0.1 * torch.randn(heads, dim, hidden) / math.sqrt(hidden)),
             nn.Parameter(torch.randn(heads, hidden, dim) / math.sqrt(dim)),
         ]
     )
@@ -47,7 +51,8 @@ def apply_residual_mlp(weights, z: torch.Tensor) -> torch.Tensor:
 class SelfModifyingMemory(nn.Module):
     """HOPE's token mixer."""
 
-    INITIAL_GATES = {"eta": 0.5, "alpha": 0.99}  # DGD step size (before the 1/chunk scaling) and retention
+    INITIAL_GATES = {"eta": 0.5, "alpha": 0.99}  # DGD step gate and retention at the start
+    MAX_STEP = 0.5  # η_t = MAX_STEP · σ(·) / chunk size (see ``_gates``)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -73,9 +78,11 @@ class SelfModifyingMemory(nn.Module):
         """raw (B, T, d) → per-head gates (B, H, T) and the projection memories' gate (B, 1, T).
 
         η is divided by the chunk size of the memory it drives. Within a chunk every token's
-        gradient is taken at the chunk-start state, so C tokens with similar errors add up to a
-        step of C·η on a stale error: without the 1/C the chunked update overshoots and diverges
-        for any C·η > 1. With it, C = 1 is the plain online rule with η ∈ (0, 1).
+        gradient is taken at the chunk-start state, so on repetitive text (near-identical keys)
+        C tokens add up to one step of C·η on a stale error: without the 1/C the chunked update
+        overshoots and diverges (seen as NaN after ~100 training steps on the stdlib corpus).
+        ``MAX_STEP`` keeps that chunk step below the stability limit of the residual-MLP
+        memories' inner loss at their initial scale.
         """
         h = self.config.n_head
         per_head = raw.unflatten(-1, (h, -1)).mean(-1).transpose(1, 2)  # (B, H, T)
@@ -83,7 +90,8 @@ class SelfModifyingMemory(nn.Module):
         bias = self.gate_bias[name]
         per_head, shared = torch.sigmoid(per_head + bias[:h, None]), torch.sigmoid(shared + bias[h])
         if name == "eta":
-            return per_head / self.config.chunk_size, shared / self.config.proj_chunk_size
+            return (self.MAX_STEP * per_head / self.config.chunk_size,
+                    self.MAX_STEP * shared / self.config.proj_chunk_size)
         return per_head, shared
 
     def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

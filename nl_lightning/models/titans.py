@@ -58,8 +58,8 @@ def gate_bias(target: float) -> float:
 class TitansMemoryLayer(nn.Module):
     """Token mixer built on the Titans memory: one memory state per batch element and head."""
 
-    # Starting gates: a small inner step, strong momentum, little forgetting.
-    INITIAL_GATES = {"theta": 0.1, "eta": 0.9, "alpha": 0.01}
+    # Starting gates: a moderate inner step, strong momentum, little forgetting.
+    INITIAL_GATES = {"theta": 0.5, "eta": 0.9, "alpha": 0.01}
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -90,7 +90,12 @@ class TitansMemoryLayer(nn.Module):
         q, k, v = self.conv(self.qkv(x)).chunk(3, dim=-1)
         q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        theta, eta, alpha = torch.sigmoid(self.gates(x)).transpose(1, 2).chunk(3, dim=1)  # (B, H, T) each
+        gate_theta, eta, alpha = torch.sigmoid(self.gates(x)).transpose(1, 2).chunk(3, dim=1)  # (B, H, T) each
+        # Inner step θ_t = σ(·)(1 − η_t)/C. Within a chunk all C gradients are taken at the
+        # chunk-start state and momentum sums them with weight up to 1/(1 − η); on repetitive
+        # text (coherent keys) the unscaled step grows to C·θ/(1 − η) times the loss curvature
+        # and the memory diverges. The scaling bounds a chunk's total step by σ(·) < 1.
+        theta = gate_theta * (1 - eta) / self.config.chunk_size
         y, _ = titans_memory(
             q, k, v, theta, eta, alpha, tuple(self.memory_weights),
             kind=self.config.memory_kind, chunk_size=self.config.chunk_size, impl=self.config.memory_impl,
