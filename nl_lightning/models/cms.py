@@ -1,13 +1,25 @@
 """Continuum Memory System: a chain of MLP levels, each updated on its own timescale (SPEC §2).
 
-``y = MLP^{(f_K)}(… MLP^{(f_1)}(o))``. Level ℓ's parameters carry a training-step ``period``
-C(ℓ): the ``NestedScheduler`` callback (or a level-aware optimizer) changes them only every C(ℓ)
-optimizer steps, with the sum of the gradients since the last change. The chain itself is an
-ordinary module; the periods travel as parameter-group metadata (``param_groups``).
+``y = MLP^{(f_K)}(… MLP^{(f_1)}(o))``. Two timescales apply:
+
+(a) training steps: level ℓ's parameters carry a ``period`` C(ℓ); the ``NestedScheduler`` callback
+    (or a level-aware optimizer) changes them only every C(ℓ) optimizer steps, with the sum of
+    the gradients since the last change. The periods travel as parameter-group metadata.
+(b) in context (optional, ``context_periods``): level ℓ's down projection carries a per-sequence
+    fast delta Δ_ℓ, updated every C(ℓ) tokens with the summed gradient of a local loss, and a
+    final partial chunk is flushed into the returned state.
+
+The local loss of (b) is next-input prediction: the level's output at token t, ``x_t + f(x_t)``,
+predicts the next residual-stream input ``x_{t+1}``, ``L_t = ‖x_t + f(x_t) − x_{t+1}‖²``. It is
+computable causally (the pair (t, t+1) is complete at token t+1) and, since f is fixed within a
+chunk, every gradient is taken at the weights current when it was computed — exactly the CMS
+rule ``θ_{i+1} = θ_i − Σ_t η ∇L(θ_t; x_t)`` every C(ℓ) tokens.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nl_lightning.models.layers import RMSNorm, SwiGLU
@@ -21,21 +33,85 @@ class CMSLevel(nn.Module):
         self.norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, hidden)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.norm(x))
+
+    def forward_in_context(
+        self, x: torch.Tensor, period: int, lr: float, delta: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Level output with a fast delta on the down projection, updated every ``period`` tokens.
+
+        x: (B, T, d); delta: (B, d, hidden) to continue a sequence (zeros otherwise). Returns the
+        output and the delta after the last token, the final partial chunk included. The update
+        is ``Δ ← Δ − (lr / period) Σ_pairs 2 e_t a_tᵀ`` over the pairs (t, t+1) whose target
+        t+1 lies in the chunk, where a_t is the level's hidden activation and e_t the
+        prediction error; dividing by the period keeps one chunk's step size independent of C.
+        """
+        batch, length, dim = x.shape
+        hidden = _swiglu_hidden(self.mlp, self.norm(x))
+        base = self.mlp.down(hidden)
+        if delta is None:
+            delta = x.new_zeros(batch, dim, hidden.shape[-1])
+        outputs = []
+        pending = None  # (prediction, activation) of the previous chunk's last token
+        for start in range(0, length, period):
+            stop = min(start + period, length)
+            a = hidden[:, start:stop]
+            prediction = x[:, start:stop] + base[:, start:stop] + a @ delta.mT
+            outputs.append(prediction)
+            sources_pred, sources_act = prediction[:, :-1], a[:, :-1]
+            if pending is not None:
+                sources_pred = torch.cat([pending[0], sources_pred], dim=1)
+                sources_act = torch.cat([pending[1], sources_act], dim=1)
+            targets = x[:, start + (pending is None) : stop]
+            if targets.shape[1] > 0:
+                errors = sources_pred - targets  # (B, pairs, d)
+                delta = delta - (lr / period) * 2 * errors.mT @ sources_act
+            pending = (prediction[:, -1:], a[:, -1:])
+        return torch.cat(outputs, dim=1), delta
+
+
+def _swiglu_hidden(mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
+    return F.silu(mlp.gate(x)) * mlp.up(x)
 
 
 class ContinuumMemory(nn.Module):
-    """Levels applied in order, fastest first; ``periods[ℓ]`` is level ℓ's update period."""
+    """Levels applied in order, fastest first.
 
-    def __init__(self, dim: int, hidden: int, periods: tuple[int, ...], eps: float = 1e-6) -> None:
+    Args:
+        periods: training-step period of each level (``NestedScheduler``).
+        context_periods: if given, in-context fast weights: level ℓ updates every
+            ``context_periods[ℓ]`` tokens (one entry per level).
+        context_lr: inner learning rate of the in-context updates.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        periods: tuple[int, ...],
+        eps: float = 1e-6,
+        context_periods: tuple[int, ...] | None = None,
+        context_lr: float = 0.1,
+    ) -> None:
         super().__init__()
         if list(periods) != sorted(periods):
             raise ValueError(f"CMS periods must be non-decreasing (fastest level first), got {periods}")
+        if context_periods is not None and len(context_periods) != len(periods):
+            raise ValueError(
+                f"cms_context_periods {tuple(context_periods)} must have one entry per CMS level "
+                f"({len(periods)} levels from cms_periods {tuple(periods)}); give both the same length"
+            )
         self.periods = tuple(periods)
+        self.context_periods = tuple(context_periods) if context_periods is not None else None
+        self.context_lr = context_lr
         self.levels = nn.ModuleList(CMSLevel(dim, hidden, eps) for _ in periods)
 
-    def forward(self, x):
-        for level in self.levels:
-            x = level(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.context_periods is None:
+            for level in self.levels:
+                x = level(x)
+            return x
+        for level, period in zip(self.levels, self.context_periods):
+            x, _ = level.forward_in_context(x, period, self.context_lr)
         return x

@@ -38,10 +38,14 @@ class ModelConfig:
     proj_chunk_size: int = 64  # chunk size of the self-modifying projection memories (k, v, η, α)
     cms_periods: tuple[int, ...] = (1, 4, 16)  # training-step period of each CMS level (NestedScheduler)
     cms_hidden: int | None = None  # SwiGLU width of a CMS level; None matches Transformer++'s parameter count
+    cms_in_context: bool = False  # in-context fast weights: level ℓ also updates every cms_context_periods[ℓ] tokens
+    cms_context_periods: tuple[int, ...] = (1, 16, 256, 4096)
+    cms_context_lr: float = 0.1
 
     def __post_init__(self) -> None:
         # YAML/JSON give lists; keep the frozen config hashable.
         object.__setattr__(self, "cms_periods", tuple(self.cms_periods))
+        object.__setattr__(self, "cms_context_periods", tuple(self.cms_context_periods))
         positive = ("vocab_size", "d_model", "n_layer", "n_head", "mlp_multiple_of", "chunk_size",
                     "conv_kernel", "attn_window", "attn_every", "proj_chunk_size")
         for name in positive:
@@ -59,6 +63,8 @@ class ModelConfig:
             raise ValueError(f"memory_kind must be 'linear' or 'mlp', got {self.memory_kind!r}")
         if not self.cms_periods or any(not isinstance(p, int) or p <= 0 for p in self.cms_periods):
             raise ValueError(f"cms_periods must be positive integers, one per CMS level, got {self.cms_periods!r}")
+        if any(not isinstance(p, int) or p <= 0 for p in self.cms_context_periods):
+            raise ValueError(f"cms_context_periods must be positive integers, got {self.cms_context_periods!r}")
 
     @property
     def head_dim(self) -> int:

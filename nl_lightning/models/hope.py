@@ -150,7 +150,11 @@ class HopeBlock(nn.Module):
         super().__init__()
         self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mixer = SelfModifyingMemory(config)
-        self.cms = ContinuumMemory(config.d_model, cms_hidden(config, self.mixer), config.cms_periods, config.norm_eps)
+        self.cms = ContinuumMemory(
+            config.d_model, cms_hidden(config, self.mixer), config.cms_periods, config.norm_eps,
+            context_periods=config.cms_context_periods if config.cms_in_context else None,
+            context_lr=config.cms_context_lr,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cms(x + self.mixer(self.mixer_norm(x)))
