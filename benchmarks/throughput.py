@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/throughput.py recipes/lm/transformer_tiny.yaml [more recipes] --steps 20
 
 For each recipe: build its model and data exactly as the CLI would, train ``--steps`` optimizer
-steps (after ``--warmup`` untimed ones), and report tokens/s, the FLOPs of one step (counted by
+steps (after ``--warmup`` untimed ones; the recipes take turns step by step), and report tokens/s, the FLOPs of one step (counted by
 ``torch.utils.flop_counter``, forward + backward), and MFU = achieved FLOP/s divided by this
 machine's matmul peak measured in the same run. Ratios between rows are the meaningful numbers;
 absolute values depend on the machine and its load.
@@ -54,29 +54,31 @@ def train_step(module, optimizer, inputs, targets) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure(recipe: Path, steps: int, warmup: int, overrides: list[str]) -> dict:
-    module, data = build(recipe, overrides)
-    module.train()
-    optimizer = module.optimizer_factory(module._param_groups())
-    batches = iter(data.train_dataloader())
-    inputs, targets = next(batches)
-    with FlopCounterMode(display=False) as counter:
-        train_step(module, optimizer, inputs, targets)
-    flops_per_step = counter.get_total_flops()
-    for _ in range(warmup):
-        train_step(module, optimizer, *next(batches))
-    tokens, start = 0, time.perf_counter()
-    for _ in range(steps):
-        inputs, targets = next(batches)
-        train_step(module, optimizer, inputs, targets)
-        tokens += targets.numel()
-    elapsed = time.perf_counter() - start
-    return {
-        "recipe": str(recipe),
-        "params": module.num_parameters(),
-        "tokens_per_s": tokens / elapsed,
-        "flops_per_s": flops_per_step * steps / elapsed,
-    }
+class Run:
+    """One recipe's model, optimizer and batches, stepped one optimizer step at a time."""
+
+    def __init__(self, recipe: Path, overrides: list[str]) -> None:
+        self.recipe = recipe
+        self.module, data = build(recipe, overrides)
+        self.module.train()
+        self.optimizer = self.module.optimizer_factory(self.module._param_groups())
+        self.batches = iter(data.train_dataloader())
+        with FlopCounterMode(display=False) as counter:
+            self.step()
+        self.flops_per_step = counter.get_total_flops()
+        self.seconds, self.tokens, self.steps = 0.0, 0, 0
+
+    def step(self) -> int:
+        inputs, targets = next(self.batches)
+        train_step(self.module, self.optimizer, inputs, targets)
+        return targets.numel()
+
+    def timed_step(self) -> None:
+        start = time.perf_counter()
+        tokens = self.step()
+        self.seconds += time.perf_counter() - start
+        self.tokens += tokens
+        self.steps += 1
 
 
 def main() -> None:
@@ -89,7 +91,23 @@ def main() -> None:
 
     torch.manual_seed(0)
     peak = matmul_peak_flops()
-    rows = [measure(recipe, args.steps, args.warmup, args.override) for recipe in args.recipes]
+    runs = [Run(recipe, args.override) for recipe in args.recipes]
+    for _ in range(args.warmup):
+        for run in runs:
+            run.step()
+    # Interleave the recipes step by step, so load on the machine hits all of them alike.
+    for _ in range(args.steps):
+        for run in runs:
+            run.timed_step()
+    rows = [
+        {
+            "recipe": str(run.recipe),
+            "params": run.module.num_parameters(),
+            "tokens_per_s": run.tokens / run.seconds,
+            "flops_per_s": run.flops_per_step * run.steps / run.seconds,
+        }
+        for run in runs
+    ]
     baseline = rows[0]["tokens_per_s"]
     print(f"\nmatmul peak on this machine: {peak / 1e9:.1f} GFLOP/s (float32, {torch.get_num_threads()} threads)\n")
     print(f"| recipe | params | tokens/s | vs first | MFU |\n| --- | ---: | ---: | ---: | ---: |")
