@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nl_lightning.ops.dgd.common import silu_grad
+from nl_lightning.ops.activations import silu_grad
 
 
 def _mv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ from typing import NamedTuple, Sequence, Union
 import torch
 from torch import Tensor
 
+from nl_lightning.ops.activations import silu_grad
+
 KINDS = ("linear", "mlp")
 
 Weights = Union[Tensor, Sequence[Tensor]]
@@ -31,13 +33,6 @@ class MemoryState(NamedTuple):
 
     weights: tuple[Tensor, ...]
     momentum: tuple[Tensor, ...]
-
-
-def silu_grad(h: Tensor) -> Tensor:
-    """Derivative of SiLU, ``d/dh [h * sigmoid(h)]``, written out so the gradient formula of the
-    memory loss stays an ordinary (twice-differentiable) expression."""
-    s = torch.sigmoid(h)
-    return s * (1 + h * (1 - s))
 
 
 def as_weight_tuple(weights: Weights) -> tuple[Tensor, ...]:
