@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from nl_lightning.cli import NLLightningCLI
+from nl_lightning.cli import build_cli
 
 
 def matmul_peak_flops(size: int = 1024, repeats: int = 20) -> float:
@@ -35,13 +35,7 @@ def matmul_peak_flops(size: int = 1024, repeats: int = 20) -> float:
 
 
 def build(recipe: Path, overrides: list[str]):
-    cli = NLLightningCLI(
-        args=["--config", str(recipe), *overrides],
-        run=False,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-    )
+    cli = build_cli(["--config", str(recipe), *overrides], run=False)
     cli.datamodule.prepare_data()
     cli.datamodule.setup("fit")
     return cli.model, cli.datamodule

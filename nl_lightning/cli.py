@@ -67,9 +67,9 @@ TRAINER_DEFAULTS = {
 }
 
 
-def main(args: list[str] | None = None) -> None:
-    """Console entry point; ``args`` (without the program name) replaces ``sys.argv`` when given."""
-    NLLightningCLI(
+def build_cli(args: list[str] | None = None, run: bool = True) -> NLLightningCLI:
+    """The CLI with the project's defaults; ``run=False`` only instantiates model, data and trainer."""
+    return NLLightningCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -77,8 +77,14 @@ def main(args: list[str] | None = None) -> None:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
         auto_configure_optimizers=False,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point; ``args`` (without the program name) replaces ``sys.argv`` when given."""
+    build_cli(args)
 
 
 if __name__ == "__main__":
