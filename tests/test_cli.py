@@ -13,8 +13,11 @@ from nl_lightning.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO_ROOT / "recipes").rglob("*.yaml"))
-# DeepSpeed recipes target GPUs; their CPU path is tested with the CPU strategy in its own tests.
-TRAINABLE_HERE = [r for r in RECIPES if "deepspeed" not in r.parts]
+# Recipes whose folder has its own module and smoke test (run there with folder-specific overrides
+# and logged tags): DeepSpeed targets GPUs (its CPU path runs with the CPU strategy in
+# test_deepspeed_cpu.py); continual and long-context recipes train task streams / synthetic tasks.
+OWN_SMOKE_TESTS = {"deepspeed", "continual", "longctx"}
+TRAINABLE_HERE = [r for r in RECIPES if not OWN_SMOKE_TESTS & set(r.relative_to(REPO_ROOT / "recipes").parts)]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,10 @@ def single_version_dir(save_dir: Path) -> Path:
 def test_every_recipe_has_a_smoke_test():
     assert RECIPES, "no recipes found under recipes/"
     assert any(r.name == "transformer_tiny.yaml" for r in TRAINABLE_HERE)
+    test_sources = "\n".join(path.read_text() for path in (REPO_ROOT / "tests").rglob("test_*.py"))
+    for recipe in set(RECIPES) - set(TRAINABLE_HERE):
+        folder = "recipes/" + recipe.relative_to(REPO_ROOT / "recipes").parts[0]
+        assert folder in test_sources, f"{recipe} is skipped here but no test module names {folder!r}"
 
 
 @pytest.mark.parametrize("recipe", TRAINABLE_HERE, ids=lambda p: str(p.relative_to(REPO_ROOT / "recipes")))
