@@ -23,7 +23,7 @@ from nl_lightning.models.config import ModelConfig
 from nl_lightning.models.layers import RMSNorm
 from nl_lightning.models.titans import CausalDepthwiseConv, gate_bias, merge_heads, split_heads
 from nl_lightning.models.transformer import LanguageModelBackbone
-from nl_lightning.ops.dgd import dgd_memory
+from nl_lightning.ops.dgd import dgd_memory, dgd_shared_key_update
 
 PROJECTIONS = ("k", "v", "eta", "alpha")
 
@@ -97,7 +97,6 @@ class SelfModifyingMemory(nn.Module):
     def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the self-modifying projection memories over the sequence: k, v, η, α for every token."""
         chunk, (batch, seq_len, _) = self.config.proj_chunk_size, x.shape
-        n = len(PROJECTIONS)
         state = tuple(w.expand(batch, *w.shape) for w in self.projections)
         outputs = []
         for start in range(0, seq_len, chunk):
@@ -107,14 +106,25 @@ class SelfModifyingMemory(nn.Module):
             if start + chunk >= seq_len:  # the last chunk's update would never be read
                 break
             k, v, eta, alpha = out.unbind(1)
-            key = F.normalize(k, dim=-1)[:, None].expand(-1, n, -1, -1)
             _, eta = self._gates("eta", eta)
             _, alpha = self._gates("alpha", alpha)
-            _, state = dgd_memory(
-                key, key, v[:, None].expand(-1, n, -1, -1), eta.expand(-1, n, -1), alpha.expand(-1, n, -1),
-                state=state, kind="mlp", chunk_size=chunk, impl=self.config.memory_impl,
-            )
+            state = self._update_projections(state, F.normalize(k, dim=-1), v, eta[:, 0], alpha[:, 0])
         return dict(zip(PROJECTIONS, torch.cat(outputs, dim=2).unbind(1)))
+
+    def _update_projections(self, state, key, value, eta, alpha):
+        """One chunk's DGD update of the four projection memories (shared key, value and gates)."""
+        if self.config.memory_impl != "naive":
+            # One kernel call for all four memories that does the key-only work once and builds
+            # no read-outs (only the state is used).
+            return dgd_shared_key_update(key, value, eta, alpha, state)
+        # Reference path: the four memories as heads of the token-by-token kernel.
+        n = len(PROJECTIONS)
+        key, value = (t[:, None].expand(-1, n, -1, -1) for t in (key, value))
+        eta, alpha = (t[:, None].expand(-1, n, -1) for t in (eta, alpha))
+        _, state = dgd_memory(
+            key, key, value, eta, alpha, state=state, kind="mlp", chunk_size=key.shape[2], impl="naive"
+        )
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.config.n_head

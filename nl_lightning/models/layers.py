@@ -56,7 +56,8 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal attention with RoPE through ``scaled_dot_product_attention``.
 
     ``window`` limits each query to the last ``window`` keys (sliding-window attention, used by
-    Titans); ``None`` is full causal attention.
+    Titans); ``None`` is full causal attention. Sequences longer than two windows go through
+    ``blocked_sliding_window_attention`` (memory linear in T); shorter ones through a dense mask.
     """
 
     def __init__(self, dim: int, n_head: int, rope_base: float, window: int | None = None) -> None:
@@ -77,13 +78,51 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.window is None or self.window >= seq_len:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif seq_len > 2 * self.window:
+            out = blocked_sliding_window_attention(q, k, v, self.window)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(seq_len, self.window, x.device))
         return self.proj(out.transpose(1, 2).reshape(batch, seq_len, dim))
 
 
 def sliding_window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
-    """Boolean (T, T) mask: query i sees keys j with i - window < j <= i."""
+    """Boolean (T, T) mask: query i sees keys j with i - window < j <= i.
+
+    With it, ``scaled_dot_product_attention`` is the dense reference of sliding-window attention
+    (T² scores); ``blocked_sliding_window_attention`` computes the same with 2·window scores per query.
+    """
     i = torch.arange(seq_len, device=device)[:, None]
     j = torch.arange(seq_len, device=device)[None, :]
     return (j <= i) & (j > i - window)
+
+
+def blocked_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Sliding-window causal attention in blocks of ``window`` queries: (B, H, T, d) → (B, H, T, d).
+
+    A query in block b can only see keys in blocks b − 1 and b, so each block attends to a
+    2·window slice of keys under a fixed (window, 2·window) mask: B·H·T·2·window scores instead of
+    the dense mask's B·H·T², which at 16K tokens is the difference between megabytes and gigabytes.
+    T is zero-padded to a multiple of the window; padded keys sit either before position 0 (masked)
+    or after every real query (causally invisible), and padded queries are dropped.
+    """
+    batch, heads, seq_len, dim = q.shape
+    blocks = -(-seq_len // window)
+    pad = blocks * window - seq_len
+
+    def to_blocks(t: torch.Tensor, front: int) -> torch.Tensor:
+        return F.pad(t, (0, 0, front, pad)).unflatten(2, (-1, window))  # (B, H, blocks (+1), window, d)
+
+    q_blocks = to_blocks(q, 0)
+    k_padded, v_padded = to_blocks(k, window), to_blocks(v, window)  # one block of zeros in front
+    k_pairs = torch.cat([k_padded[:, :, :-1], k_padded[:, :, 1:]], dim=3)  # (B, H, blocks, 2·window, d)
+    v_pairs = torch.cat([v_padded[:, :, :-1], v_padded[:, :, 1:]], dim=3)
+    # Query i of a block sees pair slots j with i < j ≤ i + window (slot window + i is itself).
+    i = torch.arange(window, device=q.device)[:, None]
+    j = torch.arange(2 * window, device=q.device)[None, :]
+    mask = ((j > i) & (j <= i + window)).expand(blocks, window, 2 * window).clone()
+    mask[0, :, :window] = False  # block 0's left neighbour is padding before position 0
+    out = F.scaled_dot_product_attention(
+        q_blocks.flatten(1, 2), k_pairs.flatten(1, 2), v_pairs.flatten(1, 2),
+        attn_mask=mask.repeat(heads, 1, 1),
+    )  # (B, H·blocks, window, d): heads and blocks share the batch-like dimension
+    return out.unflatten(1, (heads, blocks)).flatten(2, 3)[:, :, :seq_len]

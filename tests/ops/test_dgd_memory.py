@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nl_lightning.ops.dgd import dgd_memory
+from nl_lightning.ops.dgd import dgd_memory, dgd_shared_key_update
 
 B, H, T, D, DH = 2, 2, 10, 4, 6
 F64 = dict(atol=1e-10, rtol=1e-10)
@@ -245,3 +245,63 @@ def _bad_calls():
 def test_bad_inputs_raise_value_error_naming_the_value(case, kwargs, message):
     with pytest.raises(ValueError, match=message):
         dgd_memory(**kwargs)
+
+
+def _shared_stream(memories=3, length=T, dtype=torch.float64):
+    """One key/value/gate stream and M mlp memories at their chunk start, as HOPE's projections."""
+    seq, _ = make_inputs("mlp", length=length, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    shared = {name: x.detach()[:, 0].clone().requires_grad_() for name, x in seq.items() if name != "q"}
+    state = tuple(
+        (0.3 * torch.randn(B, memories, *shape, generator=gen, dtype=dtype)).requires_grad_()
+        for shape in ((D, DH), (DH, D))
+    )
+    return shared, state
+
+
+@pytest.mark.parametrize("length", [1, 4, T])
+def test_shared_key_update_matches_naive_per_memory_forward_and_grads_float64(length):
+    shared, state = _shared_stream(length=length)
+    inputs = [*shared.values(), *state]
+    memories = state[0].shape[1]
+    k, v = (shared[n][:, None].expand(-1, memories, -1, -1) for n in "kv")
+    eta, alpha = (shared[n][:, None].expand(-1, memories, -1) for n in ("eta", "alpha"))
+    # The reference: the memories as heads of the token-by-token kernel, one chunk of L tokens.
+    _, expected = dgd_memory(k, k, v, eta, alpha, state=state, kind="mlp", chunk_size=length, impl="naive")
+    actual = dgd_shared_key_update(shared["k"], shared["v"], shared["eta"], shared["alpha"], state)
+    gen = torch.Generator().manual_seed(123)
+    weights = [torch.randn(s.shape, generator=gen, dtype=s.dtype) for s in expected]
+    grads = [
+        torch.autograd.grad(sum((s * w).sum() for s, w in zip(out, weights)), inputs) for out in (actual, expected)
+    ]
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, **F64)
+    for name, a, e in zip(["k", "v", "eta", "alpha", "W1", "W2"], *grads):
+        torch.testing.assert_close(a, e, **F64, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_shared_key_update_runs_bfloat16_in_float32():
+    shared, state = _shared_stream(dtype=torch.bfloat16)
+    out = dgd_shared_key_update(*shared.values(), state)
+    up = dgd_shared_key_update(*(x.detach().float() for x in shared.values()), tuple(s.detach().float() for s in state))
+    assert all(s.dtype == torch.bfloat16 for s in out)
+    for a, b in zip(out, up):
+        torch.testing.assert_close(a, b.to(torch.bfloat16), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s, st: (dict(s, k=s["k"][0]), st), r"k and v must both be \(B, L, D\)"),
+        (lambda s, st: (dict(s, eta=s["eta"][:, :3]), st), r"eta must be \(B, L\)"),
+        (lambda s, st: (s, st[:1]), r"state must be \(W1, W2\)"),
+        (lambda s, st: (s, (st[0], st[1][:, :, :2])), r"W1 \(B, M, D, Dh\), W2 \(B, M, Dh, D\)"),
+        (lambda s, st: (dict(s, v=s["v"].float()), st), "v is torch.float32"),
+    ],
+    ids=["k-rank", "eta-shape", "state-count", "state-shape", "dtype"],
+)
+def test_shared_key_update_rejects_bad_inputs_naming_them(change, message):
+    shared, state = _shared_stream()
+    shared, state = change({n: x.detach() for n, x in shared.items()}, tuple(s.detach() for s in state))
+    with pytest.raises(ValueError, match=message):
+        dgd_shared_key_update(*shared.values(), state)

@@ -8,6 +8,8 @@ Each token t writes into a memory M with DGD and reads it back:
 
 ``naive.py`` is the token-by-token definition (including the chunked semantics), ``chunk.py`` the
 chunk-parallel kernel, ``fused.py`` the compiled kernel. They agree in forward and backward.
+``shared_key.py`` is the chunk kernel specialised to several memories written with one key, value
+and gate stream whose read-outs are not needed (HOPE's projection memories; tested against naive).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
 from nl_lightning.ops.dgd.common import KINDS
 from nl_lightning.ops.dgd.fused import compiled_dgd_memory
 from nl_lightning.ops.dgd.naive import naive_dgd_memory
+from nl_lightning.ops.dgd.shared_key import shared_key_mlp_update
 
-__all__ = ["dgd_memory"]
+__all__ = ["dgd_memory", "dgd_shared_key_update"]
 
 _IMPLS = {"chunk": chunk_dgd_memory, "naive": naive_dgd_memory, "compiled": compiled_dgd_memory}
 
@@ -81,6 +84,59 @@ def dgd_memory(
     return _run_in_full_precision(_IMPLS[impl], q, k, v, eta, alpha, state, kind=kind, chunk_size=chunk_size)
 
 
+def dgd_shared_key_update(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    state: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """One chunk's DGD update of M MLP memories that all see the same keys, values and gates.
+
+    The state ``dgd_memory(k', k', v', eta', alpha', state=state, kind="mlp", chunk_size=L)``
+    returns when k', v', eta', alpha' repeat the shared inputs once per memory (every gradient at
+    the chunk-start state), computed without the read-outs and with the key-only work done once
+    (``shared_key.py``). HOPE's self-modifying projection memories use it.
+
+    Args:
+        k, v: (B, L, D) keys and values; eta, alpha: (B, L) gates in (0, 1).
+        state: (W1, W2) with W1 (B, M, D, Dh), W2 (B, M, Dh, D): the memories at the chunk start.
+
+    Returns:
+        (W1, W2) after the L tokens, in the input dtype.
+    """
+    if k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"k and v must both be (B, L, D); got {tuple(k.shape)} and {tuple(v.shape)}.")
+    for name, x in (("eta", eta), ("alpha", alpha)):
+        if x.shape != k.shape[:2]:
+            raise ValueError(f"{name} must be (B, L) = {tuple(k.shape[:2])}; got {tuple(x.shape)}.")
+    batch, _, dim = k.shape
+    state = tuple(state)
+    if len(state) != KINDS["mlp"]:
+        raise ValueError(f"state must be (W1, W2) of an mlp memory; got {len(state)} tensors.")
+    w1, w2 = state
+    memories, hidden = (w1.shape[1], w1.shape[3]) if w1.dim() == 4 else (0, 0)
+    if w1.shape != (batch, memories, dim, hidden) or w2.shape != (batch, memories, hidden, dim):
+        raise ValueError(
+            f"state must be W1 (B, M, D, Dh), W2 (B, M, Dh, D) with B={batch}, D={dim}; "
+            f"got {tuple(w1.shape)} and {tuple(w2.shape)}."
+        )
+    for name, x in (("v", v), ("eta", eta), ("alpha", alpha), ("state[0]", w1), ("state[1]", w2)):
+        if x.dtype != k.dtype or x.device != k.device:
+            raise ValueError(f"{name} is {x.dtype} on {x.device} but k is {k.dtype} on {k.device}; cast it to match.")
+    dtype = k.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    with _autocast_off(k):
+        inputs = (x.to(compute) for x in (k, v, eta, alpha))
+        new_state = shared_key_mlp_update(*inputs, tuple(s.to(compute) for s in state))
+    return tuple(s.to(dtype) for s in new_state)
+
+
+def _autocast_off(x: torch.Tensor):
+    on = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+    return torch.autocast(x.device.type, enabled=False) if on else contextlib.nullcontext()
+
+
 def _run_in_full_precision(impl, q, k, v, eta, alpha, state, **options):
     """Run ``impl`` with autocast off, upcasting float16/bfloat16 inputs to float32.
 
@@ -90,8 +146,7 @@ def _run_in_full_precision(impl, q, k, v, eta, alpha, state, **options):
     """
     dtype = q.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    autocast_on = q.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(q.device.type)
-    with torch.autocast(q.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
+    with _autocast_off(q):
         q, k, v, eta, alpha = (x.to(compute) for x in (q, k, v, eta, alpha))
         o, state = impl(q, k, v, eta, alpha, tuple(s.to(compute) for s in state), **options)
     return o.to(dtype), tuple(s.to(dtype) for s in state)

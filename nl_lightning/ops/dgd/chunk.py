@@ -22,6 +22,8 @@ out at q), then W1 on inputs h = silu(W2_{start} k) (read out at silu(W2_t q_t))
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -59,7 +61,49 @@ def _chunk_decays(alpha: torch.Tensor):
     return log_gamma, log_gamma_prev, prev_ratio, ratio
 
 
-def _gated_delta_chunk(s0, x, u, q, eta, decays):
+class KeyTerms(NamedTuple):
+    """What one chunk needs that depends only on q, k and the gates, shapes (B, H, [N,] C[, C]).
+
+    ``chunk_dgd_memory`` builds these for every chunk at once (a few large batched ops instead of
+    one small set per chunk); only the state hand-over stays sequential.
+    """
+
+    decays: tuple  # ``_chunk_decays(alpha)``
+    k_system: torch.Tensor  # the UT system of the layer whose inputs are the keys
+    k_read: torch.Tensor  # ratio * (q kᵀ): how token t's read-out sees the keys of the chunk
+
+
+def delta_system(x, eta, decays):
+    """Unit lower-triangular system ``I + eta_t (gamma_{t-1}/gamma_i) (x_t·x_i)`` of the UT form."""
+    prev_ratio = decays[2]
+    eye = torch.eye(x.shape[-2], dtype=x.dtype, device=x.device)
+    return eye + eta[..., :, None] * prev_ratio * (x @ x.mT)
+
+
+def key_terms(q, k, eta, alpha) -> KeyTerms:
+    """``KeyTerms`` of chunks of q, k (..., C, D) and gates (..., C)."""
+    decays = _chunk_decays(alpha)
+    return KeyTerms(decays, delta_system(k, eta, decays), decays[3] * (q @ k.mT))
+
+
+def solve_updates(system, u, eta, decays, x_s0):
+    """The update vectors r_t that land in the state (module docstring), for all t of the chunk.
+
+    ``x_s0`` is S_0 x_t for every t (``x @ s0.mT``); the MLP step has it already as a layer's
+    pre-activation, so it is passed in rather than recomputed.
+    """
+    log_gamma_prev = decays[1]
+    rhs = u - (eta * log_gamma_prev.exp())[..., None] * x_s0
+    return torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+
+
+def end_state(s0, x, r, decays):
+    """S_L = gamma_L S_0 + sum_i (gamma_L / gamma_i) r_i x_iᵀ; gamma_L / gamma_i is the ratio's last row."""
+    log_gamma, ratio = decays[0], decays[3]
+    return log_gamma[..., -1:].exp()[..., None] * s0 + (r * ratio[..., -1, :, None]).mT @ x
+
+
+def _gated_delta_chunk(s0, x, u, q, eta, decays, x_s0, system, read):
     """One chunk of S_t = S_{t-1}(alpha_t I - eta_t x_t x_tᵀ) + u_t x_tᵀ.
 
     Args:
@@ -68,42 +112,56 @@ def _gated_delta_chunk(s0, x, u, q, eta, decays):
         u: (B, H, L, Dout) additive update vectors.
         eta: (B, H, L).
         decays: ``_chunk_decays(alpha)`` for this chunk.
+        x_s0: x @ s0.mT; system: ``delta_system(x, eta, decays)``; read: ratio * (q @ x.mT).
 
     Returns:
         (S_t q_t for every t in the chunk, (B, H, L, Dout); S_L).
     """
-    log_gamma, log_gamma_prev, prev_ratio, ratio = decays
-    length = x.shape[-2]
-    eye = torch.eye(length, dtype=x.dtype, device=x.device)
-    system = eye + eta[..., :, None] * prev_ratio * (x @ x.mT)
-    rhs = u - (eta * log_gamma_prev.exp())[..., None] * (x @ s0.mT)
-    r = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    out = log_gamma.exp()[..., None] * (q @ s0.mT) + (ratio * (q @ x.mT)) @ r
-    # gamma_L / gamma_i is the last row of the ratio matrix.
-    s_end = log_gamma[..., -1:].exp()[..., None] * s0 + (r * ratio[..., -1, :, None]).mT @ x
-    return out, s_end
+    r = solve_updates(system, u, eta, decays, x_s0)
+    out = decays[0].exp()[..., None] * (q @ s0.mT) + read @ r
+    return out, end_state(s0, x, r, decays)
 
 
-def linear_chunk_step(state, q, k, v, eta, alpha):
+def linear_chunk_step(state, q, k, v, eta, terms: KeyTerms):
     """One chunk of the linear memory M(z) = W z. Shapes as in ``chunk_dgd_memory``, T -> L."""
     (w,) = state
     # grad_W L = 2 (W k - v̂) kᵀ with v̂ = W v, all at the chunk-start state.
-    delta = 2 * ((k - v) @ w.mT)
-    o, w = _gated_delta_chunk(w, k, -eta[..., None] * delta, q, eta, _chunk_decays(alpha))
+    k_w = k @ w.mT
+    delta = 2 * (k_w - v @ w.mT)
+    o, w = _gated_delta_chunk(
+        w, k, -eta[..., None] * delta, q, eta, terms.decays, k_w, terms.k_system, terms.k_read
+    )
     return o, (w,)
 
 
-def mlp_chunk_step(state, q, k, v, eta, alpha):
-    """One chunk of the MLP memory M(z) = z + W1 silu(W2 z). Shapes as in ``chunk_dgd_memory``."""
-    w1, w2 = state
+def mlp_gradient_factors(w1, w2, k, v):
+    """Inner-loss gradient factors at the chunk-start state (the MLP rows of ``naive._mlp_token``).
+
+    Returns (pre, hidden, hidden_w1, delta1, delta2): W2's outputs k W2ᵀ, W1's inputs, W1's outputs
+    (= S_0 x for each layer, reused by the solve) and dL/d(W1 h), dL/d(W2 k).
+    """
     pre = k @ w2.mT
     hidden = F.silu(pre)  # W1's layer inputs, at the chunk-start state
+    hidden_w1 = hidden @ w1.mT
     target = v + F.silu(v @ w2.mT) @ w1.mT  # v̂ = M(v)
-    delta1 = 2 * (k + hidden @ w1.mT - target)  # dL/d(W1 h)
+    delta1 = 2 * (k + hidden_w1 - target)  # dL/d(W1 h)
     delta2 = silu_grad(pre) * (delta1 @ w1)  # dL/d(W2 k)
-    decays = _chunk_decays(alpha)  # both layers share alpha_t, so they share the decays
-    z, w2 = _gated_delta_chunk(w2, k, -eta[..., None] * delta2, q, eta, decays)
-    o, w1 = _gated_delta_chunk(w1, hidden, -eta[..., None] * delta1, F.silu(z), eta, decays)
+    return pre, hidden, hidden_w1, delta1, delta2
+
+
+def mlp_chunk_step(state, q, k, v, eta, terms: KeyTerms):
+    """One chunk of the MLP memory M(z) = z + W1 silu(W2 z). Shapes as in ``chunk_dgd_memory``."""
+    w1, w2 = state
+    pre, hidden, hidden_w1, delta1, delta2 = mlp_gradient_factors(w1, w2, k, v)
+    decays = terms.decays  # both layers share alpha_t, so they share the decays
+    z, w2 = _gated_delta_chunk(
+        w2, k, -eta[..., None] * delta2, q, eta, decays, pre, terms.k_system, terms.k_read
+    )
+    h_q = F.silu(z)
+    o, w1 = _gated_delta_chunk(
+        w1, hidden, -eta[..., None] * delta1, h_q, eta, decays, hidden_w1,
+        delta_system(hidden, eta, decays), decays[3] * (h_q @ hidden.mT),
+    )
     return q + o, (w1, w2)
 
 
@@ -117,7 +175,7 @@ def chunk_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, 
     """
     step = CHUNK_STEPS[kind] if step is None else step
     state = tuple(state)
-    length = q.shape[2]
+    batch, heads, length, _ = q.shape
     if length == 0:
         return q.new_empty(q.shape), state
     # A sequence shorter than the chunk is one chunk either way; shrinking C saves the padding.
@@ -129,10 +187,19 @@ def chunk_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, 
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         eta = F.pad(eta, (0, pad), value=0.0)
         alpha = F.pad(alpha, (0, pad), value=1.0)
+    n_chunks = (length + pad) // chunk_size
+    q, k, v = (x.unflatten(2, (n_chunks, chunk_size)) for x in (q, k, v))
+    eta, alpha = (x.unflatten(2, (n_chunks, chunk_size)) for x in (eta, alpha))
+    terms = key_terms(q, k, eta, alpha)  # every chunk at once
+    # unbind, not slicing chunk by chunk: the backward of one unbind stacks all chunk gradients
+    # once, whereas each slice's backward writes into a zero tensor of the full size, which makes
+    # the backward quadratic in the number of chunks.
+    per_chunk_terms = [
+        KeyTerms(decays, system, read)
+        for *decays, system, read in zip(*(x.unbind(2) for x in (*terms.decays, terms.k_system, terms.k_read)))
+    ]
     outputs = []
-    for start in range(0, length + pad, chunk_size):
-        piece = slice(start, start + chunk_size)
-        chunk = (q[:, :, piece], k[:, :, piece], v[:, :, piece], eta[..., piece], alpha[..., piece])
+    for chunk in zip(*(x.unbind(2) for x in (q, k, v, eta)), per_chunk_terms):
         o, state = step(state, *chunk)
         outputs.append(o)
-    return torch.cat(outputs, dim=2)[:, :, :length], state
+    return torch.stack(outputs, dim=2).flatten(2, 3)[:, :, :length], state
