@@ -5,7 +5,8 @@ package by setuptools ``package-dir`` (SPEC §1). Callbacks here may import ``nl
 but nothing from ``nl_lightning.cli``.
 """
 
+from nl_lightning.callbacks.dgd_inputs import DGDInputCapture
 from nl_lightning.callbacks.nested_scheduler import NestedScheduler
 from nl_lightning.callbacks.tensorboard_hint import TensorBoardHint
 
-__all__ = ["NestedScheduler", "TensorBoardHint"]
+__all__ = ["DGDInputCapture", "NestedScheduler", "TensorBoardHint"]

@@ -139,19 +139,25 @@ class LanguageModel(LightningModule):
 
         Matrices get weight decay; vectors (norms, biases, gates) and embeddings do not. Extra
         keys a network puts on its groups (``period``, ``level``, ``name``) are kept on both halves.
+        Each group carries torch's ``param_names`` (the network's parameter names), which optimizers
+        that route by name (``Muon``, ``M3``: embeddings and head to AdamW) and error messages use.
         """
         if hasattr(self.network, "param_groups"):
             base_groups = self.network.param_groups()
         else:
             base_groups = [{"params": list(self.network.parameters())}]
         embeddings = {id(m.weight) for m in self.network.modules() if isinstance(m, nn.Embedding)}
+        names = {id(p): name for name, p in self.network.named_parameters()}
         groups = []
         for group in base_groups:
             params = [p for p in dict.fromkeys(group["params"]) if p.requires_grad]  # a tied head appears once
-            meta = {key: value for key, value in group.items() if key != "params"}
+            meta = {key: value for key, value in group.items() if key not in ("params", "param_names")}
             decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
             no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
-            groups += [{**meta, "params": decay}, {**meta, "params": no_decay, "weight_decay": 0.0}]
+            groups += [
+                {**meta, "params": decay, "param_names": [names[id(p)] for p in decay]},
+                {**meta, "params": no_decay, "param_names": [names[id(p)] for p in no_decay], "weight_decay": 0.0},
+            ]
         return [g for g in groups if g["params"]]
 
     def _evaluate(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -21,8 +21,8 @@ class InnerRule:
     """How one level turns the gradient summed since its previous tick into a weight update.
 
     Every level, the live one included, runs an ``InnerRule`` on its own per-parameter state.
-    SPEC §4 names DMGD (deep momentum) as the default; this repository has no DMGD yet, so the
-    default is ``MomentumSGD`` and DMGD plugs in here by subclassing.
+    The default is DMGD's ``DeepMomentum`` (SPEC §4, ``nl_lightning.optim.dmgd``); ``MomentumSGD``
+    is the linear-memory special case, kept selectable (``inner=MomentumSGD(0.9)``).
     """
 
     def init_state(self, param: Tensor) -> dict[str, Tensor]:
@@ -80,9 +80,12 @@ class NestedOptimizer(torch.optim.Optimizer):
     2. Every level with t ≡ 0 (mod P_k) ticks, fastest first: it measures its gradient surprise
        ``s_k = ‖ḡ_k − m_k‖ / (‖m_k‖ + eps)`` (norms over all parameters; ``s_k = 1`` on a first
        tick, which has no prediction m_k yet), applies its inner rule (``inner``, default
-       ``MomentumSGD(0.9)``; ``torch.optim.SGD`` semantics) to the summed gradient ḡ_k with the
-       group's lr, and clears the sum. Level 0's ḡ is the step's gradient; decoupled
-       ``weight_decay`` (per group) shrinks level 0 only, ``θ_0 ← θ_0 (1 − lr · wd)``, before it.
+       ``DeepMomentum()``: deep momentum, DMGD, with μ = 0.9; ``MomentumSGD(0.9)`` gives
+       ``torch.optim.SGD`` semantics) to the summed gradient ḡ_k with the group's lr, and clears
+       the sum. m_k is the rule's ``prediction``; for DMGD, the bias-corrected read-out of its
+       memory, which that memory is trained online to make equal to ḡ_k. Level 0's ḡ is the
+       step's gradient; decoupled ``weight_decay`` (per group) shrinks level 0 only,
+       ``θ_0 ← θ_0 (1 − lr · wd)``, before it.
     3. Every bridge i→j whose slower endpoint ticked fires, all from the same snapshot of the
        weights: ``θ_j ← θ_j + γ_ij g_ij N_j(θ_i − θ_j)`` (see ``nl_lightning.optim.bridges``).
        N_j rescales the per-tensor-normalised message to level j's update scale: an EMA
@@ -157,9 +160,16 @@ class NestedOptimizer(torch.optim.Optimizer):
         check_contraction(self.bridges, self.level_names)
         total = sum(config.reg_weights)
         self.reg_weights = tuple(w / total for w in config.reg_weights) if total > 0 else ()
-        self.inner = MomentumSGD() if inner is None else inner
+        if inner is None:
+            # imported here: dmgd.py subclasses InnerRule from this module
+            from nl_lightning.optim.dmgd import DeepMomentum
+
+            inner = DeepMomentum()
+        self.inner = inner
         if not isinstance(self.inner, InnerRule):
-            raise TypeError(f"inner must be an InnerRule (e.g. MomentumSGD(0.9)), got {type(self.inner).__name__}")
+            raise TypeError(
+                f"inner must be an InnerRule (e.g. DeepMomentum() or MomentumSGD(0.9)), got {type(self.inner).__name__}"
+            )
         self.gate_sharpness, self.gate_threshold, self.gate_ema = gate_sharpness, gate_threshold, gate_ema
         self.scale_ema, self.eps = scale_ema, eps
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, reg=config.reg))

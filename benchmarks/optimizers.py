@@ -1,0 +1,180 @@
+"""Muon and M3 against AdamW on HOPE-tiny: optimizer step time, and validation loss after the same steps.
+
+    .venv/bin/python benchmarks/optimizers.py                    # both parts
+    .venv/bin/python benchmarks/optimizers.py --part time --steps 32
+    .venv/bin/python benchmarks/optimizers.py --part loss --train-steps 60
+
+(a) ``time``: one HOPE-tiny (``Hope(preset="tiny")``) per optimizer, the LanguageModel's param groups
+(CMS periods 1/4/16 included, so every optimizer is level-aware and skips the same slow levels), the
+same random gradients; optimizers take turns step by step and only ``optimizer.step()`` is timed.
+Ratios are medians against LevelAwareAdamW. The cost of one training step's forward + backward
+(batch 16 × 256 bytes) is measured in the same loop, so the table also shows what the optimizer adds
+to a whole training step, which is the number that decides whether the optimizer pays.
+
+(b) ``loss``: each recipe of ``recipes/optim`` (and DGD / DMGD, when ``nl_lightning.optim`` has them,
+on the AdamW recipe with only the optimizer swapped) trains ``--train-steps`` steps from the same seed
+through the project's CLI, then validates on ``--val-batches`` batches. One short run per optimizer
+and no tuning beyond the recipes' learning rates: it shows gross differences (a blow-up, a stall),
+not a ranking. ``M3 (plain 1/√V)`` is M3 with ``normalize_update: false`` (see nl_lightning/optim/m3.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+import nl_lightning.optim as optim
+from nl_lightning.cli import build_cli
+from nl_lightning.models import Hope
+from nl_lightning.modules import LanguageModel
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "optim"
+
+
+# -- (a) step time ------------------------------------------------------------------------------
+
+
+def timed_optimizers() -> dict[str, tuple[LanguageModel, torch.optim.Optimizer]]:
+    torch.manual_seed(0)
+    network = Hope(preset="tiny")
+    makers = {
+        "LevelAwareAdamW": lambda g: optim.LevelAwareAdamW(g, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1),
+        "Muon": lambda g: optim.Muon(g, weight_decay=0.1),
+        "M3": lambda g: optim.M3(g, weight_decay=0.1),
+    }
+    runs = {}
+    for name, make in makers.items():
+        module = LanguageModel(copy.deepcopy(network))
+        runs[name] = (module, make(module._param_groups()))
+    return runs
+
+
+def step_time(steps: int) -> None:
+    runs = timed_optimizers()
+    module = next(iter(runs.values()))[0]
+    tokens = torch.randint(0, 256, (16, 257))
+    generator = torch.Generator().manual_seed(0)
+    params = list(module.network.parameters())
+    times: dict[str, list[float]] = {name: [] for name in [*runs, "forward+backward"]}
+    warmup = 1  # untimed; 16 timed steps then cover one full CMS cycle (periods 1, 4, 16)
+    for step in range(warmup + steps):
+        grads = [torch.randn(p.shape, generator=generator) * 1e-2 for p in params]
+        for name, (run_module, optimizer) in runs.items():
+            for p, g in zip(run_module.network.parameters(), grads):
+                p.grad = g.clone()
+            start = time.perf_counter()
+            optimizer.step()
+            elapsed = time.perf_counter() - start
+            if step >= warmup:
+                times[name].append(elapsed)
+        if step % 4 == 0:  # forward+backward costs ~10 optimizer steps and varies little: sample it
+            start = time.perf_counter()
+            loss = F.cross_entropy(module(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+            loss.backward()
+            times["forward+backward"].append(time.perf_counter() - start)
+            module.zero_grad(set_to_none=True)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    base, fwd_bwd = median["LevelAwareAdamW"], median["forward+backward"]
+    print(f"\n(a) optimizer step on HOPE-tiny ({sum(p.numel() for p in params):,} params), median of {steps} "
+          f"interleaved steps, {torch.get_num_threads()} threads; forward+backward (16×256 bytes): "
+          f"{fwd_bwd * 1e3:.0f} ms\n")
+    print("| optimizer | step ms | step vs AdamW | train step (fwd+bwd+step) vs AdamW |")
+    print("| --- | ---: | ---: | ---: |")
+    for name in runs:
+        print(f"| {name} | {median[name] * 1e3:.1f} | {median[name] / base:.2f}x | "
+              f"{(fwd_bwd + median[name]) / (fwd_bwd + base):.2f}x |")
+
+
+# -- (b) validation loss ------------------------------------------------------------------------
+
+
+def loss_configs(dgd_lr: float, dmgd_lr: float) -> dict[str, dict]:
+    load = lambda name: yaml.safe_load((RECIPES / f"hope_tiny_{name}.yaml").read_text())  # noqa: E731
+    configs = {"AdamW": load("adamw"), "Muon": load("muon"), "M3": load("m3")}
+    plain = load("m3")
+    plain["model"]["init_args"]["optimizer"]["init_args"]["normalize_update"] = False
+    configs["M3 (plain 1/√V)"] = plain
+    swaps = {}
+    if hasattr(optim, "DGD"):
+        swaps["DGD"] = ({"class_path": "nl_lightning.optim.DGD", "init_args": {"lr": dgd_lr}},
+                        [{"class_path": "nl_lightning.callbacks.DGDInputCapture"}])
+    if hasattr(optim, "DMGD"):
+        swaps["DMGD"] = ({"class_path": "nl_lightning.optim.DMGD", "init_args": {"lr": dmgd_lr}}, [])
+    for name, (optimizer, callbacks) in swaps.items():
+        config = load("adamw")
+        config["model"]["init_args"]["optimizer"] = optimizer
+        config["trainer"]["callbacks"] = callbacks
+        configs[name] = config
+    return configs
+
+
+def final_val_loss(config: dict, steps: int, val_batches: int, batch_size: int, seq_len: int, workdir: Path) -> float:
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    cli = build_cli([
+        "--config", str(path), f"--trainer.max_steps={steps}", f"--trainer.limit_val_batches={val_batches}",
+        "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1000", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={workdir}", "--data.init_args.max_bytes=2000000",
+        f"--data.init_args.batch_size={batch_size}", f"--data.init_args.seq_len={seq_len}",
+    ], run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    (metrics,) = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)
+    return metrics["val/loss"]
+
+
+def validation_loss(steps: int, val_batches: int, batch_size: int, seq_len: int, dgd_lr: float, dmgd_lr: float,
+                    only: list[str] | None) -> None:
+    configs = loss_configs(dgd_lr, dmgd_lr)
+    unknown = sorted(set(only or []) - set(configs))
+    if unknown:
+        raise SystemExit(f"--only {unknown}: not among {list(configs)}")
+    print(f"\n(b) HOPE-tiny, byte corpus, {steps} steps of {batch_size}×{seq_len} bytes (recipes/optim settings, "
+          f"seed 0), val loss on {val_batches} batches\n")
+    print("| optimizer | class | lr | val loss (nats/byte) | wall s |\n| --- | --- | ---: | ---: | ---: |", flush=True)
+    for name, config in configs.items():
+        if only and name not in only:
+            continue
+        optimizer = config["model"]["init_args"]["optimizer"]
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as workdir:
+            try:
+                loss = f"{final_val_loss(config, steps, val_batches, batch_size, seq_len, Path(workdir)):.3f}"
+            except FloatingPointError as error:  # a blow-up is a result, not a crash of the benchmark
+                loss = f"diverged ({str(error)[:40]}…)"
+        # Printed as each run ends, so a run cut short still reports the rows it finished.
+        print(f"| {name} | {optimizer['class_path'].rsplit('.', 1)[-1]} | {optimizer['init_args'].get('lr')} | {loss} | "
+              f"{time.perf_counter() - start:.0f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["time", "loss", "both"], default="both")
+    parser.add_argument("--steps", type=int, default=16, help="timed optimizer steps for (a)")
+    parser.add_argument("--train-steps", type=int, default=60, help="training steps for (b)")
+    parser.add_argument("--val-batches", type=int, default=8)
+    # The recipes train on 16×256; the default here is a quarter of that per step so that six runs finish
+    # in minutes on a shared CPU. Pass --batch-size 16 --seq-len 256 for the recipes' exact batches.
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--only", nargs="*", help="names of the (b) rows to run (default: all)")
+    parser.add_argument("--dgd-lr", type=float, default=0.05, help="DGD's lr in (b) (its docstring's example)")
+    parser.add_argument("--dmgd-lr", type=float, default=0.05, help="DMGD's lr in (b)")
+    args = parser.parse_args()
+    if args.part in ("time", "both"):
+        step_time(args.steps)
+    if args.part in ("loss", "both"):
+        validation_loss(args.train_steps, args.val_batches, args.batch_size, args.seq_len, args.dgd_lr, args.dmgd_lr,
+                        args.only)
+
+
+if __name__ == "__main__":
+    main()
