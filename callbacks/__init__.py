@@ -5,8 +5,21 @@ package by setuptools ``package-dir`` (SPEC §1). Callbacks here may import ``nl
 but nothing from ``nl_lightning.cli``.
 """
 
+from nl_lightning.callbacks.continual import ContinualStrategy
 from nl_lightning.callbacks.dgd_inputs import DGDInputCapture
+from nl_lightning.callbacks.ewc import EWC
 from nl_lightning.callbacks.nested_scheduler import NestedScheduler
+from nl_lightning.callbacks.replay import ExperienceReplay, ReservoirBuffer
+from nl_lightning.callbacks.synaptic_intelligence import SynapticIntelligence
 from nl_lightning.callbacks.tensorboard_hint import TensorBoardHint
 
-__all__ = ["DGDInputCapture", "NestedScheduler", "TensorBoardHint"]
+__all__ = [
+    "ContinualStrategy",
+    "DGDInputCapture",
+    "EWC",
+    "ExperienceReplay",
+    "NestedScheduler",
+    "ReservoirBuffer",
+    "SynapticIntelligence",
+    "TensorBoardHint",
+]

@@ -1,5 +1,6 @@
 """LightningDataModules. Everything the defaults use is generated offline."""
 
 from nl_lightning.data.byte_lm import ByteLMDataModule
+from nl_lightning.data.continual import ContinualDataModule, Task, TaskStream, build_stream
 
-__all__ = ["ByteLMDataModule"]
+__all__ = ["ByteLMDataModule", "ContinualDataModule", "Task", "TaskStream", "build_stream"]
