@@ -9,6 +9,7 @@ from nl_lightning.metrics.continual import (
     continual_summary,
 )
 from nl_lightning.metrics.language_modeling import BitsPerByte
+from nl_lightning.metrics.recall import AnswerAccuracy
 
 __all__ = [
     "AverageAccuracy",
@@ -18,4 +19,5 @@ __all__ = [
     "Retention",
     "continual_summary",
     "BitsPerByte",
+    "AnswerAccuracy",
 ]

@@ -1,0 +1,139 @@
+"""Synthetic long-context tasks: answers are recoverable, needles sit at uniform depths, splits don't leak."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import kstest
+
+from nl_lightning.data import RecallDataModule
+from nl_lightning.data.longctx import MQAR_KEYS, MQAR_VALUES, is_held_out, make_mqar, make_niah, make_passkey
+from nl_lightning.metrics import AnswerAccuracy
+
+
+@pytest.fixture
+def niah_data(text_dir, tmp_path) -> RecallDataModule:
+    return RecallDataModule(task="niah", train_length=256, eval_lengths=[512], haystack_paths=[str(text_dir)],
+                            data_dir=str(tmp_path / "data"))
+
+
+def context_and_answer(sample) -> tuple[bytes, bytes]:
+    start = int(np.argmax(sample.answer_mask))
+    return sample.tokens[:start].tobytes(), sample.answer
+
+
+@pytest.mark.parametrize("length", [196, 1000, 4096])
+def test_passkey_answer_is_the_key_stated_in_the_context(length):
+    for index in range(20):
+        sample = make_passkey(np.random.default_rng(index), length)
+        context, answer = context_and_answer(sample)
+        assert len(sample.tokens) == length and re.fullmatch(rb"\d{5}", answer)
+        assert re.findall(rb"The pass key is (\d+)\. Remember it\.", context) == [answer]
+        assert context.endswith(b"What is the pass key? The pass key is ")
+
+
+def test_niah_answer_is_the_code_of_the_named_needle(niah_data):
+    dataset = niah_data.dataset("train", 512, 20)
+    for index in range(20):
+        context, answer = context_and_answer(dataset.sample(index))
+        (name,) = re.findall(rb"What is the secret code of (\w+)\? The secret code of \1 is $", context)
+        assert re.findall(rb"The secret code of " + name + rb" is (\d+)\.", context) == [answer]
+
+
+def test_mqar_every_queried_value_is_the_value_paired_with_its_key_in_the_context():
+    for index in range(20):
+        sample = make_mqar(np.random.default_rng(index), 300, num_pairs=8, num_queries=5)
+        tokens, answers = sample.tokens, np.flatnonzero(sample.answer_mask)
+        assert len(answers) == 5
+        context = tokens[: answers[0] - 1]
+        assert np.isin(context, MQAR_KEYS).sum() == 8 and np.isin(context, MQAR_VALUES).sum() == 8
+        for position in answers:
+            key, value = tokens[position - 1], tokens[position]
+            (key_at,) = np.flatnonzero(context == key)
+            assert context[key_at + 1] == value
+
+
+def test_dataset_items_shift_by_one_byte_and_mask_exactly_the_answer():
+    data = RecallDataModule(task="passkey", train_length=200, eval_lengths=[300])
+    dataset = data.dataset("test", 300, 3)
+    inputs, targets, mask = dataset[1]
+    sample = dataset.sample(1)
+    assert inputs.shape == targets.shape == mask.shape == (299,)
+    assert torch.equal(inputs[1:], targets[:-1])
+    assert bytes(targets[mask].tolist()) == sample.answer and mask[-5:].all() and mask.sum() == 5
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah", "mqar"])
+def test_needle_depth_is_uniform_over_the_haystack(task, niah_data):
+    """Kolmogorov–Smirnov against U(0, 1) with a fixed seed: deterministic, and p is far from the cut-off."""
+    if task == "niah":
+        dataset = niah_data.dataset("train", 512, 400)
+    else:
+        dataset = RecallDataModule(task=task, train_length=512, eval_lengths=[512], num_pairs=4).dataset("train", 512, 400)
+    depths = np.concatenate([dataset.sample(i).depths for i in range(len(dataset))])
+    assert depths.min() >= 0 and depths.max() <= 1
+    assert kstest(depths, "uniform").pvalue > 0.01
+    # And not all bunched: every decile holds some needles.
+    assert np.all(np.histogram(depths, bins=10, range=(0, 1))[0] > 0)
+
+
+@pytest.mark.parametrize("task", ["passkey", "mqar"])
+def test_train_and_test_splits_share_no_sequence_and_are_deterministic(task):
+    data = RecallDataModule(task=task, train_length=256, eval_lengths=[256], seed=3)
+    train = {data.dataset("train", 256, 300).sample(i).tokens.tobytes() for i in range(300)}
+    test = {data.dataset("test", 256, 300).sample(i).tokens.tobytes() for i in range(300)}
+    assert len(train) == len(test) == 300 and not train & test
+    again = RecallDataModule(task=task, train_length=256, eval_lengths=[256], seed=3).dataset("test", 256, 300)
+    assert again.sample(7).tokens.tobytes() in test
+    other_seed = RecallDataModule(task=task, train_length=256, eval_lengths=[256], seed=4).dataset("test", 256, 300)
+    assert other_seed.sample(7).tokens.tobytes() not in test
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah"])
+def test_evaluation_answers_are_never_training_answers(task, niah_data):
+    data = niah_data if task == "niah" else RecallDataModule(task=task, train_length=256, eval_lengths=[256])
+    for split, held_out in (("train", False), ("val", True), ("test", True)):
+        dataset = data.dataset(split, 256, 50)
+        assert all(is_held_out(dataset.sample(i).answer) == held_out for i in range(50)), split
+
+
+def test_niah_haystack_comes_from_train_files_for_training_and_held_out_files_for_test(niah_data):
+    corpus_dir = niah_data._build_corpus()
+    train_text, val_text = ((corpus_dir / f"{s}.bin").read_bytes() for s in ("train", "val"))
+    for split, own, other in (("train", train_text, val_text), ("test", val_text, train_text)):
+        context, _ = context_and_answer(niah_data.dataset(split, 512, 5).sample(0))
+        window = max(re.split(rb"\nThe secret code of \w+ is \d+\.\n|\nWhat is the secret", context), key=len)[:64]
+        assert window in own and window not in other, split
+
+
+def test_bad_settings_name_the_value_and_the_fix():
+    with pytest.raises(ValueError, match="length=60 is too short.*at least"):
+        RecallDataModule(task="passkey", train_length=60)
+    with pytest.raises(ValueError, match="num_pairs must be in"):
+        RecallDataModule(task="mqar", num_pairs=65)
+    with pytest.raises(ValueError, match="cannot hold 8 pairs"):
+        RecallDataModule(task="mqar", train_length=20, num_pairs=8)
+    with pytest.raises(ValueError, match="unknown task 'copy'"):
+        RecallDataModule(task="copy")
+    with pytest.raises(ValueError, match="answer_digits must be at least 3"):
+        RecallDataModule(answer_digits=2)
+    with pytest.raises(ValueError, match="eval_lengths"):
+        RecallDataModule(eval_lengths=[])
+    with pytest.raises(ValueError, match="haystack corpus has 10 bytes"):
+        make_niah(np.random.default_rng(0), 200, np.zeros(10, dtype=np.uint8))
+
+
+def test_answer_accuracy_counts_whole_answers_and_bytes():
+    targets = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    mask = torch.tensor([[False, False, True, True], [False, True, False, True]])
+    preds = torch.tensor([[9, 9, 3, 4], [1, 2, 3, 0]])  # row 0 fully right on its answer, row 1 half
+    exact, per_byte = AnswerAccuracy("answer"), AnswerAccuracy("token")
+    exact.update(preds, targets, mask)
+    per_byte.update(torch.nn.functional.one_hot(preds, 10).float(), targets, mask)  # logits work too
+    assert exact.compute().item() == pytest.approx(0.5)
+    assert per_byte.compute().item() == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="no answer positions"):
+        exact.update(preds, targets, torch.zeros_like(mask))
