@@ -48,8 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from nl_lightning.optim.dmgd import check_finite_gradients
-from nl_lightning.optim.level_aware import LevelAwareOptimizer
+from nl_lightning.optim.level_aware import LevelAwareOptimizer, check_finite_gradients
 
 
 class WatchHandle:

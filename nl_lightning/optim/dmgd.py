@@ -45,7 +45,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from nl_lightning.optim.level_aware import LevelAwareOptimizer
+from nl_lightning.optim.level_aware import LevelAwareOptimizer, check_finite_gradients
 from nl_lightning.optim.nested import InnerRule
 
 Nonlinearity = Literal["identity", "tanh"]
@@ -242,23 +242,6 @@ class _DeepMomentumSGD(torch.optim.Optimizer):
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(rule.direction(state, p.grad), alpha=-group["lr"])
         return loss
-
-
-def check_finite_gradients(param_groups: list[dict[str, Any]]) -> None:
-    """Raise ``FloatingPointError`` naming the first parameter with a nan/inf gradient (one sync)."""
-    grads = [(g, i, p) for g, group in enumerate(param_groups) for i, p in enumerate(group["params"])
-             if p.grad is not None]
-    if not grads or torch.stack([torch.isfinite(p.grad).all().to(grads[0][2].device) for *_, p in grads]).all():
-        return
-    g, i, p = next((g, i, p) for g, i, p in grads if not torch.isfinite(p.grad).all())
-    group = param_groups[g]
-    names = group.get("param_names")
-    label = repr(names[i]) if names else f"#{i} (shape {tuple(p.shape)})"
-    where = f"param group {g}" + (f" ({group['name']!r})" if "name" in group else "")
-    raise FloatingPointError(
-        f"non-finite gradient (nan/inf) in parameter {label} of {where}; nothing was updated. Lower the "
-        "learning rate, clip gradients (trainer.gradient_clip_val) or find the overflow in the loss"
-    )
 
 
 class DMGD(LevelAwareOptimizer, _DeepMomentumSGD):

@@ -205,6 +205,36 @@ class LevelSchedule:
             self._previous[key] = total
 
 
+def parameter_label(group: Mapping, i: int, p: Tensor) -> str:
+    """``parameter 'name'`` from the group's ``param_names``, else its index and shape (for messages)."""
+    names = group.get("param_names")
+    if not names:
+        return f"parameter #{i} (shape {tuple(p.shape)})"
+    if len(names) != len(group["params"]):  # ZeRO replaced the group's tensors by flat partitions
+        return f"parameter #{i} (a flat partition of {', '.join(map(repr, names[:3]))}{', …' if len(names) > 3 else ''})"
+    return f"parameter {names[i]!r}"
+
+
+def check_finite_gradients(param_groups: list[dict]) -> None:
+    """Raise ``FloatingPointError`` naming the first parameter with a nan/inf gradient (one sync).
+
+    Shared by the optimizers that must refuse a poisoned step before touching weights or state
+    (DGD, DMGD, Muon, M3).
+    """
+    grads = [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
+    if not grads or torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()):
+        return
+    for index, group in enumerate(param_groups):
+        for i, p in enumerate(group["params"]):
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                where = f"param group {index}" + (f" ({group['name']!r})" if "name" in group else "")
+                raise FloatingPointError(
+                    f"non-finite gradient (nan/inf) in {parameter_label(group, i, p)} of {where}; nothing was "
+                    "updated. Lower the learning rate, clip gradients (trainer.gradient_clip_val) or find the "
+                    "overflow in the loss"
+                )
+
+
 def _sum_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from nl_lightning.optim.level_aware import LevelAwareOptimizer
+from nl_lightning.optim.level_aware import LevelAwareOptimizer, check_finite_gradients, parameter_label
 from nl_lightning.optim.newton_schulz import NS_STEPS, newton_schulz, shape_scale
 
 ADAMW_MODULES = ("embed", "embedding", "embeddings", "tok_embeddings", "wte", "wpe", "head", "lm_head")
@@ -134,7 +134,7 @@ class _HybridCore(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_finite()
+        check_finite_gradients(self.param_groups)
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -167,37 +167,15 @@ class _HybridCore(torch.optim.Optimizer):
             denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(group["eps"])
             p.addcdiv_(exp_avg, denom, value=-group["lr"] / bias1)
 
-    def _check_finite(self) -> None:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads or torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()):
-            return
-        for index, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    raise FloatingPointError(
-                        f"non-finite gradient (NaN or inf) in {_label(group, i, p)} of param group {index}; "
-                        f"nothing was updated. Lower the learning rate, clip gradients "
-                        "(trainer.gradient_clip_val) or find the overflow in the loss"
-                    )
-
     def _check_shapes(self, index: int, group: dict) -> None:
         for i, p in enumerate(group["params"]):
             if not is_matrix(p):
                 raise RuntimeError(
-                    f"{type(self).__name__}: {_label(group, i, p)} of param group {index} was routed to Newton–Schulz "
+                    f"{type(self).__name__}: {parameter_label(group, i, p)} of param group {index} was routed to Newton–Schulz "
                     f"but now has shape {tuple(p.shape)}. DeepSpeed ZeRO stages 1, 2 and 3 hand the optimizer flat "
                     "1-D partitions, which have no matrix shape to orthogonalise; train with DeepSpeed stage 0 or "
                     "strategy='ddp', or use AdamW under ZeRO"
                 )
-
-
-def _label(group: dict, i: int, p: Tensor) -> str:
-    names = group.get("param_names")
-    if not names:
-        return f"parameter #{i}"
-    if len(names) != len(group["params"]):  # ZeRO replaced the group's tensors by flat partitions
-        return f"parameter #{i} (a flat partition of {', '.join(map(repr, names[:3]))}{', …' if len(names) > 3 else ''})"
-    return f"parameter {names[i]!r}"
 
 
 def _check_positive(**values: float) -> None:
