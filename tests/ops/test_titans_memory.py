@@ -19,6 +19,7 @@ from nl_lightning.ops.titans import (
     naive_titans_memory,
     titans_memory,
 )
+from nl_lightning.ops.titans.coefficients import chunk_coefficients
 from nl_lightning.ops.titans.common import loss_grad_factors, memory_forward
 
 B, H, T, D, DH = 2, 2, 11, 4, 6
@@ -129,6 +130,36 @@ def test_chunk_matches_naive_when_gates_reach_zero_or_one(kind):
     expected = run_with_grads(naive_titans_memory, seq, weights, kind=kind, chunk_size=4)
     actual = run_with_grads(chunk_titans_memory, seq, weights, kind=kind, chunk_size=4)
     assert_same_run(actual, expected, **F64)
+
+
+def test_coefficient_gradients_match_finite_differences_with_saturated_gates():
+    # The coefficients' backward is written out (no division, so exact at a zero factor); check
+    # it against finite differences with gates at exactly 0 and 1, two chunks, the second partial.
+    gen = torch.Generator().manual_seed(0)
+    theta, eta, alpha = (torch.rand(1, 2, 7, generator=gen, dtype=torch.float64) for _ in range(3))
+    eta[0, 0, [1, 5]], eta[0, 1, 2] = 0.0, 1.0
+    alpha[0, 0, 2], alpha[0, 1, [1, 6]] = 1.0, 0.0
+    theta[0, 1, 3] = 0.0
+    gates = [g.requires_grad_() for g in (theta, eta, alpha)]
+    assert torch.autograd.gradcheck(lambda *g: tuple(chunk_coefficients(*g, 4)), gates)
+
+
+@KINDS
+def test_saturated_gates_give_finite_float32_grads_matching_naive(kind):
+    # Gates exactly at 0 or 1 all over a 64-token chunk (memory wiped, momentum frozen or
+    # wiped, no write) in float32: every output and gradient is finite and agrees with the
+    # token-by-token reference.
+    seq, weights = make_inputs(kind, length=70, dtype=torch.float32)
+    with torch.no_grad():
+        seq["eta"][:, :, ::3] = 0.0
+        seq["eta"][:, :, 1::5] = 1.0
+        seq["alpha"][:, :, ::7] = 1.0
+        seq["alpha"][:, :, 2::4] = 0.0
+        seq["theta"][:, :, ::11] = 0.0
+    expected = run_with_grads(naive_titans_memory, seq, weights, kind=kind, chunk_size=64)
+    outputs, grads = run_with_grads(chunk_titans_memory, seq, weights, kind=kind, chunk_size=64)
+    assert all(torch.isfinite(x).all() for x in (*outputs, *grads))
+    assert_same_run((outputs, grads), expected, atol=1e-4, rtol=1e-3)
 
 
 @KINDS

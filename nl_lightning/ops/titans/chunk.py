@@ -3,136 +3,169 @@
 Inside a chunk every gradient is taken at the chunk-start state ``(W0, S0)``, so token j's
 gradient is a known rank-1 matrix ``G_j = u_j x_j^T`` (``common.loss_grad_factors``). The
 token-by-token recurrence ``S_i = eta_i S_{i-1} - theta_i G_i``, ``W_i = (1 - alpha_i) W_{i-1} + S_i``
-is linear, so it unrolls to (i, j, m index tokens of the chunk)::
+is linear, so it unrolls to (``coefficients.py`` computes the gate-only coefficients)::
 
-    S_i = A_i S0 - sum_{j<=i} E_ij theta_j G_j           A_i = prod_{l<=i} eta_l
-    W_i = beta_i W0 + c_i S0 - sum_{j<=i} P_ij theta_j G_j
-                                                       beta_i = prod_{l<=i} (1 - alpha_l)
-    E_ij = prod_{j<l<=i} eta_l,  D_im = prod_{m<l<=i} (1 - alpha_l)
-    c = D A,  P = D E     (C x C lower-triangular matmuls: the "parallel scan" of the momentum)
+    W_i = beta_i W0 + c_i S0 - sum_{j<=i} mix_ij G_j          S_end = A_L S0 - sum_j surprise_j G_j
 
 and the read-out of every chunk token needs no per-token weight matrix:
-``W_i z_i = beta_i W0 z_i + c_i S0 z_i - sum_j P_ij theta_j u_j (x_j . z_i)``.
-All coefficients depend only on the gates, so they are computed for every chunk at once; only
-the state hand-over from one chunk to the next is sequential.
+``W_i z_i = beta_i W0 z_i + c_i S0 z_i - sum_j mix_ij (x_j . z_i) u_j``.
 
-Numerics: the segment products ``E`` and ``D`` are formed directly as masked cumulative products,
-never as ratios of cumulative products, which underflow to 0/0 over long chunks with strong decay.
+The only sequential part is the state hand-over from chunk to chunk (``*_chunk_step``): the
+gradient factors at the chunk-start weights and the end state. The read-outs feed nothing back
+into the state, so they wait for the loop and run for all chunks at once as a few large batched
+matmuls against the stacked chunk-start states (``_read_out``); likewise everything that
+depends only on inputs and gates is built for all chunks before the loop. Per-chunk inputs are
+views of those batched tensors, not copies. The 2 of ``grad ||M(k) - v||^2`` is folded into
+the coefficients, so the steps work with half-gradients ``u = M(k) - v``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import MemoryState, Weights, check_inputs, initial_state, loss_grad_factors
+from .coefficients import ChunkCoefficients, chunk_coefficients
+from .common import MemoryState, Weights, check_inputs, initial_state
+
+__all__ = ["ChunkCoefficients", "chunk_coefficients", "chunk_titans_memory", "linear_chunk_step", "mlp_chunk_step"]
 
 
-class ChunkCoefficients(NamedTuple):
-    """Gate-only coefficients of every chunk, shapes ``(B, H, N, C[, C])`` (N chunks of C tokens).
-
-    ``*_end`` are the same quantities at the chunk's last real token, which give the state
-    handed to the next chunk (the last chunk may be partial, so this is not always row C-1).
-    """
-
-    beta: Tensor  # (B, H, N, C)    weight of the chunk-start weights W0 in W_i
-    carry: Tensor  # (B, H, N, C)   c_i: weight of the chunk-start momentum S0 in W_i
-    mix: Tensor  # (B, H, N, C, C)  P_ij theta_j: weight of token j's gradient in W_i
-    beta_end: Tensor  # (B, H, N)
-    carry_end: Tensor  # (B, H, N)
-    momentum_end: Tensor  # (B, H, N)  A_L: weight of S0 in the end momentum
-    mix_end: Tensor  # (B, H, N, C)    row L of mix
-    surprise_end: Tensor  # (B, H, N, C)  E_Lj theta_j: weight of G_j in the end momentum
+def _chunked(t: Tensor, chunk_size: int) -> Tensor:
+    """``(B, H, T, D)`` -> ``(B, H, N, C, D)``, zero-padding the last chunk."""
+    B, H, T, D = t.shape
+    N = -(-T // chunk_size)
+    # Contiguous either way (head-split inputs are transposed views): every per-chunk slice then
+    # flattens (B, H) without a copy.
+    t = F.pad(t, (0, 0, 0, N * chunk_size - T)) if N * chunk_size != T else t.contiguous()
+    return t.view(B, H, N, chunk_size, D)
 
 
-def segment_products(x: Tensor) -> Tensor:
-    """``out[..., i, m] = prod_{m < l <= i} x[..., l]`` for ``i >= m`` and 0 above the diagonal.
-
-    Built as a cumulative product over a masked copy (factors with ``l <= m`` replaced by 1), so
-    no division by a cumulative product that may have underflowed.
-    """
-    C = x.shape[-1]
-    idx = torch.arange(C, device=x.device)
-    after_m = idx[:, None] > idx[None, :]  # [l, m]: factor l belongs to the segment after m
-    factors = torch.where(after_m, x.unsqueeze(-1), torch.ones((), dtype=x.dtype, device=x.device))
-    lower = (idx[:, None] >= idx[None, :]).to(x.dtype)
-    return torch.cumprod(factors, dim=-2) * lower
+def _per_chunk(t: Tensor) -> tuple[Tensor, ...]:
+    """``(B, H, N, ...)`` -> N views ``(B*H, ...)``. Views, not copies: batched matmuls take
+    the chunk stride as the batch stride, and the backward is one stack."""
+    return t.flatten(0, 1).unbind(1)
 
 
-def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: int) -> ChunkCoefficients:
-    """Coefficients of all chunks from gates ``(B, H, T)``; the last chunk is padded with inert
-    tokens (theta=0, eta=1, alpha=0) whose columns are zero and whose rows are never read."""
-    B, H, T = theta.shape
-    C = chunk_size
-    N = -(-T // C)
-    pad = N * C - T
-    theta = F.pad(theta, (0, pad), value=0.0).view(B, H, N, C)
-    eta = F.pad(eta, (0, pad), value=1.0).view(B, H, N, C)
-    keep = F.pad(1 - alpha, (0, pad), value=1.0).view(B, H, N, C)
-
-    beta = torch.cumprod(keep, dim=-1)
-    momentum = torch.cumprod(eta, dim=-1)
-    D = segment_products(keep)
-    E = segment_products(eta)
-    carry = (D @ momentum.unsqueeze(-1)).squeeze(-1)
-    mix = (D @ E) * theta.unsqueeze(-2)
-
-    # Row of each chunk's last real token: C-1, except in a partial final chunk.
-    last = torch.full((N,), C - 1, dtype=torch.long, device=theta.device)
-    last[-1] = (T - 1) % C
-    n = torch.arange(N, device=theta.device)
-    return ChunkCoefficients(
-        beta=beta,
-        carry=carry,
-        mix=mix,
-        beta_end=beta[:, :, n, last],
-        carry_end=carry[:, :, n, last],
-        momentum_end=momentum[:, :, n, last],
-        mix_end=mix[:, :, n, last],
-        surprise_end=E[:, :, n, last] * theta,
-    )
+def _stacked(per_chunk: list[Tensor], B: int, H: int) -> Tensor:
+    """N tensors ``(B*H, ...)`` -> ``(B, H, N, ...)``."""
+    return torch.stack(per_chunk, dim=1).unflatten(0, (B, H))
 
 
-def _layer_chunk(W: Tensor, S: Tensor, u: Tensor, x: Tensor, z: Tensor, cf: ChunkCoefficients):
-    """One memory weight over one chunk: read-outs ``W_i z_i`` for all i, and the end state.
-
-    ``W, S: (B, H, Dout, Din)`` chunk-start weight and momentum; ``u: (B, H, C, Dout)`` and
-    ``x: (B, H, C, Din)`` the gradient factors (``G_j = u_j x_j^T``); ``z: (B, H, C, Din)`` inputs.
-    """
-    mixed = (cf.mix * (z @ x.mT)) @ u  # sum_j P_ij theta_j (x_j . z_i) u_j, a C x C matmul
-    out = cf.beta.unsqueeze(-1) * (z @ W.mT) + cf.carry.unsqueeze(-1) * (z @ S.mT) - mixed
-    W_end = (
-        cf.beta_end[..., None, None] * W
-        + cf.carry_end[..., None, None] * S
-        - (cf.mix_end.unsqueeze(-1) * u).mT @ x
-    )
-    S_end = cf.momentum_end[..., None, None] * S - (cf.surprise_end.unsqueeze(-1) * u).mT @ x
-    return out, W_end, S_end
+def _hand_over(
+    W: Tensor, S: Tensor, u: Tensor, minus_mix_x: Tensor, minus_surprise_x: Tensor, decay: Tensor
+) -> tuple[Tensor, Tensor]:
+    """End state of one weight from its chunk-start state and gradient factors ``G_j = 2 u_j x_j^T``:
+    ``W_end = beta_L W + c_L S - u^T (2 mix_L o x)``, ``S_end = A_L S - u^T (2 surprise o x)``
+    (elementwise decay: a ``(2D, 2D)`` transition matmul costs more than the update at D >= 32)."""
+    beta, carry, momentum = decay.unbind(1)
+    W_end = torch.baddbmm(torch.addcmul(beta * W, carry, S), u.mT, minus_mix_x)
+    S_end = torch.baddbmm(momentum * S, u.mT, minus_surprise_x)
+    return W_end, S_end
 
 
-def chunk_step(
-    kind: str,
-    weights: tuple[Tensor, ...],
-    momentum: tuple[Tensor, ...],
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cf: ChunkCoefficients,
+def _read_out(z: Tensor, x: Tensor, u: Tensor, W: Tensor, S: Tensor, cf: ChunkCoefficients) -> Tensor:
+    """``W_i z_i`` for every token of every chunk (``(B, H, N, C, D)`` inputs, ``W, S`` the
+    stacked chunk-start states): ``beta_i W0 z_i + c_i S0 z_i - sum_j 2 mix_ij (x_j . z_i) u_j``."""
+    y = (cf.beta.unsqueeze(-1) * z) @ W.mT + (cf.carry.unsqueeze(-1) * z) @ S.mT
+    scores = cf.mix * ((-2 * z) @ x.mT)  # the -2 on the small factor, not on the C x C product
+    return y + scores @ u
+
+
+def _end_weights(cf: ChunkCoefficients) -> tuple[Tensor, Tensor]:
+    """``-2 mix_L`` and ``-2 surprise`` per token, ``(B, H, N, C, 1)``, for ``_hand_over``."""
+    return (-2 * cf.mix_end).unsqueeze(-1), (-2 * cf.surprise_end).unsqueeze(-1)
+
+
+def _decays(cf: ChunkCoefficients) -> Tensor:
+    """``(beta_L, c_L, A_L)`` per chunk, ``(B, H, N, 3, 1, 1)``, for ``_hand_over``."""
+    return torch.stack([cf.beta_end, cf.carry_end, cf.momentum_end], -1)[..., None, None]
+
+
+def _start(start: MemoryState, index: int) -> tuple[Tensor, Tensor]:
+    return start.weights[index].flatten(0, 1), start.momentum[index].flatten(0, 1)
+
+
+def linear_chunk_step(
+    W: Tensor, S: Tensor, k: Tensor, v: Tensor, minus_mix_k: Tensor, minus_surprise_k: Tensor, decay: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """State hand-over of one chunk of the linear memory, all tensors ``(B*H, ...)``: the
+    half-gradients ``u = W0 k - v`` at the chunk-start weights, and the end state."""
+    u = torch.baddbmm(v, k, W.mT, beta=-1)
+    return (u, *_hand_over(W, S, u, minus_mix_k, minus_surprise_k, decay))
+
+
+def _linear_memory(
+    q: Tensor, k: Tensor, v: Tensor, cf: ChunkCoefficients, start: MemoryState, C: int, step: Callable
 ):
-    """Process one chunk (``q, k, v: (B, H, C, D)``) from its start state; return ``y`` and the
-    end state. This is the unit that ``fused.py`` compiles."""
-    factors = loss_grad_factors(kind, weights, k, v)
-    if kind == "linear":
-        ((u, x),) = factors
-        y, W, S = _layer_chunk(weights[0], momentum[0], u, x, q, cf)
-        return y, (W,), (S,)
-    (u1, a), (u2, _) = factors
-    h, W2, S2 = _layer_chunk(weights[1], momentum[1], u2, k, q, cf)  # inner layer first
-    o, W1, S1 = _layer_chunk(weights[0], momentum[0], u1, a, F.silu(h), cf)
-    return q + o, (W1, W2), (S1, S2)
+    B, H, T, _ = q.shape
+    qs, ks, vs = (_chunked(t, C) for t in (q, k, v))
+    minus_mix, minus_surprise = _end_weights(cf)
+    per_chunk = zip(*map(_per_chunk, (ks, vs, minus_mix * ks, minus_surprise * ks, _decays(cf))))
+    W, S = _start(start, 0)
+    saved = []
+    for inputs in per_chunk:
+        u, W_end, S_end = step(W, S, *inputs)
+        saved.append((W, S, u))
+        W, S = W_end, S_end
+    Ws, Ss, us = (_stacked(ts, B, H) for ts in zip(*saved))
+    y = _read_out(qs, ks, us, Ws, Ss, cf).flatten(2, 3)[:, :, :T]
+    return y, MemoryState((W.unflatten(0, (B, H)),), (S.unflatten(0, (B, H)),))
+
+
+def mlp_chunk_step(
+    W1: Tensor,
+    S1: Tensor,
+    W2: Tensor,
+    S2: Tensor,
+    k: Tensor,
+    k_minus_v: Tensor,
+    minus_mix_k: Tensor,
+    minus_surprise_k: Tensor,
+    minus_mix: Tensor,
+    minus_surprise: Tensor,
+    decay: Tensor,
+) -> tuple[Tensor, ...]:
+    """State hand-over of one chunk of the MLP memory ``M(z) = z + W1 silu(W2 z)``, all tensors
+    ``(B*H, ...)``. Returns the gradient factors the read-outs need (``u1, u2, a``) and the end
+    state ``W1, S1, W2, S2``."""
+    # Loss gradients at the chunk-start weights, halved (the 2 is in the coefficients):
+    # u1 = M(k) - v for W1 (input a = silu(W2 k)), u2 = (W1^T u1) o silu'(W2 k) for W2 (input k).
+    pre = torch.bmm(k, W2.mT)
+    s = torch.sigmoid(pre)
+    a = pre * s
+    u1 = torch.baddbmm(k_minus_v, a, W1.mT)
+    u2 = torch.bmm(u1, W1) * (s + a * (1 - s))
+    W2_end, S2_end = _hand_over(W2, S2, u2, minus_mix_k, minus_surprise_k, decay)
+    W1_end, S1_end = _hand_over(W1, S1, u1, minus_mix * a, minus_surprise * a, decay)
+    return u1, u2, a, W1_end, S1_end, W2_end, S2_end
+
+
+def _mlp_memory(
+    q: Tensor, k: Tensor, v: Tensor, cf: ChunkCoefficients, start: MemoryState, C: int, step: Callable
+):
+    B, H, T, _ = q.shape
+    qs, ks, vs = (_chunked(t, C) for t in (q, k, v))
+    minus_mix, minus_surprise = _end_weights(cf)
+    per_chunk = zip(*map(_per_chunk, (
+        ks, ks - vs, minus_mix * ks, minus_surprise * ks, minus_mix, minus_surprise, _decays(cf),
+    )))  # fmt: skip
+    state = (*_start(start, 0), *_start(start, 1))
+    saved = []
+    for inputs in per_chunk:
+        u1, u2, a, *end = step(*state, *inputs)
+        saved.append((*state, u1, u2, a))
+        state = end
+    W1s, S1s, W2s, S2s, u1s, u2s, a_s = (_stacked(ts, B, H) for ts in zip(*saved))
+    # The read-outs feed nothing back into the state, so they run for all chunks at once:
+    # the inner layer h_i = W2_i q_i, then the outer one on silu(h_i).
+    h = _read_out(qs, ks, u2s, W2s, S2s, cf)
+    out = _read_out(F.silu(h), a_s, u1s, W1s, S1s, cf)
+    y = q + out.flatten(2, 3)[:, :, :T]
+    W1, S1, W2, S2 = (t.unflatten(0, (B, H)) for t in state)
+    return y, MemoryState((W1, W2), (S1, S2))
 
 
 def run_chunks(
@@ -143,25 +176,13 @@ def run_chunks(
     coefficients: ChunkCoefficients,
     start: MemoryState,
     chunk_size: int,
-    step: Callable = chunk_step,
+    step: Callable | None = None,
 ) -> tuple[Tensor, MemoryState]:
-    """Hand the state from chunk to chunk; ``step`` may be the eager or the compiled chunk step."""
-    B, H, T, _ = q.shape
-    C = chunk_size
-    N = coefficients.beta.shape[2]
-    pad = N * C - T
-    # unbind, not indexing chunk by chunk: the backward of one unbind stacks all chunk gradients
-    # once, whereas the backward of each index op writes into a zero tensor of the full size,
-    # which makes the backward quadratic in the number of chunks.
-    qs, ks, vs = (F.pad(t, (0, 0, 0, pad)).view(B, H, N, C, t.shape[-1]).unbind(2) for t in (q, k, v))
-    per_chunk = [ChunkCoefficients(*parts) for parts in zip(*(c.unbind(2) for c in coefficients))]
-    weights, momentum = start
-    ys = []
-    for q_n, k_n, v_n, cf in zip(qs, ks, vs, per_chunk):
-        y, weights, momentum = step(kind, weights, momentum, q_n, k_n, v_n, cf)
-        ys.append(y)
-    y = torch.stack(ys, dim=2).flatten(2, 3)[:, :, :T]
-    return y, MemoryState(tuple(weights), tuple(momentum))
+    """Run every chunk from ``start``; ``step`` replaces the kind's eager chunk step (``fused.py``
+    passes the compiled one)."""
+    if kind == "linear":
+        return _linear_memory(q, k, v, coefficients, start, chunk_size, step or linear_chunk_step)
+    return _mlp_memory(q, k, v, coefficients, start, chunk_size, step or mlp_chunk_step)
 
 
 def chunk_titans_memory(

@@ -1,9 +1,10 @@
 """``torch.compile``d chunk step for the Titans memory (CPU inductor or GPU inductor/Triton).
 
-Only the per-chunk step is compiled, not the loop over chunks: the step has the same shapes for
-every chunk (the last one is padded), so one graph serves any sequence length, whereas
-compiling the loop would unroll it and recompile for every new number of chunks. The
-gate-only coefficients stay eager; they are a few large batched ops already.
+Only the per-chunk step (the state hand-over, ``chunk.linear_chunk_step`` /
+``chunk.mlp_chunk_step``) is compiled, not the loop over chunks: the step has the same shapes
+for every chunk (the last one is padded), so one graph serves any sequence length, whereas
+compiling the loop would unroll it and recompile for every new number of chunks. The gate-only
+coefficients and the read-outs of all chunks stay eager; they are a few large batched ops.
 
 Compilation happens on first use and is cached for the process (dynamo also caches per input
 shape), so importing this module costs nothing.
@@ -16,14 +17,14 @@ import functools
 import torch
 from torch import Tensor
 
-from .chunk import chunk_coefficients, chunk_step, run_chunks
+from .chunk import chunk_coefficients, linear_chunk_step, mlp_chunk_step, run_chunks
 from .common import MemoryState, Weights, check_inputs, initial_state
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_chunk_step():
-    """The compiled chunk step, built once per process."""
-    return torch.compile(chunk_step, fullgraph=True)
+def compiled_chunk_step(kind: str):
+    """The compiled chunk step of one memory kind, built once per process."""
+    return torch.compile(linear_chunk_step if kind == "linear" else mlp_chunk_step, fullgraph=True)
 
 
 def compiled_titans_memory(
@@ -57,4 +58,4 @@ def compiled_titans_memory(
         return t.detach().requires_grad_() if tracked and not t.requires_grad else t
 
     start = MemoryState(*(tuple(prepare(t) for t in part) for part in start))
-    return run_chunks(kind, q, k, v, coefficients, start, C, step=compiled_chunk_step())
+    return run_chunks(kind, q, k, v, coefficients, start, C, step=compiled_chunk_step(kind))
