@@ -4,12 +4,22 @@
     .venv/bin/python benchmarks/optimizers.py --part time --steps 32
     .venv/bin/python benchmarks/optimizers.py --part loss --train-steps 60
 
+    # on a GPU (issue #6's goal: Muon <= 1.3x, M3 <= 1.5x AdamW's step time), one command:
+    .venv/bin/python benchmarks/optimizers.py --part time --device cuda --steps 64
+    .venv/bin/python benchmarks/optimizers.py --part time --device cuda --steps 64 --dtype bfloat16
+
 (a) ``time``: one HOPE-tiny (``Hope(preset="tiny")``) per optimizer, the LanguageModel's param groups
 (CMS periods 1/4/16 included, so every optimizer is level-aware and skips the same slow levels), the
-same random gradients; optimizers take turns step by step and only ``optimizer.step()`` is timed.
-Ratios are medians against LevelAwareAdamW. The cost of one training step's forward + backward
-(batch 16 × 256 bytes) is measured in the same loop, so the table also shows what the optimizer adds
-to a whole training step, which is the number that decides whether the optimizer pays.
+same random gradients; optimizers take turns step by step and only ``optimizer.step()`` is timed
+(between ``torch.cuda.synchronize()`` calls on CUDA, so queued kernels are counted). The baseline is
+the stronger of torch's two fast AdamW implementations on the device, LevelAwareAdamW with
+``foreach=True`` and with ``fused=True`` (both are timed; ratios are medians against the faster).
+``--dtype`` sets the parameters' dtype (``bfloat16``: pure-bf16 training; ``float32``: fp32 master
+weights as under Lightning's bf16-mixed), ``--ns-dtype`` Muon/M3's Newton–Schulz precision (default:
+bfloat16 on CUDA, float32 on CPU). The cost of one training step's forward + backward (batch 16 × 256
+bytes in the parameters' dtype, no autocast; every ``--fwd-bwd-every`` steps, 0 = skip) is measured in
+the same loop, so the table also shows what the optimizer adds to a whole training step, the number
+that decides whether it pays.
 
 (b) ``loss``: each recipe of ``recipes/optim`` (and DGD / DMGD, when ``nl_lightning.optim`` has them,
 on the AdamW recipe with only the optimizer swapped) trains ``--train-steps`` steps from the same seed
@@ -42,13 +52,20 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "optim"
 # -- (a) step time ------------------------------------------------------------------------------
 
 
-def timed_optimizers() -> dict[str, tuple[LanguageModel, torch.optim.Optimizer]]:
+BASELINES = ("AdamW (foreach)", "AdamW (fused)")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def timed_optimizers(device: torch.device, dtype: torch.dtype,
+                     ns_dtype: str | None) -> dict[str, tuple[LanguageModel, torch.optim.Optimizer]]:
     torch.manual_seed(0)
-    network = Hope(preset="tiny")
+    network = Hope(preset="tiny").to(device=device, dtype=dtype)
+    adamw = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     makers = {
-        "LevelAwareAdamW": lambda g: optim.LevelAwareAdamW(g, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1),
-        "Muon": lambda g: optim.Muon(g, weight_decay=0.1),
-        "M3": lambda g: optim.M3(g, weight_decay=0.1),
+        "AdamW (foreach)": lambda g: optim.LevelAwareAdamW(g, foreach=True, **adamw),
+        "AdamW (fused)": lambda g: optim.LevelAwareAdamW(g, fused=True, **adamw),
+        "Muon": lambda g: optim.Muon(g, weight_decay=0.1, ns_dtype=ns_dtype),
+        "M3": lambda g: optim.M3(g, weight_decay=0.1, ns_dtype=ns_dtype),
     }
     runs = {}
     for name, make in makers.items():
@@ -57,40 +74,73 @@ def timed_optimizers() -> dict[str, tuple[LanguageModel, torch.optim.Optimizer]]
     return runs
 
 
-def step_time(steps: int) -> None:
-    runs = timed_optimizers()
+def step_time(steps: int, device: torch.device, dtype: torch.dtype, ns_dtype: str | None, fwd_bwd_every: int) -> None:
+    runs = timed_optimizers(device, dtype, ns_dtype)
     module = next(iter(runs.values()))[0]
-    tokens = torch.randint(0, 256, (16, 257))
-    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (16, 257), device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
     params = list(module.network.parameters())
     times: dict[str, list[float]] = {name: [] for name in [*runs, "forward+backward"]}
+
+    def timed(fn) -> float:
+        _synchronize(device)  # nothing queued before the clock starts, everything finished before it stops
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        return time.perf_counter() - start
+
+    def forward_backward() -> None:
+        loss = F.cross_entropy(module(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+
     warmup = 1  # untimed; 16 timed steps then cover one full CMS cycle (periods 1, 4, 16)
     for step in range(warmup + steps):
-        grads = [torch.randn(p.shape, generator=generator) * 1e-2 for p in params]
+        grads = [torch.randn(p.shape, generator=generator, device=device, dtype=dtype) * 1e-2 for p in params]
         for name, (run_module, optimizer) in runs.items():
             for p, g in zip(run_module.network.parameters(), grads):
                 p.grad = g.clone()
-            start = time.perf_counter()
-            optimizer.step()
-            elapsed = time.perf_counter() - start
+            elapsed = timed(optimizer.step)
             if step >= warmup:
                 times[name].append(elapsed)
-        if step % 4 == 0:  # forward+backward costs ~10 optimizer steps and varies little: sample it
-            start = time.perf_counter()
-            loss = F.cross_entropy(module(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
-            loss.backward()
-            times["forward+backward"].append(time.perf_counter() - start)
+        # On a CPU forward+backward costs ~10 optimizer steps and varies little: sample it.
+        if fwd_bwd_every and step % fwd_bwd_every == 0:
+            elapsed = timed(forward_backward)
+            if step >= warmup or device.type == "cpu":  # the first CUDA forward pays for kernel loading
+                times["forward+backward"].append(elapsed)
             module.zero_grad(set_to_none=True)
-    median = {name: statistics.median(values) for name, values in times.items()}
-    base, fwd_bwd = median["LevelAwareAdamW"], median["forward+backward"]
-    print(f"\n(a) optimizer step on HOPE-tiny ({sum(p.numel() for p in params):,} params), median of {steps} "
-          f"interleaved steps, {torch.get_num_threads()} threads; forward+backward (16×256 bytes): "
-          f"{fwd_bwd * 1e3:.0f} ms\n")
+    median = {name: statistics.median(values) for name, values in times.items() if values}
+    baseline = min(BASELINES, key=median.__getitem__)
+    base, fwd_bwd = median[baseline], median.get("forward+backward")
+    threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"\n(a) optimizer step on HOPE-tiny ({sum(p.numel() for p in params):,} {str(dtype).removeprefix('torch.')} "
+          f"params, {device.type}, {threads}, Newton–Schulz in "
+          f"{ns_dtype or ('bfloat16' if device.type == 'cuda' else 'float32')}), median of {steps} interleaved steps; "
+          f"baseline: {baseline}; forward+backward (16×256 bytes): "
+          f"{f'{fwd_bwd * 1e3:.1f} ms' if fwd_bwd else 'not measured'}\n")
     print("| optimizer | step ms | step vs AdamW | train step (fwd+bwd+step) vs AdamW |")
     print("| --- | ---: | ---: | ---: |")
     for name in runs:
-        print(f"| {name} | {median[name] * 1e3:.1f} | {median[name] / base:.2f}x | "
-              f"{(fwd_bwd + median[name]) / (fwd_bwd + base):.2f}x |")
+        whole = f"{(fwd_bwd + median[name]) / (fwd_bwd + base):.2f}x" if fwd_bwd else "-"
+        print(f"| {name} | {median[name] * 1e3:.2f} | {median[name] / base:.2f}x | {whole} |")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device`` as a torch device, refusing what this benchmark cannot time with the fix."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device; run on a GPU "
+                         "machine with a CUDA build of torch, or pass --device cpu")
+    return device
 
 
 # -- (b) validation loss ------------------------------------------------------------------------
@@ -155,10 +205,16 @@ def validation_loss(steps: int, val_batches: int, batch_size: int, seq_len: int,
               f"{time.perf_counter() - start:.0f} |", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["time", "loss", "both"], default="both")
     parser.add_argument("--steps", type=int, default=16, help="timed optimizer steps for (a)")
+    parser.add_argument("--device", default="cpu", help="(a) only: cpu or cuda (cuda:N)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="(a): the parameters' dtype")
+    parser.add_argument("--ns-dtype", choices=["float32", "bfloat16"], default=None,
+                        help="(a): Muon/M3's Newton–Schulz precision (default: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--fwd-bwd-every", type=int, default=4,
+                        help="(a): time forward+backward every N steps (0 = never; the last column is then '-')")
     parser.add_argument("--train-steps", type=int, default=60, help="training steps for (b)")
     parser.add_argument("--val-batches", type=int, default=8)
     # The recipes train on 16×256; the default here is a quarter of that per step so that six runs finish
@@ -168,9 +224,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="names of the (b) rows to run (default: all)")
     parser.add_argument("--dgd-lr", type=float, default=0.05, help="DGD's lr in (b) (its docstring's example)")
     parser.add_argument("--dmgd-lr", type=float, default=0.05, help="DMGD's lr in (b)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.fwd_bwd_every < 0:
+        parser.error(f"--steps {args.steps} must be >= 1 and --fwd-bwd-every {args.fwd_bwd_every} >= 0")
     if args.part in ("time", "both"):
-        step_time(args.steps)
+        step_time(args.steps, resolve_device(args.device), DTYPES[args.dtype], args.ns_dtype, args.fwd_bwd_every)
     if args.part in ("loss", "both"):
         validation_loss(args.train_steps, args.val_batches, args.batch_size, args.seq_len, args.dgd_lr, args.dmgd_lr,
                         args.only)

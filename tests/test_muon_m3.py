@@ -125,6 +125,57 @@ def test_newton_schulz_refuses_a_vector_and_keeps_zero_at_zero():
     assert torch.equal(newton_schulz(torch.zeros(3, 4)), torch.zeros(3, 4))
 
 
+def test_batched_newton_schulz_equals_the_per_matrix_path():
+    from nl_lightning.optim.newton_schulz import newton_schulz, newton_schulz_many
+
+    generator = torch.Generator().manual_seed(0)
+    # (48, 96) and (96, 48) share one batch after the tall one is transposed; (2, 96, 48) adds two more.
+    shapes = [(48, 96), (96, 48), (2, 96, 48), (32, 32), (5, 7), (32, 32)]
+    matrices = [torch.randn(shape, generator=generator) for shape in shapes]
+    batched = newton_schulz_many(matrices)
+    assert [tuple(out.shape) for out in batched] == shapes
+    for matrix, out in zip(matrices, batched):
+        single = torch.stack([newton_schulz(m) for m in matrix.reshape(-1, *matrix.shape[-2:])]).reshape(matrix.shape)
+        torch.testing.assert_close(out, single, rtol=0, atol=1e-6)
+    bf16 = newton_schulz_many([m.bfloat16() for m in matrices[:3]], dtype="bfloat16")
+    assert all(out.dtype == torch.bfloat16 for out in bf16)
+
+
+@pytest.mark.parametrize("optimizer_cls", [Muon, M3])
+def test_one_optimizer_over_many_matrices_steps_each_as_if_it_were_alone(optimizer_cls):
+    """The batched step (one Newton–Schulz per shape, foreach updates) equals one optimizer per parameter."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"a.weight": (12, 8), "b.weight": (8, 12), "c.stacked": (3, 12, 8), "d.weight": (12, 8), "e.bias": (8,)}
+    together = {n: nn.Parameter(torch.randn(s, generator=generator)) for n, s in shapes.items()}
+    alone = {n: nn.Parameter(p.detach().clone()) for n, p in together.items()}
+    options = dict(weight_decay=0.1) if optimizer_cls is Muon else dict(weight_decay=0.1, slow_period=2)
+    batched = optimizer_cls(list(together.items()), **options)
+    singles = [optimizer_cls([(n, p)], **options) for n, p in alone.items()]
+    for step in range(4):
+        for name in shapes:
+            grad = torch.randn(shapes[name], generator=generator)
+            together[name].grad, alone[name].grad = grad.clone(), grad.clone()
+        batched.step()
+        for optimizer in singles:
+            optimizer.step()
+        for name in shapes:
+            torch.testing.assert_close(together[name], alone[name], rtol=0, atol=1e-6, msg=f"{name} after step {step + 1}")
+
+
+def test_ns_dtype_sets_the_newton_schulz_precision_and_refuses_unknown_names():
+    from nl_lightning.optim.newton_schulz import newton_schulz
+
+    update = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    for ns_dtype, dtype in (("bfloat16", torch.bfloat16), (None, torch.float32)):  # None on a CPU → float32
+        weight = nn.Parameter(torch.zeros(6, 10))
+        optimizer = Muon([("w", weight)], lr=1.0, momentum=0.0, nesterov=False, ns_dtype=ns_dtype)
+        weight.grad = update.clone()
+        optimizer.step()
+        torch.testing.assert_close(weight.detach(), -newton_schulz(update, dtype=dtype), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"ns_dtype = 'bf16'.*'bfloat16'"):
+        M3([("w", nn.Parameter(torch.zeros(4, 4)))], ns_dtype="bf16")
+
+
 class Routed(nn.Module):
     def __init__(self):
         super().__init__()
@@ -299,6 +350,45 @@ def test_adamw_half_matches_torch_adamw():
         muon.step()
         adamw.step()
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)
+
+
+# -- benchmarks/optimizers.py --part time: the argument handling, on the CPU -------------------------
+
+
+def load_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("optimizers_benchmark", ROOT / "benchmarks" / "optimizers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_time_benchmark_runs_on_cpu_and_reports_every_optimizer_against_the_faster_adamw(capsys, monkeypatch):
+    from nl_lightning.models import Hope
+
+    benchmark = load_benchmark()
+    # A one-layer HOPE (same parameter kinds and CMS periods as tiny) and no forward+backward (HOPE's
+    # sequential memory makes one cost seconds even at this size) keep this a smoke run.
+    monkeypatch.setattr(benchmark, "Hope", lambda preset: Hope(preset, overrides=dict(d_model=32, n_layer=1, n_head=2)))
+    benchmark.main(["--part", "time", "--device", "cpu", "--steps", "2", "--fwd-bwd-every", "0"])
+    out = capsys.readouterr().out
+    assert "float32 params, cpu" in out and "Newton–Schulz in float32" in out and "baseline: AdamW (f" in out
+    assert "forward+backward (16×256 bytes): not measured" in out
+    for name in ("AdamW (foreach)", "AdamW (fused)", "Muon", "M3"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {name} | "))
+        assert row.endswith("x | - |"), row  # the step ratio; no whole-step ratio without forward+backward
+
+
+def test_step_time_benchmark_refuses_a_device_it_cannot_time_with_the_fix():
+    benchmark = load_benchmark()
+    with pytest.raises(SystemExit, match="use cpu, cuda or cuda:N"):
+        benchmark.main(["--part", "time", "--device", "tpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="sees no CUDA device.*--device cpu"):
+            benchmark.main(["--part", "time", "--device", "cuda"])
+    with pytest.raises(SystemExit):  # argparse: exit status 2 and the usage on stderr
+        benchmark.main(["--part", "time", "--steps", "0"])
 
 
 # -- DeepSpeed ZeRO on 2 CPU processes ----------------------------------------------------------------

@@ -25,11 +25,15 @@ gets |O|/|g|) take huge steps — tests/test_muon_m3.py measures a first update 
 lr, and benchmarks/optimizers.py shows the resulting loss. Normalising keeps √V's *relative*
 per-coordinate preconditioning and Muon's step size, so ``lr`` means what it means for ``Muon``.
 
+Speed: as in ``muon.py``, one ``newton_schulz_many`` call per step orthogonalises every fast momentum
+of the group together with the slow momenta that are due (batched by shape, in ``ns_dtype``).
+
 Plain PyTorch: no Lightning import here.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -56,6 +60,7 @@ class _M3Core(_HybridCore):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_modules: Sequence[str] = ADAMW_MODULES,
+        ns_dtype: str | None = None,
     ) -> None:
         if len(betas) != 3 or not all(0.0 <= b <= 1.0 for b in betas):
             raise ValueError(f"betas = {betas} must be three decays (fast, second moment, slow) in [0, 1]")
@@ -65,36 +70,46 @@ class _M3Core(_HybridCore):
             raise ValueError(f"alpha = {alpha} must be >= 0 and eps = {eps} > 0")
         defaults = dict(lr=lr, m3_betas=tuple(betas), alpha=alpha, slow_period=slow_period, m3_eps=eps,
                         normalize_update=normalize_update, weight_decay=weight_decay, ns_steps=ns_steps,
-                        betas=tuple(adamw_betas), eps=adamw_eps)
+                        ns_dtype=ns_dtype, betas=tuple(adamw_betas), eps=adamw_eps)
         super().__init__(params, defaults, adamw_modules, adamw_lr)
 
     def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
         beta1, beta2, beta3 = group["m3_betas"]
-        for p in params:
-            state = self.state[p]
+        states, grads = [self.state[p] for p in params], [p.grad for p in params]
+        for p, state in zip(params, states):
             if not state:
                 state["step"] = 0
                 for key in ("fast", "second_moment", "slow", "slow_grad_sum", "slow_update"):
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
-            grad = p.grad
-            state["fast"].mul_(beta1).add_(grad)
-            state["second_moment"].mul_(beta2).addcmul_(grad, grad)
-            state["slow_grad_sum"].add_(grad)
-            if state["step"] % group["slow_period"] == 0:
-                state["slow"].mul_(beta3).add_(state["slow_grad_sum"])
-                state["slow_grad_sum"].zero_()
-                state["slow_update"] = orthogonalised(state["slow"], group["ns_steps"])
-            direction = orthogonalised(state["fast"], group["ns_steps"]).add_(state["slow_update"], alpha=group["alpha"])
-            update = direction / (state["second_moment"] + group["m3_eps"]).sqrt()
-            if group["normalize_update"]:
-                update.mul_(_rms(direction) / (_rms(update) + 1e-12))
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(update, alpha=-group["lr"])
-
-
-def _rms(x: Tensor) -> Tensor:
-    return x.square().mean().sqrt()
+        fast, second_moment = [s["fast"] for s in states], [s["second_moment"] for s in states]
+        torch._foreach_mul_(fast, beta1)
+        torch._foreach_add_(fast, grads)
+        torch._foreach_mul_(second_moment, beta2)
+        torch._foreach_addcmul_(second_moment, grads, grads)
+        torch._foreach_add_([s["slow_grad_sum"] for s in states], grads)
+        due = [s for s in states if s["step"] % group["slow_period"] == 0]
+        for state in due:
+            state["slow"].mul_(beta3).add_(state["slow_grad_sum"])
+            state["slow_grad_sum"].zero_()
+        # One batched Newton–Schulz for the fast momenta and the slow ones that are due.
+        directions = orthogonalised(fast + [s["slow"] for s in due], group["ns_steps"], group.get("ns_dtype"))
+        directions, slow_directions = directions[: len(fast)], directions[len(fast):]
+        for state, slow_direction in zip(due, slow_directions):
+            state["slow_update"].copy_(slow_direction)  # a copy: the result is a view into the whole batch
+        torch._foreach_add_(directions, [s["slow_update"] for s in states], alpha=group["alpha"])
+        denominators = torch._foreach_add(second_moment, group["m3_eps"])
+        torch._foreach_sqrt_(denominators)
+        updates = torch._foreach_div(directions, denominators)
+        if group["normalize_update"]:  # U = P · RMS(O) / RMS(P), per matrix, without a host sync
+            sizes = [math.sqrt(p.numel()) for p in params]
+            rms_directions = torch._foreach_div(torch._foreach_norm(directions), sizes)
+            rms_updates = torch._foreach_div(torch._foreach_norm(updates), sizes)
+            torch._foreach_add_(rms_updates, 1e-12)
+            torch._foreach_mul_(updates, torch._foreach_div(rms_directions, rms_updates))
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(params, updates, alpha=-group["lr"])
 
 
 class M3(LevelAwareOptimizer, _M3Core):
@@ -113,4 +128,5 @@ class M3(LevelAwareOptimizer, _M3Core):
         weight_decay: decoupled weight decay for both halves (a group's own value wins).
         ns_steps: Newton–Schulz iterations.
         adamw_lr, adamw_betas, adamw_eps, adamw_modules: the AdamW half, as in ``Muon``.
+        ns_dtype: Newton–Schulz precision, as in ``Muon`` (``None``: bfloat16 on CUDA, float32 on CPU).
     """

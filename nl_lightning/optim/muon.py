@@ -18,7 +18,12 @@ Routing, per parameter, first rule that applies:
    indistinguishable from a hidden matrix, so a warning says so.
 4. otherwise → orthogonal. A tensor with 3+ dims is a stack of matrices over its leading dims
    (HOPE's per-head projections ``(H, d, d_h)`` and memory initial states ``(H, d_h, d_h)``): each
-   matrix is orthogonalised on its own, in one batched Newton–Schulz, and scaled by its own shape.
+   matrix is orthogonalised on its own and scaled by its own shape.
+
+Speed: a step orthogonalises all of a group's matrices with one batched Newton–Schulz per
+(oriented) shape (``newton_schulz_many``), in ``ns_dtype`` (default: bfloat16 on CUDA, float32 on
+CPU, see ``newton_schulz.py``), and the elementwise work (momentum, weight decay, the AdamW half)
+uses torch's ``_foreach`` kernels, one launch per list on CUDA instead of one per parameter.
 
 Non-finite gradients raise ``FloatingPointError`` before anything is updated.
 
@@ -39,7 +44,7 @@ import torch
 from torch import Tensor
 
 from nl_lightning.optim.level_aware import LevelAwareOptimizer, check_finite_gradients, parameter_label
-from nl_lightning.optim.newton_schulz import NS_STEPS, newton_schulz, shape_scale
+from nl_lightning.optim.newton_schulz import NS_STEPS, check_ns_dtype, newton_schulz_many, shape_scale
 
 ADAMW_MODULES = ("embed", "embedding", "embeddings", "tok_embeddings", "wte", "wpe", "head", "lm_head")
 
@@ -109,6 +114,7 @@ class _HybridCore(torch.optim.Optimizer):
     """Shared mechanics: finite checks, the ZeRO check and the AdamW half. Subclasses update matrices."""
 
     def __init__(self, params, defaults: dict, adamw_modules: Sequence[str], adamw_lr: float) -> None:
+        check_ns_dtype(defaults["ns_dtype"])  # fail at construction, not at the first step
         _check_positive(lr=defaults["lr"], adamw_lr=adamw_lr, weight_decay=defaults["weight_decay"],
                         adamw_eps=defaults["eps"])
         for i, beta in enumerate(defaults["betas"]):
@@ -118,6 +124,7 @@ class _HybridCore(torch.optim.Optimizer):
         super().__init__(split_by_update_rule(params, self._adamw_modules, adamw_lr), defaults)
 
     def add_param_group(self, param_group: dict) -> None:
+        check_ns_dtype(param_group.get("ns_dtype"))
         if "orthogonal" not in param_group:  # added after construction: route it now; one group must stay one
             halves = split_by_update_rule([param_group], self._adamw_modules, self._adamw_lr)
             if len(halves) != 1:
@@ -152,6 +159,7 @@ class _HybridCore(torch.optim.Optimizer):
     def _adamw_step(self, group: dict, params: list[Tensor]) -> None:
         """Decoupled-weight-decay Adam, as ``torch.optim.AdamW`` computes it (bias-corrected moments)."""
         beta1, beta2 = group["betas"]
+        by_step: dict[int, list[Tensor]] = {}  # bias corrections depend on each parameter's own step count
         for p in params:
             state = self.state[p]
             if not state:
@@ -159,13 +167,21 @@ class _HybridCore(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
-            grad, exp_avg, exp_avg_sq = p.grad, state["exp_avg"], state["exp_avg_sq"]
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
-            denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(group["eps"])
-            p.addcdiv_(exp_avg, denom, value=-group["lr"] / bias1)
+            by_step.setdefault(state["step"], []).append(p)
+        for step, ps in by_step.items():
+            grads = [p.grad for p in ps]
+            exp_avgs = [self.state[p]["exp_avg"] for p in ps]
+            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in ps]
+            bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+            if group["weight_decay"]:
+                torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+            denoms = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denoms, math.sqrt(bias2))
+            torch._foreach_add_(denoms, group["eps"])
+            torch._foreach_addcdiv_(ps, exp_avgs, denoms, value=-group["lr"] / bias1)
 
     def _check_shapes(self, index: int, group: dict) -> None:
         for i, p in enumerate(group["params"]):
@@ -184,9 +200,11 @@ def _check_positive(**values: float) -> None:
             raise ValueError(f"{key} = {value} must be >= 0")
 
 
-def orthogonalised(update: Tensor, steps: int) -> Tensor:
-    """Newton–Schulz of ``update`` times its shape scale (see ``shape_scale``)."""
-    return newton_schulz(update, steps).mul_(shape_scale(update.shape))
+def orthogonalised(updates: list[Tensor], steps: int, ns_dtype: str | torch.dtype | None) -> list[Tensor]:
+    """Newton–Schulz of every update (batched by shape) times its shape scale (see ``shape_scale``)."""
+    directions = newton_schulz_many(updates, steps, ns_dtype)
+    torch._foreach_mul_(directions, [shape_scale(u.shape) for u in updates])
+    return directions
 
 
 class _MuonCore(_HybridCore):
@@ -202,25 +220,27 @@ class _MuonCore(_HybridCore):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_modules: Sequence[str] = ADAMW_MODULES,
+        ns_dtype: str | None = None,
     ) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum = {momentum} must be in [0, 1)")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
-                        betas=tuple(adamw_betas), eps=adamw_eps)
+                        ns_dtype=ns_dtype, betas=tuple(adamw_betas), eps=adamw_eps)
         super().__init__(params, defaults, adamw_modules, adamw_lr)
 
     def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
-        beta = group["momentum"]
+        beta, grads = group["momentum"], [p.grad for p in params]
         for p in params:
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buffer = state["momentum_buffer"]
-            buffer.lerp_(p.grad, 1 - beta)  # buffer = β·buffer + (1−β)·g
-            # Nesterov: look ahead along the momentum, g + β(buffer − g); scale is irrelevant to NS.
-            update = p.grad.lerp(buffer, beta) if group["nesterov"] else buffer
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(orthogonalised(update, group["ns_steps"]), alpha=-group["lr"])
+            if not self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(buffers, grads, 1 - beta)  # buffer = β·buffer + (1−β)·g
+        # Nesterov: look ahead along the momentum, g + β(buffer − g); scale is irrelevant to NS.
+        updates = torch._foreach_lerp(grads, buffers, beta) if group["nesterov"] else buffers
+        directions = orthogonalised(updates, group["ns_steps"], group.get("ns_dtype"))  # .get: older checkpoints
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(params, directions, alpha=-group["lr"])
 
 
 class Muon(LevelAwareOptimizer, _MuonCore):
@@ -241,4 +261,6 @@ class Muon(LevelAwareOptimizer, _MuonCore):
         ns_steps: Newton–Schulz iterations.
         adamw_lr, adamw_betas, adamw_eps: AdamW settings for the non-matrix half.
         adamw_modules: name components whose matrices go to AdamW (embeddings, output heads).
+        ns_dtype: Newton–Schulz precision: ``None`` (bfloat16 on CUDA, float32 on CPU, where bf16 matmuls are
+            slow) or ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"``.
     """
