@@ -81,7 +81,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--override", action="append", default=[], help="CLI override applied to every recipe")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's). On cores shared with other jobs use 1: with "
+        "more, OpenMP waits on descheduled threads and small kernels slow down by orders of magnitude",
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     peak = matmul_peak_flops()

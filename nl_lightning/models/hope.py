@@ -52,7 +52,7 @@ class SelfModifyingMemory(nn.Module):
     """HOPE's token mixer."""
 
     INITIAL_GATES = {"eta": 0.5, "alpha": 0.99}  # DGD step gate and retention at the start
-    MAX_STEP = 0.5  # η_t = MAX_STEP · σ(·) / chunk size (see ``_gates``)
+    MAX_STEP = 0.5  # η_t = MAX_STEP · σ(·) / chunk size (see ``_gate``)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -74,8 +74,9 @@ class SelfModifyingMemory(nn.Module):
         self.out_norm = RMSNorm(d, config.norm_eps)
         self.proj = nn.Linear(d, d, bias=False)
 
-    def _gates(self, name: str, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """raw (B, T, d) → per-head gates (B, H, T) and the projection memories' gate (B, 1, T).
+    def _gate(self, name: str, raw: torch.Tensor, heads: bool) -> torch.Tensor:
+        """Gate ``name`` from raw (B, T, d): per main-memory head (B, H, T) if ``heads``, else the
+        projection memories' own gate (B, T) (each caller builds only the one it uses).
 
         η is divided by the chunk size of the memory it drives. Within a chunk every token's
         gradient is taken at the chunk-start state, so on repetitive text (near-identical keys)
@@ -84,32 +85,44 @@ class SelfModifyingMemory(nn.Module):
         ``MAX_STEP`` keeps that chunk step below the stability limit of the residual-MLP
         memories' inner loss at their initial scale.
         """
-        h = self.config.n_head
-        per_head = raw.unflatten(-1, (h, -1)).mean(-1).transpose(1, 2)  # (B, H, T)
-        shared = raw.mean(-1)[:, None]  # (B, 1, T)
-        bias = self.gate_bias[name]
-        per_head, shared = torch.sigmoid(per_head + bias[:h, None]), torch.sigmoid(shared + bias[h])
-        if name == "eta":
-            return (self.MAX_STEP * per_head / self.config.chunk_size,
-                    self.MAX_STEP * shared / self.config.proj_chunk_size)
-        return per_head, shared
+        h, bias = self.config.n_head, self.gate_bias[name]
+        if heads:
+            gate = torch.sigmoid(raw.unflatten(-1, (h, -1)).mean(-1).transpose(1, 2) + bias[:h, None])
+            chunk = self.config.chunk_size
+        else:
+            gate = torch.sigmoid(raw.mean(-1) + bias[h])
+            chunk = self.config.proj_chunk_size
+        return self.MAX_STEP * gate / chunk if name == "eta" else gate
 
     def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the self-modifying projection memories over the sequence: k, v, η, α for every token."""
-        chunk, (batch, seq_len, _) = self.config.proj_chunk_size, x.shape
+        batch = x.shape[0]
         state = tuple(w.expand(batch, *w.shape) for w in self.projections)
+        # split, not slicing chunk by chunk: the backward of one split concatenates the chunks'
+        # gradients once, whereas each slice's backward writes into a zero tensor of the full size.
+        chunks = x.split(self.config.proj_chunk_size, dim=1)
         outputs = []
-        for start in range(0, seq_len, chunk):
-            z = x[:, None, start : start + chunk]  # (B, 1, C, d)
-            out = apply_residual_mlp(state, z)  # (B, 4, C, d), read from the chunk-start state
+        for index, z in enumerate(chunks):
+            out = self._read_projections(state, z)  # (B, 4, C, d), read from the chunk-start state
             outputs.append(out)
-            if start + chunk >= seq_len:  # the last chunk's update would never be read
+            if index == len(chunks) - 1:  # the last chunk's update would never be read
                 break
             k, v, eta, alpha = out.unbind(1)
-            _, eta = self._gates("eta", eta)
-            _, alpha = self._gates("alpha", alpha)
-            state = self._update_projections(state, F.normalize(k, dim=-1), v, eta[:, 0], alpha[:, 0])
+            eta, alpha = self._gate("eta", eta, heads=False), self._gate("alpha", alpha, heads=False)
+            state = self._update_projections(state, F.normalize(k, dim=-1), v, eta, alpha)
         return dict(zip(PROJECTIONS, torch.cat(outputs, dim=2).unbind(1)))
+
+    @staticmethod
+    def _read_projections(state, z: torch.Tensor) -> torch.Tensor:
+        """M(z) of the four memories for one chunk z (B, C, d) -> (B, 4, C, d).
+
+        The memories read the same z, so their W2 are stacked and applied in one matmul
+        (``apply_residual_mlp`` on a broadcast z would copy z once per memory).
+        """
+        w1, w2 = state
+        hidden = F.silu(z @ w2.flatten(-3, -2).mT)  # (B, C, 4·Dh)
+        hidden = hidden.unflatten(-1, (w2.shape[-3], -1)).transpose(1, 2)  # (B, 4, C, Dh)
+        return z[:, None] + hidden @ w1.mT
 
     def _update_projections(self, state, key, value, eta, alpha):
         """One chunk's DGD update of the four projection memories (shared key, value and gates)."""
@@ -135,8 +148,7 @@ class SelfModifyingMemory(nn.Module):
         q = F.normalize(split_heads(self.q_proj(x), h), dim=-1)
         k = F.normalize(split_heads(p["k"], h), dim=-1)
         v = split_heads(p["v"], h)
-        eta, _ = self._gates("eta", p["eta"])
-        alpha, _ = self._gates("alpha", p["alpha"])
+        eta, alpha = self._gate("eta", p["eta"], heads=True), self._gate("alpha", p["alpha"], heads=True)
         # o_t = M_{t-1}(q_t): read token t+1's query after token t's update, and the first
         # token's query from the initial state.
         next_q = torch.cat([q[:, :, 1:], torch.zeros_like(q[:, :, :1])], dim=2)

@@ -56,8 +56,10 @@ def _chunk_decays(alpha: torch.Tensor):
     segment = terms.cumsum(-2)
     # gamma_t / gamma_i for i <= t: how much of r_i is left in the state after token t.
     ratio = _masked_exp(segment, ones.tril())
-    # gamma_{t-1} / gamma_i for i < t: how much of r_i is left when token t reads the state.
-    prev_ratio = _masked_exp(F.pad(segment[..., :-1, :], (0, 0, 1, 0)), ones.tril(-1))
+    # gamma_{t-1} / gamma_i for i < t: how much of r_i is left when token t reads the state. It is
+    # the ratio shifted down one row (row t-1 is already 0 for i > t-1), so it needs no second
+    # mask and exp.
+    prev_ratio = F.pad(ratio[..., :-1, :], (0, 0, 1, 0))
     return log_gamma, log_gamma_prev, prev_ratio, ratio
 
 
