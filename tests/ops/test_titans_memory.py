@@ -19,6 +19,7 @@ from nl_lightning.ops.titans import (
     naive_titans_memory,
     titans_memory,
 )
+from nl_lightning.ops.titans.chunk import _LinearHandOver, linear_chunk_step
 from nl_lightning.ops.titans.coefficients import chunk_coefficients
 from nl_lightning.ops.titans.common import loss_grad_factors, memory_forward
 
@@ -142,6 +143,45 @@ def test_coefficient_gradients_match_finite_differences_with_saturated_gates():
     theta[0, 1, 3] = 0.0
     gates = [g.requires_grad_() for g in (theta, eta, alpha)]
     assert torch.autograd.gradcheck(lambda *g: tuple(chunk_coefficients(*g, 4)), gates)
+
+
+def test_decay_mix_scan_equals_the_sum_of_segment_products():
+    # The row scan P_i = keep_i P_{i-1} + E_i must reproduce the definition
+    # P_ij = sum_{j<=m<=i} prod_{m<l<=i} keep_l * prod_{j<l<=m} eta_l, zeros above the diagonal,
+    # also with gates of exactly 0 and 1 (one chunk of 6 tokens).
+    gen = torch.Generator().manual_seed(0)
+    theta, eta, alpha = (torch.rand(1, 1, 6, generator=gen, dtype=torch.float64) for _ in range(3))
+    eta[0, 0, 2], alpha[0, 0, 4], alpha[0, 0, 1] = 0.0, 1.0, 0.0
+    keep = 1 - alpha
+
+    def prod(gate, lo, hi):  # prod_{lo < l <= hi} gate_l
+        return torch.prod(gate[0, 0, lo + 1 : hi + 1])
+
+    expected = torch.zeros(6, 6, dtype=torch.float64)
+    for i in range(6):
+        for j in range(i + 1):
+            expected[i, j] = sum(prod(keep, m, i) * prod(eta, j, m) for m in range(j, i + 1))
+    coefficients = chunk_coefficients(theta, eta, alpha, 6)
+    torch.testing.assert_close(coefficients.decay_mix[0, 0, 0], expected, **F64)
+    torch.testing.assert_close(coefficients.mix()[0, 0, 0], expected * theta[0, 0], **F64)
+
+
+def test_linear_hand_over_backward_matches_finite_differences():
+    # The linear chunk loop's reverse pass is written out; check every output's gradient
+    # (chunk-start states, half-gradients, final state) w.r.t. every input, 3 chunks.
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    BH, N, C, Dk, Dv = 2, 3, 2, 3, 2
+    inputs = (
+        randn(BH, Dv, Dk), randn(BH, Dv, Dk),  # W0, S0
+        randn(BH, N, C, Dk), randn(BH, N, C, Dv),  # k, v
+        randn(BH, N, C, Dk), randn(BH, N, C, Dk),  # minus_mix * k, minus_surprise * k
+        randn(BH, N, 3, 1, 1),  # (beta_end, carry_end, momentum_end)
+    )  # fmt: skip
+    assert torch.autograd.gradcheck(lambda *t: _LinearHandOver.apply(*t, linear_chunk_step), inputs)
 
 
 @KINDS

@@ -8,12 +8,13 @@ is linear, so it unrolls to (``coefficients.py`` computes the gate-only coeffici
     W_i = beta_i W0 + c_i S0 - sum_{j<=i} mix_ij G_j          S_end = A_L S0 - sum_j surprise_j G_j
 
 and the read-out of every chunk token needs no per-token weight matrix:
-``W_i z_i = beta_i W0 z_i + c_i S0 z_i - sum_j mix_ij (x_j . z_i) u_j``.
+``W_i z_i = beta_i W0 z_i + c_i S0 z_i - sum_j mix_ij (x_j . z_i) u_j`` with ``mix_ij = P_ij theta_j``.
 
 The only sequential part is the state hand-over from chunk to chunk (``*_chunk_step``): the
-gradient factors at the chunk-start weights and the end state. The read-outs feed nothing back
-into the state, so they wait for the loop and run for all chunks at once as a few large batched
-matmuls against the stacked chunk-start states (``_read_out``); likewise everything that
+gradient factors at the chunk-start weights and the end state (for the linear memory the whole
+loop is one autograd op with its reverse loop written out, ``_LinearHandOver``). The read-outs
+feed nothing back into the state, so they wait for the loop and run for all chunks at once as a
+few large batched matmuls against the stacked chunk-start states (``_read_out``); likewise everything that
 depends only on inputs and gates is built for all chunks before the loop. Per-chunk inputs are
 views of those batched tensors, not copies. The 2 of ``grad ||M(k) - v||^2`` is folded into
 the coefficients, so the steps work with half-gradients ``u = M(k) - v``.
@@ -26,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .coefficients import ChunkCoefficients, chunk_coefficients
 from .common import MemoryState, Weights, check_inputs, initial_state
@@ -68,9 +70,12 @@ def _hand_over(
 
 def _read_out(z: Tensor, x: Tensor, u: Tensor, W: Tensor, S: Tensor, cf: ChunkCoefficients) -> Tensor:
     """``W_i z_i`` for every token of every chunk (``(B, H, N, C, D)`` inputs, ``W, S`` the
-    stacked chunk-start states): ``beta_i W0 z_i + c_i S0 z_i - sum_j 2 mix_ij (x_j . z_i) u_j``."""
+    stacked chunk-start states): ``beta_i W0 z_i + c_i S0 z_i - sum_j 2 P_ij theta_j (x_j . z_i) u_j``.
+    """
     y = (cf.beta.unsqueeze(-1) * z) @ W.mT + (cf.carry.unsqueeze(-1) * z) @ S.mT
-    scores = cf.mix * ((-2 * z) @ x.mT)  # the -2 on the small factor, not on the C x C product
+    # -2 theta_j scales the C x D factor x, not the C x C scores: two fewer C x C passes (the
+    # product with theta forward, its gradient backward) than scoring with mix = P o theta.
+    scores = cf.decay_mix * (z @ ((-2 * cf.theta).unsqueeze(-1) * x).mT)
     return y + scores @ u
 
 
@@ -97,20 +102,67 @@ def linear_chunk_step(
     return (u, *_hand_over(W, S, u, minus_mix_k, minus_surprise_k, decay))
 
 
+class _LinearHandOver(torch.autograd.Function):
+    """The chunk-to-chunk loop of the linear memory as one autograd op, tensors ``(B*H, N, ...)``.
+
+    Returns the chunk-start states ``Ws, Ss``, the half-gradients ``us`` and the final state.
+    The forward runs ``step`` (eager or compiled) chunk by chunk; the backward is the reverse loop
+    written out. Through autograd every chunk would be about 15 recorded nodes whose engine
+    overhead outweighs their (D x D) work; written out, only the gradients that feed the next
+    (earlier) chunk are sequential, 6 ops a chunk::
+
+        du_n = gu_n + mk_n dW_{n+1}^T + sk_n dS_{n+1}^T        (mk/sk: minus_mix_k/minus_surprise_k)
+        dW_n = gW_n + b_n dW_{n+1} + du_n^T k_n                dS_n = gS_n + c_n dW_{n+1} + a_n dS_{n+1}
+
+    and everything else (the gradients of k, v, mk, sk and the decays) is a few batched ops
+    over all chunks after the loop.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, W: Tensor, S: Tensor, k: Tensor, v: Tensor, mk: Tensor, sk: Tensor, decay: Tensor, step: Callable
+    ):
+        saved = []
+        for inputs in zip(*(t.unbind(1) for t in (k, v, mk, sk, decay))):
+            u, W_end, S_end = step(W, S, *inputs)
+            saved.append((W, S, u))
+            W, S = W_end, S_end
+        Ws, Ss, us = (torch.stack(ts, 1) for ts in zip(*saved))
+        ctx.save_for_backward(Ws, Ss, us, k, mk, sk, decay)
+        return Ws, Ss, us, W, S
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gWs: Tensor, gSs: Tensor, gus: Tensor, dW: Tensor, dS: Tensor):
+        Ws, Ss, us, k, mk, sk, decay = ctx.saved_tensors
+        N = k.shape[1]
+        b, c, a = decay.unbind(2)
+        dWs_next, dSs_next, dus = [None] * N, [None] * N, [None] * N
+        for n in range(N - 1, -1, -1):
+            dWs_next[n], dSs_next[n] = dW, dS
+            du = torch.baddbmm(gus[:, n], mk[:, n], dW.mT).baddbmm_(sk[:, n], dS.mT)
+            dW, dS = (
+                torch.addcmul(gWs[:, n], b[:, n], dW).baddbmm_(du.mT, k[:, n]),
+                torch.addcmul(gSs[:, n], c[:, n], dW).addcmul_(a[:, n], dS),
+            )
+            dus[n] = du
+        dW_next, dS_next, du = (torch.stack(ts, 1) for ts in (dWs_next, dSs_next, dus))
+        # W_{n+1} = b W_n + c S_n + u_n^T mk_n,  S_{n+1} = a S_n + u_n^T sk_n,  u_n = k_n W_n^T - v_n
+        grad_decay = torch.stack(
+            [(dW_next * Ws).sum((-2, -1)), (dW_next * Ss).sum((-2, -1)), (dS_next * Ss).sum((-2, -1))], 2
+        )[..., None, None]
+        return dW, dS, du @ Ws, -du, us @ dW_next, us @ dS_next, grad_decay, None
+
+
 def _linear_memory(
     q: Tensor, k: Tensor, v: Tensor, cf: ChunkCoefficients, start: MemoryState, C: int, step: Callable
 ):
     B, H, T, _ = q.shape
     qs, ks, vs = (_chunked(t, C) for t in (q, k, v))
     minus_mix, minus_surprise = _end_weights(cf)
-    per_chunk = zip(*map(_per_chunk, (ks, vs, minus_mix * ks, minus_surprise * ks, _decays(cf))))
-    W, S = _start(start, 0)
-    saved = []
-    for inputs in per_chunk:
-        u, W_end, S_end = step(W, S, *inputs)
-        saved.append((W, S, u))
-        W, S = W_end, S_end
-    Ws, Ss, us = (_stacked(ts, B, H) for ts in zip(*saved))
+    per_chunk = (t.flatten(0, 1) for t in (ks, vs, minus_mix * ks, minus_surprise * ks, _decays(cf)))
+    Ws, Ss, us, W, S = _LinearHandOver.apply(*_start(start, 0), *per_chunk, step)
+    Ws, Ss, us = (t.unflatten(0, (B, H)) for t in (Ws, Ss, us))
     y = _read_out(qs, ks, us, Ws, Ss, cf).flatten(2, 3)[:, :, :T]
     return y, MemoryState((W.unflatten(0, (B, H)),), (S.unflatten(0, (B, H)),))
 

@@ -299,13 +299,17 @@ def triton_linear_titans_memory(
     C = min(chunk_size, T)
     N = -(-T // C)
     cast = lambda t: t.to(compute_dtype)  # noqa: E731
-    coeffs = chunk_coefficients(cast(theta), cast(eta), cast(alpha), C)
+    cf = chunk_coefficients(cast(theta), cast(eta), cast(alpha), C)
     start = initial_state(ws, B, state)
     W0, S0 = cast(start.weights[0]), cast(start.momentum[0])
 
     def tokens(t: Tensor) -> Tensor:  # (B, H, T, D) -> padded, contiguous (B*H, N*C, D)
         return F.pad(cast(t), (0, 0, 0, N * C - T)).reshape(B * H, N * C, t.shape[-1]).contiguous()
 
+    # The kernels take the theta-scaled mix (the chunk kernel scales its keys by theta instead).
+    coeffs = (
+        cf.beta, cf.carry, cf.mix(), cf.beta_end, cf.carry_end, cf.momentum_end, cf.mix_end, cf.surprise_end,
+    )  # fmt: skip
     flat = [c.reshape(B * H, *c.shape[2:]).contiguous() for c in coeffs]
     y, W, S = _LinearChunkFunction.apply(
         tokens(q), tokens(k), tokens(v), *flat,
