@@ -1,14 +1,35 @@
 """Long-context recall: train (or load) each model on one task, then accuracy vs context length.
 
-Default evaluation (one task × 3 models, 60 training steps of 16×256 bytes each, 8 test samples
-at each of 1K/2K/4K/8K/16K, batch 1, CPU):
+Default evaluation (3 models, each 300 training steps of 32×64 bytes on single-pair associative
+recall, then 16 test samples at the training length 64 and at 1K/2K/4K/8K/16K, batch 1, CPU):
 
-    .venv/bin/python benchmarks/longctx_eval.py --task passkey
+    .venv/bin/python benchmarks/longctx_eval.py
 
-Budget: from the quiet-machine training throughput in benchmarks/RESULTS.md (HOPE 2.6K, Titans
-7.1K, Transformer++ 9.4K tokens/s at 16×256) training is ≈ 96 + 35 + 26 s; testing is 8 × 31K
-bytes per model. Not measured end to end on a quiet machine: on the shared 2-core machine
-(load average 15–18) HOPE alone needed > 24 min for its 60 steps. Smaller: ``--steps 5 --num-test 1``.
+The default task is MQAR with one key–value pair (``recipes/longctx/*_mqar_tiny.yaml``): a random
+value byte follows its key at a uniform depth in random filler; the answer is that value (chance
+1/64), so it can only come from the context. It is the setting found to be learned within the CPU
+budget. One run of this default with 8 test samples per length (load 1–2, 596 s end to end),
+exact match at 64 / 1K / 2K / 4K / 8K / 16K bytes:
+
+    Transformer++  0.75 / 0.25 / 0.62 / 0 / 0.12 / 0
+    Titans         0.75 / 0    / 0    / 0 / 0    / 0
+    HOPE           0    / 0    / 0    / 0 / 0    / 0     (its answer loss stayed at chance)
+
+Transformer++ did not learn within the same budget with 24×128-byte batches (answer loss still at
+chance, ln 64, after 210 steps) nor with two pairs, 32×64 (50% per byte, 0% exact: a stored value,
+not the queried key's; ``--override=--data.init_args.num_pairs=2``). The old default, the 5-digit
+passkey after 60 steps of 16×256, was 0% everywhere. Testing at the training length first shows
+what was learned; the longer lengths show how far it extrapolates.
+
+Budget (idle 2-core machine): 300 × 32 × 64 = 614,400 training tokens per model; at the idle
+training throughput in docs/results.md (HOPE 1.6K, Titans 4.0K, Transformer++ 6.1K tokens/s, at
+16×256) that is ≈ 377 + 154 + 100 = 631 s; measured at 32×64 in that run: 231 + 122 + 84
+= 437 s. Testing reads 16 × (64 + 1K + 2K + 4K + 8K + 16K) = 510K bytes per model, forward only,
+dominated by 16K (Transformer++'s attention is quadratic); measured for 8 samples: 74 + 23 + 53 =
+150 s, so ≈ 300 s for 16. Total ≈ 596 + 150 s ≈ 12.5 min (the 8-sample run above took 596 s).
+On a loaded machine try ``OMP_NUM_THREADS=1``: on the shared 2-core machine (load 7–10) a step took
+~5× longer with torch's default two threads than with one (not a controlled comparison). Smaller:
+``--steps 5 --num-test 1``.
 
 For every model in ``--models`` it builds ``recipes/longctx/<model>_<task>_tiny.yaml`` exactly as
 ``nl-lightning fit`` would, trains ``--steps`` optimizer steps (same for every model) or loads
@@ -25,7 +46,8 @@ Lengths whose sliding-window attention scores would need more than ``--memory-bu
 attention is linear in T: Titans-tiny at 16K needs ~0.1 GiB) are skipped with a message. Longer settings, GPU:
 
     .venv/bin/python benchmarks/longctx_eval.py --task mqar --steps 2000 --num-test 64 \\
-        --lengths 1024 4096 16384 32768 65536 --memory-budget-gb 40 --override=--trainer.accelerator=gpu
+        --lengths 512 4096 16384 32768 65536 --memory-budget-gb 40 --override=--trainer.accelerator=gpu \\
+        --override=--data.init_args.num_pairs=8 --override=--data.init_args.train_length=512
 """
 
 from __future__ import annotations
@@ -43,15 +65,18 @@ from nl_lightning.evaluation import evaluate_by_length, log_to_tensorboard, plot
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("hope", "titans", "transformer")
 TASKS = ("passkey", "niah", "mqar")
+DEFAULT_STEPS = 300  # the recipes' max_steps; the budget arithmetic above
+EXTRAPOLATION_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=TASKS, default="passkey")
+    parser.add_argument("--task", choices=TASKS, default="mqar")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--steps", type=int, default=60, help="training steps per model (same for all)")
-    parser.add_argument("--num-test", type=int, default=8, help="test samples per length")
+    parser.add_argument("--lengths", nargs="+", type=int, default=None,
+                        help=f"test lengths (default: training length, then {list(EXTRAPOLATION_LENGTHS)})")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps per model (same for all)")
+    parser.add_argument("--num-test", type=int, default=16, help="test samples per length")
     parser.add_argument("--ckpt", nargs="*", default=[], metavar="MODEL=PATH",
                         help="evaluate these checkpoints instead of training (e.g. hope=runs/.../last.ckpt)")
     parser.add_argument("--memory-budget-gb", type=float, default=2.0)
@@ -70,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         checkpoints[name] = Path(path)
     args.checkpoints = checkpoints
     return args
+
+
+def lengths_to_evaluate(requested: list[int] | None, train_length: int) -> list[int]:
+    """``--lengths`` as given, or the training length followed by 1K..16K: in-distribution accuracy
+    next to the extrapolation, so a model that learned the task but does not extrapolate shows it."""
+    return sorted(set(requested)) if requested else sorted({train_length, *EXTRAPOLATION_LENGTHS})
 
 
 def run_model(name: str, args: argparse.Namespace, out_dir: Path):
@@ -92,8 +123,9 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path):
     else:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     train_s = time.perf_counter() - started
-    results = evaluate_by_length(cli.trainer, cli.model, cli.datamodule, args.lengths, name, args.memory_budget_gb)
-    return results, train_s, time.perf_counter() - started - train_s
+    lengths = lengths_to_evaluate(args.lengths, cli.datamodule.train_length)
+    results = evaluate_by_length(cli.trainer, cli.model, cli.datamodule, lengths, name, args.memory_budget_gb)
+    return results, train_s, time.perf_counter() - started - train_s, cli.datamodule.train_length
 
 
 def main(argv: list[str] | None = None) -> list:
@@ -101,18 +133,19 @@ def main(argv: list[str] | None = None) -> list:
     out_dir = args.out / args.task
     results, timings, started = [], {}, time.perf_counter()
     for name in args.models:
-        model_results, train_s, eval_s = run_model(name, args, out_dir)
+        model_results, train_s, eval_s, train_length = run_model(name, args, out_dir)
         results += model_results
         timings[name] = (train_s, eval_s)
     csv_path = write_csv(results, out_dir / "accuracy_vs_length.csv")
-    figure = plot_accuracy_vs_length(results)
+    figure = plot_accuracy_vs_length(results, train_length)
     png_path = out_dir / "accuracy_vs_length.png"
     figure.savefig(png_path, dpi=120)
     with SummaryWriter(str(out_dir / "summary")) as writer:
         log_to_tensorboard(writer, results, figure)
 
-    print(f"\n| model | {' | '.join(str(n) for n in sorted(args.lengths))} | train s | eval s |")
-    print(f"|---|{'---|' * len(args.lengths)}---|---|")
+    lengths = sorted({r.length for r in results})
+    print(f"\n| model | {' | '.join(str(n) for n in lengths)} | train s | eval s |")
+    print(f"|---|{'---|' * len(lengths)}---|---|")
     for name in args.models:
         cells = [f"{r.accuracy:.2f}" if r.status == "ok" else "skip" for r in results if r.model == name]
         print(f"| {name} | {' | '.join(cells)} | {timings[name][0]:.0f} | {timings[name][1]:.0f} |")

@@ -43,13 +43,15 @@ def test_niah_answer_is_the_code_of_the_named_needle(niah_data):
         assert re.findall(rb"The secret code of " + name + rb" is (\d+)\.", context) == [answer]
 
 
-def test_mqar_every_queried_value_is_the_value_paired_with_its_key_in_the_context():
+# (1, 1, 64): the default of recipes/longctx/*_mqar_tiny.yaml
+@pytest.mark.parametrize("num_pairs, num_queries, length", [(8, 5, 300), (1, 1, 64)])
+def test_mqar_every_queried_value_is_the_value_paired_with_its_key_in_the_context(num_pairs, num_queries, length):
     for index in range(20):
-        sample = make_mqar(np.random.default_rng(index), 300, num_pairs=8, num_queries=5)
+        sample = make_mqar(np.random.default_rng(index), length, num_pairs=num_pairs, num_queries=num_queries)
         tokens, answers = sample.tokens, np.flatnonzero(sample.answer_mask)
-        assert len(answers) == 5
+        assert len(tokens) == length and len(answers) == num_queries
         context = tokens[: answers[0] - 1]
-        assert np.isin(context, MQAR_KEYS).sum() == 8 and np.isin(context, MQAR_VALUES).sum() == 8
+        assert np.isin(context, MQAR_KEYS).sum() == num_pairs and np.isin(context, MQAR_VALUES).sum() == num_pairs
         for position in answers:
             key, value = tokens[position - 1], tokens[position]
             (key_at,) = np.flatnonzero(context == key)

@@ -95,10 +95,40 @@ def test_cli_test_from_a_checkpoint_logs_accuracy_at_every_eval_length(workdir):
     assert {"test/accuracy@256", "test/accuracy@512", "test/token_accuracy@512", "test/loss@256"} <= scalar_tags(version)
 
 
-def test_two_length_evaluation_writes_csv_plot_and_tensorboard_and_skips_what_does_not_fit(workdir):
+def test_cli_test_stops_before_a_length_whose_attention_scores_exceed_the_memory_budget(workdir):
+    titans = Titans(preset="tiny")
+    budget_gb = (attention_score_bytes(titans, 256, 1) + attention_score_bytes(titans, 512, 1)) / 2 / 2**30
+    test_dir = workdir / "runs-memory-guard"
+    with pytest.raises(ValueError, match=r"attention at 512 needs ~[\d.]+ GiB of scores \([\d,]+ bytes.*eval_lengths"):
+        main([
+            "test", "--config", str(REPO_ROOT / "recipes/longctx/titans_mqar_tiny.yaml"),
+            f"--model.init_args.test_memory_budget_gb={budget_gb}", "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={test_dir}", *small_data_args(workdir, "[256, 512]"),
+        ])
+
+
+def load_longctx_eval():
     spec = importlib.util.spec_from_file_location("longctx_eval", REPO_ROOT / "benchmarks/longctx_eval.py")
-    longctx_eval = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(longctx_eval)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_default_evaluation_tests_the_training_length_before_the_long_ones():
+    longctx_eval = load_longctx_eval()
+    args = longctx_eval.parse_args([])
+    assert args.task == "mqar" and args.lengths is None
+    recipe = yaml.safe_load((REPO_ROOT / f"recipes/longctx/transformer_{args.task}_tiny.yaml").read_text())
+    train_length = recipe["data"]["init_args"]["train_length"]
+    assert longctx_eval.lengths_to_evaluate(args.lengths, train_length) == [train_length, 1024, 2048, 4096, 8192, 16384]
+    assert longctx_eval.lengths_to_evaluate([512, 256, 512], train_length) == [256, 512]
+    # `nl-lightning fit`/`test` on the recipe train as long and test the same lengths as the script's default run.
+    assert recipe["data"]["init_args"]["eval_lengths"] == [train_length, 1024, 2048, 4096, 8192, 16384]
+    assert recipe["trainer"]["max_steps"] == args.steps
+
+
+def test_two_length_evaluation_writes_csv_plot_and_tensorboard_and_skips_what_does_not_fit(workdir):
+    longctx_eval = load_longctx_eval()
     out = workdir / "eval"
     # A budget between Titans-tiny's attention scores at 256 and at 512 tokens (eval batch size 1).
     titans = Titans(preset="tiny")

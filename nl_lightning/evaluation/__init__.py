@@ -2,6 +2,7 @@
 
 from nl_lightning.evaluation.longctx import (
     LengthResult,
+    attention_memory_excess,
     attention_score_bytes,
     evaluate_by_length,
     log_to_tensorboard,
@@ -12,6 +13,7 @@ from nl_lightning.evaluation.longctx import (
 
 __all__ = [
     "LengthResult",
+    "attention_memory_excess",
     "attention_score_bytes",
     "evaluate_by_length",
     "log_to_tensorboard",

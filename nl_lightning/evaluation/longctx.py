@@ -59,6 +59,20 @@ def attention_score_bytes(network: nn.Module, length: int, batch_size: int) -> i
     return max(per_layer, default=0)
 
 
+def attention_memory_excess(network: nn.Module, length: int, batch_size: int, memory_budget_gb: float) -> str | None:
+    """Why ``length`` does not fit ``memory_budget_gb`` of attention scores, or ``None`` when it does.
+
+    The message names the length, the estimated bytes and the budget; callers add their own fix.
+    """
+    if memory_budget_gb <= 0:
+        raise ValueError(f"memory_budget_gb must be positive, got {memory_budget_gb}")
+    needed = attention_score_bytes(network, length, batch_size)
+    if needed <= memory_budget_gb * 2**30:
+        return None
+    return (f"sliding-window attention at {length} needs ~{needed / 2**30:.2f} GiB of scores "
+            f"({needed:,} bytes at batch {batch_size}) > memory budget {memory_budget_gb} GiB")
+
+
 def evaluate_by_length(
     trainer: Trainer,
     model: LightningModule,
@@ -75,14 +89,17 @@ def evaluate_by_length(
     """
     if memory_budget_gb <= 0:
         raise ValueError(f"memory_budget_gb must be positive, got {memory_budget_gb}")
-    original = datamodule.eval_lengths
+    original = datamodule.eval_lengths, getattr(model, "test_memory_budget_gb", None)
+    # This loop skips what does not fit, so the model's own guard (which stops `nl-lightning test`
+    # with an error) uses the same budget and never fires on a length that passed here.
+    if hasattr(model, "test_memory_budget_gb"):
+        model.test_memory_budget_gb = memory_budget_gb
     results = []
     try:
         for length in sorted(lengths):
-            needed = attention_score_bytes(model.network, length, datamodule.eval_batch_size)
-            if needed > memory_budget_gb * 2**30:
-                reason = (f"skipped: sliding-window attention at {length} needs ~{needed / 2**30:.2f} GiB of "
-                          f"scores > memory budget {memory_budget_gb} GiB (raise --memory-budget-gb, or use a GPU)")
+            excess = attention_memory_excess(model.network, length, datamodule.eval_batch_size, memory_budget_gb)
+            if excess is not None:
+                reason = f"skipped: {excess} (raise --memory-budget-gb, or use a GPU)"
                 log(f"{model_name} @ {length}: {reason}")
                 results.append(LengthResult(model_name, datamodule.task, length, float("nan"), float("nan"), 0, 0.0, reason))
                 continue
@@ -104,7 +121,9 @@ def evaluate_by_length(
                 f"on {result.num_samples} samples in {seconds:.0f}s")
             results.append(result)
     finally:
-        datamodule.eval_lengths = original
+        datamodule.eval_lengths = original[0]
+        if hasattr(model, "test_memory_budget_gb"):
+            model.test_memory_budget_gb = original[1]
     return results
 
 
@@ -127,9 +146,10 @@ def read_csv(path: str | Path) -> list[LengthResult]:
         ]
 
 
-def plot_accuracy_vs_length(results: list[LengthResult]):
+def plot_accuracy_vs_length(results: list[LengthResult], train_length: int | None = None):
     """A matplotlib Figure: exact-match accuracy (solid) and per-byte accuracy (dashed) per model,
-    log₂ length axis; skipped lengths are marked with an x on the axis."""
+    log₂ length axis; skipped lengths are marked with an x on the axis, ``train_length`` (if given)
+    with a vertical line: left of it is in-distribution, right of it extrapolation."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: the evaluation runs on servers and in tests
@@ -145,6 +165,8 @@ def plot_accuracy_vs_length(results: list[LengthResult]):
         skipped = [r.length for r in points if r.status != "ok"]
         if skipped:
             ax.plot(skipped, [0.0] * len(skipped), "x", color=line.get_color(), ms=9, label=f"{name} (skipped)")
+    if train_length is not None:
+        ax.axvline(train_length, color="gray", ls=":", label=f"training length ({train_length})")
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("context length (bytes)")

@@ -10,6 +10,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
 
+from nl_lightning.evaluation.longctx import attention_memory_excess
 from nl_lightning.metrics import AnswerAccuracy
 from nl_lightning.modules.language_model import LanguageModel
 
@@ -26,7 +27,14 @@ class RecallModel(LanguageModel):
 
     Logged: ``train/loss``, ``train/token_accuracy``; ``val/{loss,accuracy,token_accuracy}`` at the
     training length; ``test/{loss,accuracy,token_accuracy}@<length>`` per test sequence length
-    (``accuracy`` = exact match of the whole answer). Args are LanguageModel's.
+    (``accuracy`` = exact match of the whole answer).
+
+    Args (the others are LanguageModel's):
+        test_memory_budget_gb: before testing, every ``eval_lengths`` value of the DataModule is
+            checked against this many GiB of sliding-window attention scores (the part of the
+            memory that grows with the length; ``attention_score_bytes``): a length over it stops
+            ``test`` with an error naming it, instead of running out of memory mid-evaluation.
+            ``None`` turns the check off.
     """
 
     def __init__(
@@ -36,8 +44,12 @@ class RecallModel(LanguageModel):
         warmup_steps: int = 100,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         min_lr_ratio: float = 0.1,
+        test_memory_budget_gb: float | None = 4.0,
     ) -> None:
         super().__init__(network, optimizer, warmup_steps, lr_schedule, min_lr_ratio)
+        if test_memory_budget_gb is not None and test_memory_budget_gb <= 0:
+            raise ValueError(f"test_memory_budget_gb must be positive or None (no check), got {test_memory_budget_gb}")
+        self.test_memory_budget_gb = test_memory_budget_gb
         # Replace LanguageModel's perplexity/bpb metrics: they are per-byte LM quantities. Test
         # metrics are created per sequence length as lengths appear (see `_stage_metrics`).
         self.metrics = nn.ModuleDict({"val": self._new_metrics()})
@@ -51,8 +63,23 @@ class RecallModel(LanguageModel):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None)
-        for length in getattr(datamodule, "eval_lengths", ()):
+        lengths = list(getattr(datamodule, "eval_lengths", ()))
+        if stage == "test":
+            self._check_test_memory(lengths, getattr(datamodule, "eval_batch_size", 1))
+        for length in lengths:
             self._stage_metrics(f"test@{length}")
+
+    def _check_test_memory(self, lengths: list[int], batch_size: int) -> None:
+        if self.test_memory_budget_gb is None:
+            return
+        budget = self.test_memory_budget_gb
+        excess = [e for n in lengths if (e := attention_memory_excess(self.network, n, batch_size, budget))]
+        if excess:
+            raise ValueError(
+                "; ".join(excess) + ". Drop those lengths from data.init_args.eval_lengths, lower "
+                "data.init_args.eval_batch_size, raise model.init_args.test_memory_budget_gb (null: no check) "
+                "on a machine with that memory, or run benchmarks/longctx_eval.py, which skips them"
+            )
 
     def _stage_metrics(self, key: str) -> nn.ModuleDict:
         if key not in self.metrics:
