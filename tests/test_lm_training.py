@@ -25,3 +25,30 @@ def test_validation_loss_falls_within_a_short_run(family, tmp_path):
     (after,) = trainer.validate(module, data, verbose=False)
     assert before["val/loss"] == pytest.approx(math.log(256), abs=0.15)
     assert after["val/loss"] < before["val/loss"] - 1.5, (before, after)
+
+
+def _load_lm_compare():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_compare.py"
+    spec = importlib.util.spec_from_file_location("lm_compare", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lm_compare_trains_in_a_subprocess_and_prints_the_table(tmp_path, capsys):
+    """benchmarks/lm_compare.py end to end at its smallest: one step, one seed, one model."""
+    runs = _load_lm_compare().main(["--steps", "1", "--seeds", "0", "--models", "transformer",
+                                    "--val-batches", "1", "--out", str(tmp_path)])
+    (result,) = runs["transformer"]
+    assert result["tokens"] == 16 * 256  # one step of the recipe's batch × sequence length
+    assert math.isfinite(result["bpb"]) and 6.0 < result["bpb"] < 9.0  # near log2(256) after one step
+    assert result["tokens_per_s"] > 0 and result["max_rss_mib"] > 0
+    assert "| transformer | 1,869,504 | 4,096 |" in capsys.readouterr().out
+
+
+def test_lm_compare_refuses_a_non_positive_step_count():
+    with pytest.raises(SystemExit):
+        _load_lm_compare().main(["--steps", "0"])
