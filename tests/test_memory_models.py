@@ -146,3 +146,20 @@ def test_hope_stacked_projection_readout_matches_the_residual_mlp_per_memory():
     grads = [torch.autograd.grad((out * weight).sum(), (z, *state)) for out in (fast, reference)]
     for name, a, e in zip(["z", "W1", "W2"], *grads):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_hope_dgd_max_step_sets_the_memory_step_and_rejects_non_positive_values():
+    from nl_lightning.models import ModelConfig
+
+    with pytest.raises(ValueError, match="dgd_max_step must be a positive number, got 0"):
+        ModelConfig(dgd_max_step=0)
+    torch.manual_seed(0)
+    default = Hope("tiny", overrides={"n_layer": 1}).blocks[0].mixer
+    larger = Hope("tiny", overrides={"n_layer": 1, "dgd_max_step": 32.0}).blocks[0].mixer
+    raw = torch.randn(2, 16, default.config.d_model)
+    for heads in (True, False):  # main-memory heads and the projection memories
+        eta_default = default._gate("eta", raw, heads=heads)
+        eta_larger = larger._gate("eta", raw, heads=heads)
+        torch.testing.assert_close(eta_larger, 64 * eta_default)
+        chunk = default.config.chunk_size if heads else default.config.proj_chunk_size
+        assert eta_default.max() <= 0.5 / chunk  # the documented cap: dgd_max_step · σ / C

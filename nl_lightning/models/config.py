@@ -36,6 +36,10 @@ class ModelConfig:
     attn_every: int = 2  # every attn_every-th layer is sliding-window attention, the rest memory
     # -- HOPE --
     proj_chunk_size: int = 64  # chunk size of the self-modifying projection memories (k, v, η, α)
+    # Largest DGD step the tokens of one chunk add up to: η_t = dgd_max_step · σ(·) / chunk size.
+    # 0.5 keeps language modelling stable; it also makes one token's write tiny (≤ 0.008 at C=64),
+    # too small for one-shot recall (docs/results.md: ×64 lets HOPE learn one-pair recall).
+    dgd_max_step: float = 0.5
     cms_periods: tuple[int, ...] = (1, 4, 16)  # training-step period of each CMS level (NestedScheduler)
     cms_hidden: int | None = None  # SwiGLU width of a CMS level; None matches Transformer++'s parameter count
     cms_in_context: bool = False  # in-context fast weights: level ℓ also updates every cms_context_periods[ℓ] tokens
@@ -59,6 +63,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got d_model/n_head = {self.head_dim}")
+        if not isinstance(self.dgd_max_step, (int, float)) or not self.dgd_max_step > 0:
+            raise ValueError(f"ModelConfig.dgd_max_step must be a positive number, got {self.dgd_max_step!r}")
         if self.memory_kind not in ("linear", "mlp"):
             raise ValueError(f"memory_kind must be 'linear' or 'mlp', got {self.memory_kind!r}")
         if not self.cms_periods or any(not isinstance(p, int) or p <= 0 for p in self.cms_periods):

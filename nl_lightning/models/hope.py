@@ -32,7 +32,7 @@ def residual_mlp_weights(heads: int, dim: int, hidden: int) -> nn.ParameterList:
     """Initial state (W1, W2) of ``M(z) = z + W1 silu(W2 z)``.
 
     W1 starts small (the MLP part is ~10% of |z|): the curvature of the inner loss w.r.t. W2
-    grows with |W1|², and a large W1 makes the DGD steps overshoot (see ``MAX_STEP``).
+    grows with |W1|², and a large W1 makes the DGD steps overshoot (see ``ModelConfig.dgd_max_step``).
     """
     return nn.ParameterList(
         [
@@ -52,7 +52,6 @@ class SelfModifyingMemory(nn.Module):
     """HOPE's token mixer."""
 
     INITIAL_GATES = {"eta": 0.5, "alpha": 0.99}  # DGD step gate and retention at the start
-    MAX_STEP = 0.5  # η_t = MAX_STEP · σ(·) / chunk size (see ``_gate``)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -82,7 +81,7 @@ class SelfModifyingMemory(nn.Module):
         gradient is taken at the chunk-start state, so on repetitive text (near-identical keys)
         C tokens add up to one step of C·η on a stale error: without the 1/C the chunked update
         overshoots and diverges (seen as NaN after ~100 training steps on the stdlib corpus).
-        ``MAX_STEP`` keeps that chunk step below the stability limit of the residual-MLP
+        ``config.dgd_max_step`` (default 0.5) keeps that chunk step below the stability limit of the residual-MLP
         memories' inner loss at their initial scale.
         """
         h, bias = self.config.n_head, self.gate_bias[name]
@@ -92,7 +91,7 @@ class SelfModifyingMemory(nn.Module):
         else:
             gate = torch.sigmoid(raw.mean(-1) + bias[h])
             chunk = self.config.proj_chunk_size
-        return self.MAX_STEP * gate / chunk if name == "eta" else gate
+        return self.config.dgd_max_step * gate / chunk if name == "eta" else gate
 
     def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the self-modifying projection memories over the sequence: k, v, η, α for every token."""
