@@ -7,6 +7,12 @@ steps (after ``--warmup`` untimed ones; the recipes take turns step by step), an
 ``torch.utils.flop_counter``, forward + backward), and MFU = achieved FLOP/s divided by this
 machine's matmul peak measured in the same run. Ratios between rows are the meaningful numbers;
 absolute values depend on the machine and its load.
+
+Attention FLOPs: torch's counter has formulas for the CUDA attention kernels but not for the CPU
+one (``_scaled_dot_product_flash_attention_for_cpu``), which it silently counts as 0 — on CPU that
+hid Transformer++'s whole attention cost. ``count_cpu_attention`` registers torch's own SDPA
+formulas for it, so CPU and GPU counts agree. Like torch's, they count the full T×T score matrix
+even for causal attention (whose kernel skips about half of it).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from nl_lightning.cli import build_cli
@@ -32,6 +39,19 @@ def matmul_peak_flops(size: int = 1024, repeats: int = 20) -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def count_cpu_attention() -> None:
+    """Give FlopCounterMode torch's SDPA formulas for the CPU attention kernel (idempotent)."""
+    aten = torch.ops.aten
+    formulas = {
+        aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.sdpa_flop,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: flop_counter.sdpa_backward_flop,
+    }
+    for op, formula in formulas.items():
+        if op not in flop_counter.flop_registry:
+            # get_raw: torch's formulas are already wrapped to take tensor shapes.
+            flop_counter.register_flop_formula(op, get_raw=True)(formula)
 
 
 def build(recipe: Path, overrides: list[str]):
@@ -93,6 +113,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
+    count_cpu_attention()
     peak = matmul_peak_flops()
     runs = [Run(recipe, args.override) for recipe in args.recipes]
     for _ in range(args.warmup):
