@@ -8,11 +8,13 @@ steps (after ``--warmup`` untimed ones; the recipes take turns step by step), an
 machine's matmul peak measured in the same run. Ratios between rows are the meaningful numbers;
 absolute values depend on the machine and its load.
 
-Attention FLOPs: torch's counter has formulas for the CUDA attention kernels but not for the CPU
-one (``_scaled_dot_product_flash_attention_for_cpu``), which it silently counts as 0 — on CPU that
-hid Transformer++'s whole attention cost. ``count_cpu_attention`` registers torch's own SDPA
-formulas for it, so CPU and GPU counts agree. Like torch's, they count the full T×T score matrix
-even for causal attention (whose kernel skips about half of it).
+Two corrections to torch's FLOP counter (``FLOP_FORMULAS``, passed as its ``custom_mapping``):
+it has formulas for the CUDA attention kernels but not for the CPU one
+(``_scaled_dot_product_flash_attention_for_cpu``), which it counted as 0 — on CPU that hid
+Transformer++'s whole attention cost; and its convolution backward ignores ``groups``, which
+counted the depthwise causal convolutions of Titans and HOPE as dense ones (22 of Titans-tiny's
+76 GFLOP at B=4, T=1024, against a real cost of a few MFLOP). Attention is counted like torch's
+GPU formulas, the full T×T score matrix even when causal (the kernel skips about half of it).
 """
 
 from __future__ import annotations
@@ -41,17 +43,35 @@ def matmul_peak_flops(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size**3 / best
 
 
-def count_cpu_attention() -> None:
-    """Give FlopCounterMode torch's SDPA formulas for the CPU attention kernel (idempotent)."""
-    aten = torch.ops.aten
-    formulas = {
-        aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.sdpa_flop,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: flop_counter.sdpa_backward_flop,
-    }
-    for op, formula in formulas.items():
-        if op not in flop_counter.flop_registry:
-            # get_raw: torch's formulas are already wrapped to take tensor shapes.
-            flop_counter.register_flop_formula(op, get_raw=True)(formula)
+def _attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _attention_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _convolution_backward_flop(
+    grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed, _output_padding,
+    _groups, output_mask, out_shape=None,
+) -> int:
+    """Each requested gradient (input, weight) costs one forward convolution. The forward count
+    reads the weight's (out, in / groups, ...) shape, so a grouped convolution counts its real work."""
+    forward = flop_counter.conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+aten = torch.ops.aten
+FLOP_FORMULAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _attention_flop,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flop,
+    aten.convolution_backward: _convolution_backward_flop,
+}
+
+
+def count_flops() -> FlopCounterMode:
+    """torch's FLOP counter with the corrections above."""
+    return FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
 
 
 def build(recipe: Path, overrides: list[str]):
@@ -77,7 +97,7 @@ class Run:
         self.module.train()
         self.optimizer = self.module.optimizer_factory(self.module._param_groups())
         self.batches = iter(data.train_dataloader())
-        with FlopCounterMode(display=False) as counter:
+        with count_flops() as counter:
             self.step()
         self.flops_per_step = counter.get_total_flops()
         self.seconds, self.tokens, self.steps = 0.0, 0, 0
@@ -113,7 +133,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    count_cpu_attention()
     peak = matmul_peak_flops()
     runs = [Run(recipe, args.override) for recipe in args.recipes]
     for _ in range(args.warmup):

@@ -1,4 +1,5 @@
-"""The throughput benchmark's FLOP count includes attention on CPU."""
+"""The throughput benchmark's FLOP count: attention on CPU is counted, grouped convolutions are not
+counted as dense ones."""
 
 from __future__ import annotations
 
@@ -20,13 +21,31 @@ def load_throughput():
 
 
 def test_cpu_attention_flops_are_counted():
-    throughput = load_throughput()
-    throughput.count_cpu_attention()
-    throughput.count_cpu_attention()  # registering twice is harmless
     shape = (2, 3, 32, 8)
     q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-    with FlopCounterMode(display=False) as counter:
+    with load_throughput().count_flops() as counter:
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
     expected = sdpa_flop_count(shape, shape, shape) + sdpa_backward_flop_count(shape, shape, shape, shape)
     assert expected > 0
     assert counter.get_total_flops() == expected
+
+
+def conv_flops(counter_factory, groups: int) -> tuple[int, int]:
+    """(forward, backward) FLOPs of a 1-D convolution with 8 channels and kernel 4."""
+    conv = torch.nn.Conv1d(8, 8, 4, groups=groups, bias=False)
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    with counter_factory() as forward:
+        y = conv(x)
+    with counter_factory() as backward:
+        y.sum().backward()
+    return forward.get_total_flops(), backward.get_total_flops()
+
+
+def test_convolution_backward_counts_grouped_work():
+    throughput = load_throughput()
+    # Depthwise: the backward (input and weight gradients) is two forwards' worth of work.
+    forward, backward = conv_flops(throughput.count_flops, groups=8)
+    assert forward == 2 * 2 * 29 * 8 * 4  # 2 FLOPs x batch x positions x channels x taps
+    assert backward == 2 * forward
+    # Dense: the same count as torch's own formula.
+    assert conv_flops(throughput.count_flops, groups=1) == conv_flops(lambda: FlopCounterMode(display=False), groups=1)
