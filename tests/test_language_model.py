@@ -83,3 +83,13 @@ def test_validation_metrics_agree_with_each_other(tmp_path, text_dir):
     assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-4)
     assert metrics["val/bpb"] == pytest.approx(metrics["val/loss"] / math.log(2), rel=1e-4)
     assert metrics["val/loss"] == pytest.approx(math.log(256), abs=0.1)
+
+
+def test_a_non_finite_validation_batch_makes_the_loss_nan_instead_of_being_dropped():
+    """MeanMetric's default drops NaN with a warning and would report the finite batches' mean."""
+    from nl_lightning.modules.recall import RecallModel
+
+    for loss in (tiny_lm().metrics["val"]["loss"], RecallModel._new_metrics()["loss"]):
+        loss.update(torch.tensor(2.0))
+        loss.update(torch.tensor(float("nan")))
+        assert math.isnan(loss.compute())

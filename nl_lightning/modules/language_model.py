@@ -50,9 +50,12 @@ class LanguageModel(LightningModule):
         self.network = network
         self.optimizer_factory = optimizer
         self.warmup_steps, self.lr_schedule, self.min_lr_ratio = warmup_steps, lr_schedule, min_lr_ratio
+        # nan_strategy="disable": a non-finite batch makes the stage's loss NaN. MeanMetric's default
+        # drops NaN values with a warning, which reports the loss of the finite batches only and
+        # hides a diverging model (seen in HOPE runs with a large dgd_max_step).
         self.metrics = nn.ModuleDict(
             {
-                stage: nn.ModuleDict({"loss": MeanMetric(), "ppl": Perplexity(), "bpb": BitsPerByte()})
+                stage: nn.ModuleDict({"loss": MeanMetric(nan_strategy="disable"), "ppl": Perplexity(), "bpb": BitsPerByte()})
                 for stage in ("val", "test")
             }
         )

@@ -57,7 +57,11 @@ class RecallModel(LanguageModel):
     @staticmethod
     def _new_metrics() -> nn.ModuleDict:
         return nn.ModuleDict(
-            {"loss": MeanMetric(), "accuracy": AnswerAccuracy("answer"), "token_accuracy": AnswerAccuracy("token")}
+            {
+                "loss": MeanMetric(nan_strategy="disable"),  # NaN stays visible (see LanguageModel)
+                "accuracy": AnswerAccuracy("answer"),
+                "token_accuracy": AnswerAccuracy("token"),
+            }
         )
 
     def setup(self, stage: str) -> None:
