@@ -163,3 +163,16 @@ def test_hope_dgd_max_step_sets_the_memory_step_and_rejects_non_positive_values(
         torch.testing.assert_close(eta_larger, 64 * eta_default)
         chunk = default.config.chunk_size if heads else default.config.proj_chunk_size
         assert eta_default.max() <= 0.5 / chunk  # the documented cap: dgd_max_step · σ / C
+
+
+def test_hope_proj_dgd_max_step_caps_only_the_projection_memories():
+    from nl_lightning.models import ModelConfig
+
+    with pytest.raises(ValueError, match="proj_dgd_max_step must be a positive number, got -1"):
+        ModelConfig(proj_dgd_max_step=-1)
+    torch.manual_seed(0)
+    default = Hope("tiny", overrides={"n_layer": 1}).blocks[0].mixer
+    split = Hope("tiny", overrides={"n_layer": 1, "dgd_max_step": 16.0, "proj_dgd_max_step": 0.5}).blocks[0].mixer
+    raw = torch.randn(2, 16, default.config.d_model)
+    torch.testing.assert_close(split._gate("eta", raw, heads=True), 32 * default._gate("eta", raw, heads=True))
+    torch.testing.assert_close(split._gate("eta", raw, heads=False), default._gate("eta", raw, heads=False))

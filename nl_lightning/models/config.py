@@ -38,8 +38,12 @@ class ModelConfig:
     proj_chunk_size: int = 64  # chunk size of the self-modifying projection memories (k, v, η, α)
     # Largest DGD step the tokens of one chunk add up to: η_t = dgd_max_step · σ(·) / chunk size.
     # 0.5 keeps language modelling stable; it also makes one token's write tiny (≤ 0.008 at C=64),
-    # too small for one-shot recall (docs/results.md: ×64 lets HOPE learn one-pair recall).
+    # too small for one-shot recall. docs/results.md: 16 or 32 let HOPE-tiny learn one-pair recall
+    # but its language modelling diverged (NaN) within 120 steps at 8, 16 and 32; 4 was stable.
     dgd_max_step: float = 0.5
+    # The same cap for the self-modifying projection memories (k, v, η, α); None = dgd_max_step.
+    # Separate so the main memory's write size can be studied without changing the projections'.
+    proj_dgd_max_step: float | None = None
     cms_periods: tuple[int, ...] = (1, 4, 16)  # training-step period of each CMS level (NestedScheduler)
     cms_hidden: int | None = None  # SwiGLU width of a CMS level; None matches Transformer++'s parameter count
     cms_in_context: bool = False  # in-context fast weights: level ℓ also updates every cms_context_periods[ℓ] tokens
@@ -63,8 +67,12 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got d_model/n_head = {self.head_dim}")
-        if not isinstance(self.dgd_max_step, (int, float)) or not self.dgd_max_step > 0:
-            raise ValueError(f"ModelConfig.dgd_max_step must be a positive number, got {self.dgd_max_step!r}")
+        for name in ("dgd_max_step", "proj_dgd_max_step"):
+            value = getattr(self, name)
+            if name == "proj_dgd_max_step" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
         if self.memory_kind not in ("linear", "mlp"):
             raise ValueError(f"memory_kind must be 'linear' or 'mlp', got {self.memory_kind!r}")
         if not self.cms_periods or any(not isinstance(p, int) or p <= 0 for p in self.cms_periods):

@@ -81,17 +81,20 @@ class SelfModifyingMemory(nn.Module):
         gradient is taken at the chunk-start state, so on repetitive text (near-identical keys)
         C tokens add up to one step of C·η on a stale error: without the 1/C the chunked update
         overshoots and diverges (seen as NaN after ~100 training steps on the stdlib corpus).
-        ``config.dgd_max_step`` (default 0.5) keeps that chunk step below the stability limit of the residual-MLP
-        memories' inner loss at their initial scale.
+        ``config.dgd_max_step`` (default 0.5; ``proj_dgd_max_step`` for the projection memories)
+        keeps that chunk step below the stability limit of the residual-MLP memories' inner loss
+        at their initial scale.
         """
-        h, bias = self.config.n_head, self.gate_bias[name]
+        config = self.config
+        h, bias = config.n_head, self.gate_bias[name]
         if heads:
             gate = torch.sigmoid(raw.unflatten(-1, (h, -1)).mean(-1).transpose(1, 2) + bias[:h, None])
-            chunk = self.config.chunk_size
+            max_step, chunk = config.dgd_max_step, config.chunk_size
         else:
             gate = torch.sigmoid(raw.mean(-1) + bias[h])
-            chunk = self.config.proj_chunk_size
-        return self.config.dgd_max_step * gate / chunk if name == "eta" else gate
+            max_step = config.dgd_max_step if config.proj_dgd_max_step is None else config.proj_dgd_max_step
+            chunk = config.proj_chunk_size
+        return max_step * gate / chunk if name == "eta" else gate
 
     def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the self-modifying projection memories over the sequence: k, v, η, α for every token."""
