@@ -3,7 +3,6 @@ the level schedule of a LevelAwareSGD and matches one plain process with the sam
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 pytest.importorskip("deepspeed")
 
@@ -126,10 +126,7 @@ WORKER = textwrap.dedent('''
 def worker(tmp_path: Path):
     script = tmp_path / "ds_worker.py"
     script.write_text(WORKER)
-    spec = importlib.util.spec_from_file_location("ds_worker", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return script, module
+    return script, load_script(script)
 
 
 def run_deepspeed(tmp_path: Path, stage: int, steps: int = STEPS, optimizer: str = "level_aware_sgd", timeout=240):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import REPO_ROOT, load_script
 from lightning.pytorch import Trainer, seed_everything
 
 from nl_lightning.data import ByteLMDataModule
@@ -28,14 +29,7 @@ def test_validation_loss_falls_within_a_short_run(family, tmp_path):
 
 
 def _load_lm_compare():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_compare.py"
-    spec = importlib.util.spec_from_file_location("lm_compare", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO_ROOT / "benchmarks" / "lm_compare.py")
 
 
 def test_lm_compare_trains_in_a_subprocess_and_prints_the_table(tmp_path, capsys):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nl_lightning.cli import main
@@ -108,10 +108,7 @@ def test_cli_test_stops_before_a_length_whose_attention_scores_exceed_the_memory
 
 
 def load_longctx_eval():
-    spec = importlib.util.spec_from_file_location("longctx_eval", REPO_ROOT / "benchmarks/longctx_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO_ROOT / "benchmarks/longctx_eval.py")
 
 
 def test_default_evaluation_tests_the_training_length_before_the_long_ones():

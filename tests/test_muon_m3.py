@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from torch import nn
 
 from nl_lightning.optim import M3, Muon
@@ -356,12 +357,7 @@ def test_adamw_half_matches_torch_adamw():
 
 
 def load_benchmark():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("optimizers_benchmark", ROOT / "benchmarks" / "optimizers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "optimizers.py", "optimizers_benchmark")
 
 
 def test_step_time_benchmark_runs_on_cpu_and_reports_every_optimizer_against_the_faster_adamw(capsys, monkeypatch):

@@ -3,21 +3,18 @@ counted as dense ones."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from conftest import load_script
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_throughput():
-    spec = importlib.util.spec_from_file_location("throughput", REPO_ROOT / "benchmarks/throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO_ROOT / "benchmarks/throughput.py")
 
 
 def test_cpu_attention_flops_are_counted():
