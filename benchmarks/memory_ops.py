@@ -5,7 +5,9 @@ chunk kernel's peak memory at two sequence lengths.
     python benchmarks/memory_ops.py --lengths 512 1024 --kinds linear --repeats 5
 
 Both implementations are timed in the same process, interleaved repeat by repeat, so a change in
-machine load hits both columns alike; the table reports medians and their ratio.
+machine load hits both columns alike; the table reports medians and their ratio. Each timed call
+follows an untimed call of the same implementation (``--no-settle`` turns that off): otherwise
+the chunk kernel inherits the allocator state the naive loop leaves (``time_side_by_side``).
 
 Peak memory is the highest total size of live CPU tensors during one forward+backward of the
 chunk kernel, from ``torch.profiler``'s memory timeline (inputs created before profiling are not
@@ -66,11 +68,23 @@ def forward_backward(fn, seq, weights, kind: str, chunk_size: int) -> None:
     loss.backward()
 
 
-def time_side_by_side(impls: list[str], seq, weights, kind: str, chunk_size: int, repeats: int) -> dict:
-    """Median seconds per forward+backward for each impl, interleaving the repeats."""
+def time_side_by_side(
+    impls: list[str], seq, weights, kind: str, chunk_size: int, repeats: int, settle: bool = True
+) -> dict:
+    """Median seconds per forward+backward for each impl, interleaving the repeats.
+
+    With ``settle`` every timed call follows an untimed call of the same impl. Without it a timed
+    call inherits the allocator state the other impl left: right after the naive loop's many
+    small allocations and frees, the linear chunk kernel's MB-sized temporaries come from fresh
+    pages, and it measured 74 vs 54 ms for the same call after another chunk call (T=2048, 1
+    thread; no such effect for the MLP kernel, nor with glibc's mmap threshold raised). Training
+    runs one kernel back to back, so the settled time is the one that describes it.
+    """
     times: dict[str, list[float]] = {name: [] for name in impls}
     for _ in range(repeats):
         for name in impls:
+            if settle:
+                forward_backward(IMPLS[name], seq, weights, kind, chunk_size)
             start = time.perf_counter()
             forward_backward(IMPLS[name], seq, weights, kind, chunk_size)
             times[name].append(time.perf_counter() - start)
@@ -103,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compiled", action="store_true", help="also time the torch.compile path")
     parser.add_argument("--memory-lengths", type=int, nargs=2, default=[1024, 8192], metavar=("SHORT", "LONG"))
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--no-settle", dest="settle", action="store_false",
+        help="time each call right after the other impl's call (the method before 2026-11-23; see time_side_by_side)",
+    )
     # One thread by default: the naive loop is thousands of tiny ops, and on a small shared CPU
     # the OpenMP hand-off for each of them costs more than the op (10x slower at 2 threads here).
     parser.add_argument("--threads", type=int, default=1)
@@ -114,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"Titans memory, forward+backward, float32, B={args.batch} H={args.heads} D={args.dim} "
         f"chunk={args.chunk_size}, threads={args.threads}, median of {args.repeats}"
+        + ("" if args.settle else ", unsettled (each call right after the other impl's)")
     )
     header = f"{'kind':<7}{'T':>6}" + "".join(f"{name + ' s':>12}" for name in impls) + f"{'naive/chunk':>13}"
     print(header)
@@ -123,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         time_side_by_side(impls, warm_seq, warm_weights, kind, args.chunk_size, repeats=1)  # warm-up / compile
         for length in args.lengths:
             seq, weights = make_inputs(kind, args.batch, args.heads, length, args.dim, torch.float32)
-            med = time_side_by_side(impls, seq, weights, kind, args.chunk_size, args.repeats)
+            med = time_side_by_side(impls, seq, weights, kind, args.chunk_size, args.repeats, args.settle)
             row = f"{kind:<7}{length:>6}" + "".join(f"{med[name]:>12.3f}" for name in impls)
             print(row + f"{med['naive'] / med['chunk']:>12.1f}x", flush=True)
 
