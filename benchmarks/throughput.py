@@ -47,7 +47,9 @@ def _attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _attention_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def _attention_backward_flop(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 

@@ -55,7 +55,9 @@ class LanguageModel(LightningModule):
         # hides a diverging model (seen in HOPE runs with a large dgd_max_step).
         self.metrics = nn.ModuleDict(
             {
-                stage: nn.ModuleDict({"loss": MeanMetric(nan_strategy="disable"), "ppl": Perplexity(), "bpb": BitsPerByte()})
+                stage: nn.ModuleDict(
+                    {"loss": MeanMetric(nan_strategy="disable"), "ppl": Perplexity(), "bpb": BitsPerByte()}
+                )
                 for stage in ("val", "test")
             }
         )
