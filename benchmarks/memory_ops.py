@@ -75,10 +75,11 @@ def time_side_by_side(
 
     With ``settle`` every timed call follows an untimed call of the same impl. Without it a timed
     call inherits the allocator state the other impl left: right after the naive loop's many
-    small allocations and frees, the linear chunk kernel's MB-sized temporaries come from fresh
-    pages, and it measured 74 vs 54 ms for the same call after another chunk call (T=2048, 1
-    thread; no such effect for the MLP kernel, nor with glibc's mmap threshold raised). Training
-    runs one kernel back to back, so the settled time is the one that describes it.
+    small allocations and frees, the linear chunk kernel's MB-sized temporaries can come from
+    fresh pages: in 2 of 3 probes (T=2048, 1 thread) it took 74-79 ms right after a naive call
+    against 54-61 ms right after another chunk call (the third probe: 54 vs 54 ms; no effect seen
+    for the MLP kernel, nor with glibc's mmap threshold raised). Training runs one kernel back to
+    back, so the settled time is the one that describes it.
     """
     times: dict[str, list[float]] = {name: [] for name in impls}
     for _ in range(repeats):
