@@ -1,0 +1,153 @@
+"""How fast could a recipe's training step be if only its heavy kernels took time?
+
+    .venv/bin/python benchmarks/kernel_bound.py recipes/lm/transformer_tiny.yaml recipes/lm/hope_tiny.yaml \
+        --override=--data.init_args.seq_len=1024 --override=--data.init_args.batch_size=4
+
+For each recipe: record every matmul-family call (mm, bmm, addmm, baddbmm), triangular solve,
+attention and convolution kernel of one training step with its shapes and strides, time each
+distinct call on its own (fresh random inputs of the same layout, warm caches, back to back), and
+sum — the *kernel bound*: the step time if everything else (elementwise ops, autograd, Python,
+the allocator) cost nothing and every kernel ran as fast as it does alone. The recipes' real
+steps are timed in the same run, taking turns.
+
+The last column divides the first recipe's measured step time by each recipe's kernel bound: the
+best tokens/s ratio against the first recipe that any amount of overhead removal could reach
+while keeping the model's kernel shapes. When it is below a throughput goal, that goal needs
+different kernels (fusion, other shapes, other hardware), not less overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # throughput.py sits beside this script
+
+from throughput import Run  # noqa: E402
+
+aten = torch.ops.aten
+
+# Op packets whose calls make up the bound. In-place and out-of-place forms of the matmul family
+# both appear (autograd accumulates with baddbmm_/addmm_).
+HEAVY = {
+    aten.mm, aten.bmm, aten.addmm, aten.addmm_, aten.baddbmm, aten.baddbmm_,
+    aten.linalg_solve_triangular,
+    aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    aten.convolution, aten.convolution_backward,
+}  # fmt: skip
+
+
+class TensorSpec(tuple):
+    """(shape, stride, dtype) of a tensor argument: enough to rebuild one with the same layout."""
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorSpec":
+        return cls((tuple(t.shape), tuple(t.stride()), t.dtype))
+
+    def make(self) -> torch.Tensor:
+        shape, stride, dtype = self
+        # Storage filled first, then viewed: broadcast (stride-0) arguments can't be written through.
+        # Small values keep unit-triangular solves well conditioned and exp() in attention finite,
+        # so no inf/NaN/denormal slows a kernel down.
+        size = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+        return torch.empty(size, dtype=dtype).normal_(0, 0.05).as_strided(shape, stride)
+
+
+def _spec(arg):
+    if isinstance(arg, torch.Tensor):
+        return TensorSpec.of(arg)
+    if isinstance(arg, (list, tuple)):
+        return tuple(_spec(a) for a in arg)
+    return arg
+
+
+def _materialise(spec):
+    if isinstance(spec, TensorSpec):
+        return spec.make()
+    if isinstance(spec, tuple):
+        return tuple(_materialise(s) for s in spec)
+    return spec
+
+
+class RecordHeavyCalls(TorchDispatchMode):
+    """Counts the heavy kernel calls (``HEAVY``) by op and argument layout, and all op calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter = Counter()
+        self.all_calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.all_calls += 1
+        if func.overloadpacket in HEAVY:
+            self.calls[(func, _spec(args), tuple(sorted((k, _spec(v)) for k, v in kwargs.items())))] += 1
+        return func(*args, **kwargs)
+
+
+def time_call(func, args_spec, kwargs_spec, min_seconds: float = 2e-3, repeats: int = 5) -> float:
+    """Median seconds of one call on fresh inputs of the recorded layout, calls timed in batches
+    long enough for the clock."""
+    args, kwargs = _materialise(args_spec), dict(_materialise(kwargs_spec))
+    func(*args, **kwargs)
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < min_seconds:
+        func(*args, **kwargs)
+        calls += 1
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            func(*args, **kwargs)
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def kernel_bound(run: Run) -> tuple[float, int, int]:
+    """(seconds, heavy calls, all op calls) of one training step of ``run``, its kernels timed alone."""
+    with RecordHeavyCalls() as recorder:
+        run.step()
+    seconds = sum(count * time_call(func, a, kw) for (func, a, kw), count in recorder.calls.items())
+    return seconds, sum(recorder.calls.values()), recorder.all_calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipes", nargs="+", type=Path)
+    parser.add_argument("--steps", type=int, default=5, help="timed real steps per recipe")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--override", action="append", default=[], help="CLI override applied to every recipe")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    runs = [Run(recipe, args.override) for recipe in args.recipes]
+    for _ in range(args.warmup):
+        for run in runs:
+            run.step()
+    for _ in range(args.steps):
+        for run in runs:
+            run.timed_step()
+    bounds = [kernel_bound(run) for run in runs]
+    first_step = runs[0].seconds / runs[0].steps
+    print(f"\n{torch.get_num_threads()} threads\n")
+    print("| recipe | step s | kernel bound s | heavy calls | all op calls | bound / step | best ratio vs first |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for run, (bound, calls, all_calls) in zip(runs, bounds):
+        step = run.seconds / run.steps
+        print(
+            f"| {run.recipe} | {step:.3f} | {bound:.3f} | {calls} | {all_calls} | {bound / step:.0%} | "
+            f"{first_step / bound:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
