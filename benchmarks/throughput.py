@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/throughput.py recipes/lm/transformer_tiny.yaml [more recipes] --steps 20
 
 For each recipe: build its model and data exactly as the CLI would, train ``--steps`` optimizer
-steps (after ``--warmup`` untimed ones; the recipes take turns step by step), and report tokens/s, the FLOPs of one step (counted by
-``torch.utils.flop_counter``, forward + backward), and MFU = achieved FLOP/s divided by this
-machine's matmul peak measured in the same run. Ratios between rows are the meaningful numbers;
-absolute values depend on the machine and its load.
+steps (after ``--warmup`` untimed ones; the recipes take turns step by step), and report tokens/s,
+the FLOPs of one step (counted by ``torch.utils.flop_counter``, forward + backward), and MFU =
+achieved FLOP/s divided by this machine's matmul peak measured in the same run. Ratios between
+rows are the meaningful numbers; absolute values depend on the machine and its load.
+``benchmarks/kernel_bound.py`` splits a step's time into its heavy kernels and the rest.
 
 Two corrections to torch's FLOP counter (``FLOP_FORMULAS``, passed as its ``custom_mapping``):
 it has formulas for the CUDA attention kernels but not for the CPU one
