@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # throughput.py sits beside this script
 
-from throughput import Run  # noqa: E402
+from throughput import Run, train_interleaved  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -130,12 +130,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     runs = [Run(recipe, args.override) for recipe in args.recipes]
-    for _ in range(args.warmup):
-        for run in runs:
-            run.step()
-    for _ in range(args.steps):
-        for run in runs:
-            run.timed_step()
+    train_interleaved(runs, args.warmup, args.steps)
     bounds = [kernel_bound(run) for run in runs]
     first_step = runs[0].seconds / runs[0].steps
     print(f"\n{torch.get_num_threads()} threads\n")

@@ -118,6 +118,17 @@ class Run:
         self.steps += 1
 
 
+def train_interleaved(runs: list[Run], warmup: int, steps: int) -> None:
+    """``warmup`` untimed then ``steps`` timed steps of every run, the recipes taking turns step by
+    step so that load on the machine hits all of them alike."""
+    for _ in range(warmup):
+        for run in runs:
+            run.step()
+    for _ in range(steps):
+        for run in runs:
+            run.timed_step()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipes", nargs="*", type=Path, default=[Path("recipes/lm/transformer_tiny.yaml")])
@@ -138,13 +149,7 @@ def main() -> None:
     torch.manual_seed(0)
     peak = matmul_peak_flops()
     runs = [Run(recipe, args.override) for recipe in args.recipes]
-    for _ in range(args.warmup):
-        for run in runs:
-            run.step()
-    # Interleave the recipes step by step, so load on the machine hits all of them alike.
-    for _ in range(args.steps):
-        for run in runs:
-            run.timed_step()
+    train_interleaved(runs, args.warmup, args.steps)
     rows = [
         {
             "recipe": str(run.recipe),

@@ -1,8 +1,9 @@
-"""The throughput benchmark's FLOP count: attention on CPU is counted, grouped convolutions are not
-counted as dense ones."""
+"""The throughput benchmark: its FLOP count (attention on CPU is counted, grouped convolutions are
+not counted as dense ones) and its table, end to end."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -46,3 +47,16 @@ def test_convolution_backward_counts_grouped_work():
     assert backward == 2 * forward
     # Dense: the same count as torch's own formula.
     assert conv_flops(throughput.count_flops, groups=1) == conv_flops(lambda: FlopCounterMode(display=False), groups=1)
+
+
+def test_end_to_end_table(monkeypatch, capsys):
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setattr(sys, "argv", [
+        "throughput.py", "recipes/lm/transformer_tiny.yaml", "--steps", "1", "--warmup", "0",
+        "--override=--data.init_args.seq_len=32", "--override=--data.init_args.batch_size=2",
+    ])  # fmt: skip
+    load_throughput().main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| recipes/")]
+    assert len(rows) == 1
+    tokens_per_s = float(rows[0].split("|")[3].replace(",", ""))
+    assert tokens_per_s > 0 and rows[0].split("|")[4].strip() == "1.00x"
