@@ -28,6 +28,19 @@ def text_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def triton_linear(monkeypatch):
+    """The Triton implementation of the linear Titans memory, run by Triton's interpreter when
+    there is no GPU (skips where triton is not installed)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed; install the dev extra to test the Triton kernel")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernels are built and launched
+    from nl_lightning.ops.titans.triton_linear import triton_linear_titans_memory
+
+    return triton_linear_titans_memory
+
+
+@pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
 

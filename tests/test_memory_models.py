@@ -176,3 +176,33 @@ def test_hope_proj_dgd_max_step_caps_only_the_projection_memories():
     raw = torch.randn(2, 16, default.config.d_model)
     torch.testing.assert_close(split._gate("eta", raw, heads=True), 32 * default._gate("eta", raw, heads=True))
     torch.testing.assert_close(split._gate("eta", raw, heads=False), default._gate("eta", raw, heads=False))
+
+
+def test_titans_model_runs_the_triton_memory_like_the_chunk_kernel(triton_linear, monkeypatch):
+    """``memory_impl="triton"`` reaches the Triton kernel through the model config (interpreter on
+    CPU) and gives the chunk kernel's logits and gradients."""
+    from nl_lightning.ops.titans import triton_linear as triton_module
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return triton_linear(*args, **kwargs)
+
+    monkeypatch.setattr(triton_module, "triton_linear_titans_memory", counted)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(1)).to(device)
+    results = []
+    for impl in ("triton", "chunk"):
+        model = small_model(Titans, memory_kind="linear", memory_impl=impl).to(device)
+        logits = model(tokens)
+        logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (logits_triton, grads_triton), (logits_chunk, grads_chunk) = results
+    assert len(calls) == 1  # one memory layer in the small model (the other is attention)
+    torch.testing.assert_close(logits_triton, logits_chunk, rtol=1e-4, atol=1e-5)
+    assert grads_triton.keys() == grads_chunk.keys()
+    memory_grads = [n for n in grads_chunk if "memory" in n]
+    assert memory_grads  # the memory's slow weights are among the compared gradients
+    for name, grad in grads_chunk.items():
+        torch.testing.assert_close(grads_triton[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

@@ -211,18 +211,6 @@ def test_compiled_matches_chunk_float32(kind):
     assert_same_run(actual, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.fixture
-def triton_linear(monkeypatch):
-    """The Triton implementation, run by Triton's interpreter when there is no GPU."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed; install the dev extra to test the Triton kernel")
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernels are built and launched
-    from nl_lightning.ops.titans.triton_linear import triton_linear_titans_memory
-
-    return triton_linear_titans_memory
-
-
 @CHUNKS
 def test_triton_linear_matches_chunk_forward_and_grads(triton_linear, chunk_size):
     device = "cuda" if torch.cuda.is_available() else "cpu"
