@@ -5,6 +5,7 @@ import torch
 
 from nl_lightning.models import PRESETS, Hope, Titans, TransformerPP
 from nl_lightning.models.hope import apply_residual_mlp
+from nl_lightning.models.titans import CausalDepthwiseConv, causal_depthwise_conv_naive
 
 FAMILIES = [Titans, Hope]
 SMALL = {"n_layer": 2, "chunk_size": 8, "proj_chunk_size": 8, "attn_window": 8}
@@ -206,3 +207,29 @@ def test_titans_model_runs_the_triton_memory_like_the_chunk_kernel(triton_linear
     assert memory_grads  # the memory's slow weights are among the compared gradients
     for name, grad in grads_chunk.items():
         torch.testing.assert_close(grads_triton[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("kernel,length", [(4, 37), (1, 9), (6, 3)], ids=["k4", "k1", "kernel>T"])
+def test_causal_conv_matches_shifted_sum_reference_in_value_and_gradients(kernel, length):
+    conv = CausalDepthwiseConv(5, kernel).double()
+    with torch.no_grad():
+        conv.conv.weight.normal_()  # not the identity init: every tap matters
+    x = torch.randn(2, length, 5, dtype=torch.float64, requires_grad=True)
+    fast, reference = conv(x), causal_depthwise_conv_naive(x, conv.conv.weight)
+    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(fast)
+    fast_grads = torch.autograd.grad(fast, (x, conv.conv.weight), grad)
+    reference_grads = torch.autograd.grad(reference, (x, conv.conv.weight), grad)
+    for got, expected in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_conv_output_and_input_gradient_keep_the_b_t_d_layout():
+    """The reason for the channels-last form: downstream per-head ops read a contiguous last dim
+    (a channel-major output made them several times slower on CPU)."""
+    conv = CausalDepthwiseConv(48, 4)
+    x = torch.randn(2, 64, 48, requires_grad=True)
+    y = conv(x)
+    assert y.is_contiguous()
+    y.backward(torch.randn_like(y))
+    assert x.grad.is_contiguous()

@@ -1,0 +1,83 @@
+"""Causal depthwise convolution of Titans/HOPE: channel-major Conv1d vs the channels-last form.
+
+    .venv/bin/python benchmarks/conv_layout.py                  # D = 192 (HOPE-tiny) and 576 (Titans q|k|v)
+    .venv/bin/python benchmarks/conv_layout.py --dims 576 --threads 2
+
+Both forms compute the same convolution (``tests/test_memory_models.py``). ``conv1d`` is the
+textbook one: transpose (B, T, D) to (B, D, T), ``nn.Conv1d``, transpose back, which leaves a
+channel-major view. ``channels-last`` is ``CausalDepthwiseConv``: its output and gradients stay
+in the (B, T, D) layout. Each is timed forward+backward together with what follows it in the
+models (per-head L2 normalisation over a 48-wide head), alternating call by call; the table
+gives medians and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from nl_lightning.models.titans import CausalDepthwiseConv  # noqa: E402
+
+
+def conv1d_channel_major(conv: CausalDepthwiseConv, x: torch.Tensor) -> torch.Tensor:
+    return conv.conv(F.pad(x.transpose(1, 2), (conv.kernel - 1, 0))).transpose(1, 2)
+
+
+FORMS = {"conv1d": conv1d_channel_major, "channels-last": CausalDepthwiseConv.forward}
+
+
+def forward_backward(form, conv, x: torch.Tensor, head_dim: int) -> None:
+    y = form(conv, x)
+    heads = F.normalize(y.unflatten(-1, (-1, head_dim)), dim=-1)
+    heads.backward(torch.ones_like(heads))
+
+
+def time_forms(batch: int, length: int, dim: int, head_dim: int, kernel: int, repeats: int) -> dict[str, float]:
+    conv = CausalDepthwiseConv(dim, kernel)
+    x = torch.randn(batch, length, dim, requires_grad=True)
+    times: dict[str, list[float]] = {name: [] for name in FORMS}
+    for repeat in range(repeats + 1):  # the first round is warm-up
+        for name, form in FORMS.items():
+            start = time.perf_counter()
+            forward_backward(form, conv, x, head_dim)
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--dims", type=int, nargs="+", default=[192, 576])
+    parser.add_argument("--head-dim", type=int, default=48)
+    parser.add_argument("--kernel", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(
+        f"causal depthwise conv + per-head normalise, fwd+bwd, B={args.batch} T={args.length} "
+        f"kernel={args.kernel}, threads={args.threads}, median of {args.repeats}"
+    )
+    print(f"{'D':>6}{'conv1d ms':>12}{'channels-last ms':>18}{'ratio':>9}")
+    rows = []
+    for dim in args.dims:
+        med = time_forms(args.batch, args.length, dim, args.head_dim, args.kernel, args.repeats)
+        ratio = med["conv1d"] / med["channels-last"]
+        print(f"{dim:>6}{med['conv1d'] * 1e3:>12.1f}{med['channels-last'] * 1e3:>18.1f}{ratio:>8.2f}x")
+        rows.append({"dim": dim, **med, "ratio": ratio})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
