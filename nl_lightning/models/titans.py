@@ -26,6 +26,8 @@ class CausalDepthwiseConv(nn.Module):
     def __init__(self, dim: int, kernel: int) -> None:
         super().__init__()
         self.kernel = kernel
+        # Holds the (dim, 1, kernel) weight under the usual name (checkpoints, init, optimiser
+        # groups); ``forward`` applies it in a faster layout rather than calling the Conv1d.
         self.conv = nn.Conv1d(dim, dim, kernel, groups=dim, bias=False)
         self.init_weights()
 
