@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -75,6 +76,20 @@ def test_recipe_trains_a_few_steps_and_writes_checkpoint_and_tensorboard_events(
     tags = scalar_tags(version)
     assert {"train/loss", "val/loss", "lr", "train/tokens_per_s", "model/params"} <= tags, tags
     assert (version / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("recipe", ["hope_tiny", "titans_tiny"])
+def test_memory_recipes_train_with_bf16_mixed_precision(recipe, workdir):
+    # The memory kernels get mixed-dtype inputs under autocast and must run as float32 operators.
+    save_dir = workdir / f"runs-bf16-{recipe}"
+    small = ["--data.init_args.seq_len=64", "--data.init_args.batch_size=4"]  # bf16 matmuls are slow on CPU
+    main([*few_steps(REPO_ROOT / f"recipes/lm/{recipe}.yaml", save_dir, steps=2), *small, "--trainer.precision=bf16-mixed"])
+    version = single_version_dir(save_dir)
+    assert (version / "checkpoints" / "last.ckpt").is_file()
+    events = EventAccumulator(str(version))
+    events.Reload()
+    losses = [event.value for event in events.Scalars("train/loss")] + [e.value for e in events.Scalars("val/loss")]
+    assert len(losses) >= 3 and all(math.isfinite(loss) for loss in losses), losses
 
 
 def test_training_resumes_from_the_last_checkpoint(workdir):

@@ -14,11 +14,11 @@ and gate stream whose read-outs are not needed (HOPE's projection memories; test
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 
+from nl_lightning.ops.autocast import float32_under_autocast
 from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
 from nl_lightning.ops.dgd.common import KINDS
 from nl_lightning.ops.dgd.fused import compiled_dgd_memory
@@ -30,6 +30,7 @@ __all__ = ["dgd_memory", "dgd_shared_key_update"]
 _IMPLS = {"chunk": chunk_dgd_memory, "naive": naive_dgd_memory, "compiled": compiled_dgd_memory}
 
 
+@float32_under_autocast
 def dgd_memory(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -62,6 +63,8 @@ def dgd_memory(
 
     Returns:
         o: (B, H, T, D) read-outs o_t = M_t(q_t); and the per-batch state after the last token.
+        Both in the input dtype, computed in float32 at least; under ``torch.autocast`` a float32
+        operator (mixed or half inputs upcast, float32 outputs; ``nl_lightning.ops.autocast``).
     """
     if impl not in _IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {sorted(_IMPLS)}.")
@@ -84,6 +87,7 @@ def dgd_memory(
     return _run_in_full_precision(_IMPLS[impl], q, k, v, eta, alpha, state, kind=kind, chunk_size=chunk_size)
 
 
+@float32_under_autocast
 def dgd_shared_key_update(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -103,7 +107,7 @@ def dgd_shared_key_update(
         state: (W1, W2) with W1 (B, M, D, Dh), W2 (B, M, Dh, D): the memories at the chunk start.
 
     Returns:
-        (W1, W2) after the L tokens, in the input dtype.
+        (W1, W2) after the L tokens, in the input dtype (float32 under ``torch.autocast``).
     """
     if k.dim() != 3 or v.shape != k.shape:
         raise ValueError(f"k and v must both be (B, L, D); got {tuple(k.shape)} and {tuple(v.shape)}.")
@@ -126,19 +130,14 @@ def dgd_shared_key_update(
             raise ValueError(f"{name} is {x.dtype} on {x.device} but k is {k.dtype} on {k.device}; cast it to match.")
     dtype = k.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    with _autocast_off(k):
-        inputs = (x.to(compute) for x in (k, v, eta, alpha))
-        new_state = shared_key_mlp_update(*inputs, tuple(s.to(compute) for s in state))
+    inputs = (x.to(compute) for x in (k, v, eta, alpha))
+    new_state = shared_key_mlp_update(*inputs, tuple(s.to(compute) for s in state))
     return tuple(s.to(dtype) for s in new_state)
 
 
-def _autocast_off(x: torch.Tensor):
-    on = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
-    return torch.autocast(x.device.type, enabled=False) if on else contextlib.nullcontext()
-
-
 def _run_in_full_precision(impl, q, k, v, eta, alpha, state, **options):
-    """Run ``impl`` with autocast off, upcasting float16/bfloat16 inputs to float32.
+    """Run ``impl`` upcasting float16/bfloat16 inputs to float32 (under autocast the caller,
+    ``dgd_memory``, has already upcast them and turned autocast off).
 
     The triangular solve has no half-precision kernel, and the state is a running sum over the
     sequence, so within a call it is kept in float32 at least (as flash-linear-attention does for
@@ -146,9 +145,8 @@ def _run_in_full_precision(impl, q, k, v, eta, alpha, state, **options):
     """
     dtype = q.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    with _autocast_off(q):
-        q, k, v, eta, alpha = (x.to(compute) for x in (q, k, v, eta, alpha))
-        o, state = impl(q, k, v, eta, alpha, tuple(s.to(compute) for s in state), **options)
+    q, k, v, eta, alpha = (x.to(compute) for x in (q, k, v, eta, alpha))
+    o, state = impl(q, k, v, eta, alpha, tuple(s.to(compute) for s in state), **options)
     return o.to(dtype), tuple(s.to(dtype) for s in state)
 
 

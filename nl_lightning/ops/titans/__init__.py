@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from nl_lightning.ops.autocast import float32_under_autocast
+
 from .chunk import chunk_titans_memory
 from .common import KINDS, MemoryState, Weights
 from .fused import compiled_titans_memory
@@ -40,6 +42,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+@float32_under_autocast
 def titans_memory(
     q: Tensor,
     k: Tensor,
@@ -71,6 +74,8 @@ def titans_memory(
 
     Returns:
         ``y: (B, H, T, Dv)`` read-outs ``y_t = M_t(q_t)`` and the final :class:`MemoryState`.
+        Under ``torch.autocast`` the memory is a float32 operator: inputs of mixed or half
+        precision are upcast and the outputs are float32 (``nl_lightning.ops.autocast``).
     """
     if impl == "chunk":
         fn = chunk_titans_memory
