@@ -12,6 +12,14 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Tests that also run on a GPU take ``device`` from this list: on a machine without CUDA the cuda
+# case is reported as skipped, so a GPU run (``pytest -k cuda``) checks the same assertions there.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
+ON_DEVICES = pytest.mark.parametrize("device", DEVICES)
+
 # Two threads: the CI machine has 2 cores, and oversubscription makes tests slower, not faster.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import ON_DEVICES
 
 from nl_lightning.models import PRESETS, Hope, Titans, TransformerPP
 from nl_lightning.models.hope import apply_residual_mlp
@@ -233,3 +234,20 @@ def test_causal_conv_output_and_input_gradient_keep_the_b_t_d_layout():
     assert y.is_contiguous()
     y.backward(torch.randn_like(y))
     assert x.grad.is_contiguous()
+
+
+@ON_DEVICES
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_bf16_autocast_logits_follow_float32_and_gradients_are_finite(family, kind, device):
+    model = small_model(family, memory_kind=kind).to(device)
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0)).to(device)
+    expected = model(tokens)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        logits = model(tokens)
+    assert logits.dtype == torch.bfloat16
+    error = (logits.float() - expected).norm() / expected.norm()
+    assert error < 0.02, f"bf16-autocast logits differ from float32 by {error:.3%}"
+    logits.float().logsumexp(-1).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -6,13 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ON_DEVICES
+
 from nl_lightning.ops.dgd import dgd_memory, dgd_shared_key_update
 
 B, H, T, D, DH = 2, 2, 10, 4, 6
 F64 = dict(atol=1e-10, rtol=1e-10)
 
 
-def make_inputs(kind, *, batch=B, length=T, dtype=torch.float64, seed=0):
+def make_inputs(kind, *, batch=B, length=T, dtype=torch.float64, seed=0, device="cpu"):
     """Sequence inputs and per-head weights as the model produces them: unit keys, eta and alpha in (0, 1)."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -30,6 +32,8 @@ def make_inputs(kind, *, batch=B, length=T, dtype=torch.float64, seed=0):
         weights = (randn(H, D, D, scale=0.3),)
     else:
         weights = (randn(H, D, DH, scale=0.3), randn(H, DH, D, scale=0.3))
+    seq = {n: x.to(device) for n, x in seq.items()}  # drawn on the CPU: the same numbers everywhere
+    weights = tuple(w.to(device) for w in weights)
     for x in (*seq.values(), *weights):
         x.requires_grad_()
     return seq, weights
@@ -39,7 +43,7 @@ def run_with_grads(seq, weights, *, kind, chunk_size, impl):
     """Forward, then gradients of a fixed random projection of (o, final state) w.r.t. every input."""
     o, state = dgd_memory(**seq, weights=weights, kind=kind, chunk_size=chunk_size, impl=impl)
     gen = torch.Generator().manual_seed(123)
-    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype)).sum() for x in (o, *state))
+    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)).sum() for x in (o, *state))
     grads = torch.autograd.grad(loss, [*seq.values(), *weights])
     return o, state, grads
 
@@ -54,22 +58,24 @@ def assert_same_run(actual, expected, **tol):
         torch.testing.assert_close(a, e, **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
+@ON_DEVICES
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, T, 16], ids=["online", "C3", "C4", "C=T", "C>T"])
-def test_chunk_matches_naive_forward_and_grads_float64(kind, chunk_size):
-    seq, weights = make_inputs(kind)
+def test_chunk_matches_naive_forward_and_grads_float64(kind, chunk_size, device):
+    seq, weights = make_inputs(kind, device=device)
     expected = run_with_grads(seq, weights, kind=kind, chunk_size=chunk_size, impl="naive")
     actual = run_with_grads(seq, weights, kind=kind, chunk_size=chunk_size, impl="chunk")
     assert_same_run(actual, expected, **F64)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@ON_DEVICES
 @pytest.mark.parametrize("kind", ["linear", pytest.param("mlp", marks=pytest.mark.slow)])
-def test_compiled_matches_chunk_float32(kind):
+def test_compiled_matches_chunk_float32(kind, device):
     # A cold inductor compile of forward + backward takes ~20 s (linear) to ~60 s (mlp) on 2 CPU
     # cores, so only the linear kind, which runs the same gated delta-rule chunk, is in the fast
     # suite. C = 4 does not divide T, so the padded final chunk is covered too.
-    seq, weights = make_inputs(kind, dtype=torch.float32)
+    seq, weights = make_inputs(kind, dtype=torch.float32, device=device)
     expected = run_with_grads(seq, weights, kind=kind, chunk_size=4, impl="chunk")
     actual = run_with_grads(seq, weights, kind=kind, chunk_size=4, impl="compiled")
     assert_same_run(actual, expected, atol=1e-5, rtol=1e-4)

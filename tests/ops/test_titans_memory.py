@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ON_DEVICES
+
 from nl_lightning.ops.titans import (
     MemoryState,
     chunk_titans_memory,
@@ -30,7 +32,7 @@ KINDS = pytest.mark.parametrize("kind", ["linear", "mlp"])
 GATES = ("theta", "eta", "alpha")
 
 
-def make_inputs(kind, *, batch=B, length=T, dtype=torch.float64, seed=0, dv=D):
+def make_inputs(kind, *, batch=B, length=T, dtype=torch.float64, seed=0, device="cpu", dv=D, dk=D):
     """Inputs in the regime a Titans layer produces: unit-norm keys, gates strictly in (0, 1)."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -41,17 +43,19 @@ def make_inputs(kind, *, batch=B, length=T, dtype=torch.float64, seed=0, dv=D):
         return low + (high - low) * torch.rand(batch, H, length, generator=gen, dtype=dtype)
 
     seq = {
-        "q": randn(batch, H, length, D),
-        "k": F.normalize(randn(batch, H, length, D), dim=-1),
+        "q": randn(batch, H, length, dk),
+        "k": F.normalize(randn(batch, H, length, dk), dim=-1),
         "v": randn(batch, H, length, dv, scale=0.5),
         "theta": gate(0.05, 0.3),
         "eta": gate(0.1, 0.9),
         "alpha": gate(0.01, 0.3),
     }
     if kind == "linear":
-        weights = (randn(H, dv, D, scale=0.3),)
+        weights = (randn(H, dv, dk, scale=0.3),)
     else:
         weights = (randn(H, dv, DH, scale=0.3), randn(H, DH, D, scale=0.3))
+    seq = {n: x.to(device) for n, x in seq.items()}  # drawn on the CPU: the same numbers everywhere
+    weights = tuple(w.to(device) for w in weights)
     for x in (*seq.values(), *weights):
         x.requires_grad_()
     return seq, weights
@@ -62,7 +66,7 @@ def run_with_grads(fn, seq, weights, **kwargs):
     y, state = fn(**seq, weights=weights, **kwargs)
     outputs = (y, *state.weights, *state.momentum)
     gen = torch.Generator().manual_seed(123)
-    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype)).sum() for x in outputs)
+    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)).sum() for x in outputs)
     grads = torch.autograd.grad(loss, [*seq.values(), *weights])
     return outputs, grads
 
@@ -89,10 +93,11 @@ def test_explicit_memory_gradient_equals_autograd_of_squared_error(kind):
         torch.testing.assert_close(g, e, **F64)
 
 
+@ON_DEVICES
 @KINDS
 @pytest.mark.parametrize("chunk_size", [1, 4, T, 16], ids=["online", "C4-not-dividing-T", "C=T", "C>T"])
-def test_chunk_matches_naive_forward_and_grads_float64(kind, chunk_size):
-    seq, weights = make_inputs(kind)
+def test_chunk_matches_naive_forward_and_grads_float64(kind, chunk_size, device):
+    seq, weights = make_inputs(kind, device=device)
     expected = run_with_grads(naive_titans_memory, seq, weights, kind=kind, chunk_size=chunk_size)
     actual = run_with_grads(chunk_titans_memory, seq, weights, kind=kind, chunk_size=chunk_size)
     assert_same_run(actual, expected, **F64)
@@ -202,10 +207,11 @@ def test_saturated_gates_give_finite_float32_grads_matching_naive(kind):
     assert_same_run((outputs, grads), expected, atol=1e-4, rtol=1e-3)
 
 
+@ON_DEVICES
 @KINDS
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor import
-def test_compiled_matches_chunk_float32(kind):
-    seq, weights = make_inputs(kind, length=13, dtype=torch.float32)
+def test_compiled_matches_chunk_float32(kind, device):
+    seq, weights = make_inputs(kind, length=13, dtype=torch.float32, device=device)
     expected = run_with_grads(chunk_titans_memory, seq, weights, kind=kind, chunk_size=4)
     actual = run_with_grads(compiled_titans_memory, seq, weights, kind=kind, chunk_size=4)
     assert_same_run(actual, expected, atol=1e-5, rtol=1e-4)
@@ -220,6 +226,35 @@ def test_triton_linear_matches_chunk_forward_and_grads(triton_linear, chunk_size
     expected = run_with_grads(chunk_titans_memory, seq, weights, kind="linear", chunk_size=chunk_size)
     actual = run_with_grads(triton_linear, seq, weights, kind="linear", chunk_size=chunk_size)
     assert_same_run(actual, expected, **F64)
+
+
+@pytest.mark.parametrize("chunk_size", [64, 48], ids=["C64", "C48-not-dividing-T"])
+def test_triton_linear_at_layer_size_in_float32_matches_the_float64_chunk_kernel(triton_linear, chunk_size):
+    """A Titans-tiny head (48 wide: blocks padded to 64), several chunks and a partial last one, in
+    float32: the kernel's IEEE float32 dots against the chunk kernel in float64. Longer on a GPU;
+    the CPU interpreter keeps to three chunks."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    length = 1000 if device == "cuda" else 150
+    seq, weights = make_inputs("linear", length=length, dk=48, dv=48, device=device)
+    projections = None  # one random projection of the outputs, shared by both precisions
+
+    def run(fn, dtype):
+        nonlocal projections
+        inputs = [x.detach().to(dtype).requires_grad_() for x in (*seq.values(), *weights)]
+        y, state = fn(*inputs[:6], weights=inputs[6:], kind="linear", chunk_size=chunk_size)
+        outputs = (y, *state.weights, *state.momentum)
+        if projections is None:
+            gen = torch.Generator().manual_seed(123)
+            projections = [torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device) for x in outputs]
+        loss = sum((x * p.to(dtype)).sum() for x, p in zip(outputs, projections))
+        return [*outputs, *torch.autograd.grad(loss, inputs)]
+
+    expected = run(chunk_titans_memory, torch.float64)
+    actual = run(triton_linear, torch.float32)
+    names = ["y", "W", "S", "grad q", "grad k", "grad v", "grad theta", "grad eta", "grad alpha", "grad W0"]
+    for name, a, e in zip(names, actual, expected, strict=True):
+        error = ((a.double() - e).norm() / e.norm()).item()
+        assert error < 1e-5, f"{name}: relative error {error:.2e} against float64"
 
 
 def test_triton_linear_continues_from_a_passed_state(triton_linear):
