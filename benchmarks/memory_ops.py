@@ -3,21 +3,27 @@ chunk kernel's peak memory at two sequence lengths.
 
     python benchmarks/memory_ops.py                       # default table (a few minutes on 2 cores)
     python benchmarks/memory_ops.py --lengths 512 1024 --kinds linear --repeats 5
+    python benchmarks/memory_ops.py --device cuda --compiled --triton   # on a GPU, Triton column too
 
 Both implementations are timed in the same process, interleaved repeat by repeat, so a change in
 machine load hits both columns alike; the table reports medians and their ratio. Each timed call
 follows an untimed call of the same implementation (``--no-settle`` turns that off): otherwise
 the chunk kernel inherits the allocator state the naive loop leaves (``time_side_by_side``).
 
-Peak memory is the highest total size of live CPU tensors during one forward+backward of the
-chunk kernel, from ``torch.profiler``'s memory timeline (inputs created before profiling are not
-counted; activations, saved tensors and gradients are). Linear scaling means a ratio of about
+Peak memory is the highest total size of live tensors during one forward+backward of the chunk
+kernel (and of the Triton kernel with ``--triton``): on CPU from ``torch.profiler``'s memory
+timeline, on CUDA from the caching allocator's peak counter. Inputs created before the call are
+not counted; activations, saved tensors and gradients are. Linear scaling means a ratio of about
 the ratio of lengths (8x for 1K -> 8K).
+
+On CUDA every timed call is bracketed by ``torch.cuda.synchronize()``, so the times are the
+GPU's (launches included), not the host's queueing time.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -32,13 +38,28 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from nl_lightning.ops.titans import chunk_titans_memory, compiled_titans_memory, naive_titans_memory  # noqa: E402
+from benchmarks.devices import resolve_device, synchronize  # noqa: E402
+from nl_lightning.ops.titans import (  # noqa: E402
+    chunk_titans_memory,
+    compiled_titans_memory,
+    naive_titans_memory,
+    titans_memory,
+)
 
-IMPLS = {"chunk": chunk_titans_memory, "naive": naive_titans_memory, "compiled": compiled_titans_memory}
+IMPLS = {
+    "chunk": chunk_titans_memory,
+    "naive": naive_titans_memory,
+    "compiled": compiled_titans_memory,
+    # Through the dispatcher, which imports triton only when asked (linear memory only).
+    "triton": functools.partial(titans_memory, impl="triton"),
+}
 
 
-def make_inputs(kind: str, batch: int, heads: int, length: int, dim: int, dtype: torch.dtype, seed: int = 0):
-    """Inputs as a Titans layer makes them: unit-norm keys, gates in (0, 1), small initial memory."""
+def make_inputs(
+    kind: str, batch: int, heads: int, length: int, dim: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"
+):
+    """Inputs as a Titans layer makes them: unit-norm keys, gates in (0, 1), small initial memory.
+    Drawn on the CPU (the same numbers on every device), then moved to ``device``."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -57,6 +78,8 @@ def make_inputs(kind: str, batch: int, heads: int, length: int, dim: int, dtype:
     }
     n_weights = 1 if kind == "linear" else 2
     weights = [randn(heads, dim, dim, scale=dim**-0.5) for _ in range(n_weights)]
+    seq = {name: x.to(device) for name, x in seq.items()}
+    weights = [w.to(device) for w in weights]
     for x in (*seq.values(), *weights):
         x.requires_grad_()
     return seq, weights
@@ -82,20 +105,34 @@ def time_side_by_side(
     back, so the settled time is the one that describes it.
     """
     times: dict[str, list[float]] = {name: [] for name in impls}
+    device = seq["q"].device if seq else torch.device("cpu")
     for _ in range(repeats):
         for name in impls:
             if settle:
                 forward_backward(IMPLS[name], seq, weights, kind, chunk_size)
+            synchronize(device)
             start = time.perf_counter()
             forward_backward(IMPLS[name], seq, weights, kind, chunk_size)
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def peak_memory_bytes(seq, weights, kind: str, chunk_size: int) -> int:
-    """Peak total bytes of live CPU tensors allocated during one chunk forward+backward."""
+def peak_memory_bytes(seq, weights, kind: str, chunk_size: int, impl: str = "chunk") -> int:
+    """Peak total bytes of live tensors allocated during one forward+backward of ``impl``."""
+    device = seq["q"].device
+    if device.type == "cuda":
+        forward_backward(IMPLS[impl], seq, weights, kind, chunk_size)  # first-call kernel builds stay out
+        for x in (*seq.values(), *weights):
+            x.grad = None
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        forward_backward(IMPLS[impl], seq, weights, kind, chunk_size)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        forward_backward(chunk_titans_memory, seq, weights, kind, chunk_size)
+        forward_backward(IMPLS[impl], seq, weights, kind, chunk_size)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # Deprecated in favour of CUDA memory snapshots, which do not cover CPU tensors; this is
         # still the only allocation timeline torch offers for CPU.
@@ -116,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compiled", action="store_true", help="also time the torch.compile path")
+    parser.add_argument("--triton", action="store_true", help="also time the Triton kernel (linear memory; needs --device cuda)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--memory-lengths", type=int, nargs=2, default=[1024, 8192], metavar=("SHORT", "LONG"))
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument(
@@ -127,42 +166,55 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
+    device = resolve_device(args.device)
+    if args.triton and device.type != "cuda":
+        parser.error(f"--triton needs a CUDA device (got --device {args.device}); Triton's CPU interpreter "
+                     "is for tests, far too slow to time")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    impls = ["chunk", "naive"] + (["compiled"] if args.compiled else [])
+    impls = ["chunk", "naive"] + (["compiled"] if args.compiled else []) + (["triton"] if args.triton else [])
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, threads={args.threads}"
     print(
         f"Titans memory, forward+backward, float32, B={args.batch} H={args.heads} D={args.dim} "
-        f"chunk={args.chunk_size}, threads={args.threads}, median of {args.repeats}"
+        f"chunk={args.chunk_size}, {where}, median of {args.repeats}"
         + ("" if args.settle else ", unsettled (each call right after the other impl's)")
     )
-    header = f"{'kind':<7}{'T':>6}" + "".join(f"{name + ' s':>12}" for name in impls) + f"{'naive/chunk':>13}"
+    fast = [name for name in impls if name != "naive"]
+    ratio_names = [f"naive/{name}" for name in fast] + (["chunk/triton"] if args.triton else [])
+    header = (f"{'kind':<7}{'T':>6}" + "".join(f"{name + ' s':>12}" for name in impls)
+              + "".join(f"{name:>16}" for name in ratio_names))
     print(header)
     print("-" * len(header))
     for kind in args.kinds:
-        warm_seq, warm_weights = make_inputs(kind, args.batch, args.heads, args.chunk_size, args.dim, torch.float32)
-        time_side_by_side(impls, warm_seq, warm_weights, kind, args.chunk_size, repeats=1)  # warm-up / compile
+        kind_impls = [name for name in impls if not (name == "triton" and kind != "linear")]  # Triton: linear only
+        warm_seq, warm_weights = make_inputs(kind, args.batch, args.heads, args.chunk_size, args.dim, torch.float32, device=device)
+        time_side_by_side(kind_impls, warm_seq, warm_weights, kind, args.chunk_size, repeats=1)  # warm-up / compile
         for length in args.lengths:
-            seq, weights = make_inputs(kind, args.batch, args.heads, length, args.dim, torch.float32)
-            med = time_side_by_side(impls, seq, weights, kind, args.chunk_size, args.repeats, args.settle)
-            row = f"{kind:<7}{length:>6}" + "".join(f"{med[name]:>12.3f}" for name in impls)
-            print(row + f"{med['naive'] / med['chunk']:>12.1f}x", flush=True)
+            seq, weights = make_inputs(kind, args.batch, args.heads, length, args.dim, torch.float32, device=device)
+            med = time_side_by_side(kind_impls, seq, weights, kind, args.chunk_size, args.repeats, args.settle)
+            row = f"{kind:<7}{length:>6}" + "".join(f"{med[n]:>12.4f}" if n in med else f"{'-':>12}" for n in impls)
+            for ratio in ratio_names:
+                slow, quick = ratio.split("/")
+                row += f"{med[slow] / med[quick]:>15.1f}x" if quick in med else f"{'-':>16}"
+            print(row, flush=True)
 
     if args.skip_memory:
         return
     short, long = args.memory_lengths
-    print(f"\nChunk kernel peak memory during forward+backward (T={short} vs T={long}):")
+    print(f"\nPeak memory during forward+backward (T={short} vs T={long}):")
     for kind in args.kinds:
-        peaks = []
-        for length in (short, long):
-            seq, weights = make_inputs(kind, args.batch, args.heads, length, args.dim, torch.float32)
-            peaks.append(peak_memory_bytes(seq, weights, kind, args.chunk_size))
-        ratio = peaks[1] / peaks[0]
-        budget = 1.0625 * long / short  # linear scaling plus a small margin (8.5x for 1K -> 8K)
-        verdict = "within" if ratio <= budget else "OVER"
-        print(
-            f"{kind:<7} {peaks[0] / 2**20:8.1f} MiB -> {peaks[1] / 2**20:8.1f} MiB   "
-            f"ratio {ratio:.2f}x for {long / short:.0f}x tokens ({verdict} the {budget:.1f}x goal)"
-        )
+        for impl in ["chunk"] + (["triton"] if args.triton and kind == "linear" else []):
+            peaks = []
+            for length in (short, long):
+                seq, weights = make_inputs(kind, args.batch, args.heads, length, args.dim, torch.float32, device=device)
+                peaks.append(peak_memory_bytes(seq, weights, kind, args.chunk_size, impl))
+            ratio = peaks[1] / peaks[0]
+            budget = 1.0625 * long / short  # linear scaling plus a small margin (8.5x for 1K -> 8K)
+            verdict = "within" if ratio <= budget else "OVER"
+            print(
+                f"{kind:<7}{impl:<7} {peaks[0] / 2**20:8.1f} MiB -> {peaks[1] / 2**20:8.1f} MiB   "
+                f"ratio {ratio:.2f}x for {long / short:.0f}x tokens ({verdict} the {budget:.1f}x goal)"
+            )
 
 
 if __name__ == "__main__":

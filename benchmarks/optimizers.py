@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,10 +42,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-import nl_lightning.optim as optim
-from nl_lightning.cli import build_cli
-from nl_lightning.models import Hope
-from nl_lightning.modules import LanguageModel
+# Appended, not prepended: benchmarks.devices comes from the checkout, nl_lightning from wherever
+# it is installed (a checkout's nl_lightning/ lacks the callbacks that setup.py maps in).
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+import nl_lightning.optim as optim  # noqa: E402
+from benchmarks.devices import resolve_device, synchronize  # noqa: E402
+from nl_lightning.cli import build_cli  # noqa: E402
+from nl_lightning.models import Hope  # noqa: E402
+from nl_lightning.modules import LanguageModel  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "optim"
 
@@ -83,10 +89,10 @@ def step_time(steps: int, device: torch.device, dtype: torch.dtype, ns_dtype: st
     times: dict[str, list[float]] = {name: [] for name in [*runs, "forward+backward"]}
 
     def timed(fn) -> float:
-        _synchronize(device)  # nothing queued before the clock starts, everything finished before it stops
+        synchronize(device)  # nothing queued before the clock starts, everything finished before it stops
         start = time.perf_counter()
         fn()
-        _synchronize(device)
+        synchronize(device)
         return time.perf_counter() - start
 
     def forward_backward() -> None:
@@ -122,25 +128,6 @@ def step_time(steps: int, device: torch.device, dtype: torch.dtype, ns_dtype: st
     for name in runs:
         whole = f"{(fwd_bwd + median[name]) / (fwd_bwd + base):.2f}x" if fwd_bwd else "-"
         print(f"| {name} | {median[name] * 1e3:.2f} | {median[name] / base:.2f}x | {whole} |")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``--device`` as a torch device, refusing what this benchmark cannot time with the fix."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {name!r}: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device; run on a GPU "
-                         "machine with a CUDA build of torch, or pass --device cpu")
-    return device
 
 
 # -- (b) validation loss ------------------------------------------------------------------------

@@ -1,12 +1,16 @@
 """Training throughput of recipes, side by side in one run.
 
     .venv/bin/python benchmarks/throughput.py recipes/lm/transformer_tiny.yaml [more recipes] --steps 20
+    python benchmarks/throughput.py recipes/lm/{transformer,hope}_tiny.yaml --device cuda --precision bf16-mixed
 
 For each recipe: build its model and data exactly as the CLI would, train ``--steps`` optimizer
 steps (after ``--warmup`` untimed ones; the recipes take turns step by step), and report tokens/s,
 the FLOPs of one step (counted by ``torch.utils.flop_counter``, forward + backward), and MFU =
-achieved FLOP/s divided by this machine's matmul peak measured in the same run. Ratios between
-rows are the meaningful numbers; absolute values depend on the machine and its load.
+achieved FLOP/s divided by this machine's matmul peak measured in the same run (float32, or bf16
+with ``--precision bf16-mixed``). Ratios between rows are the meaningful numbers; absolute values
+depend on the machine and its load. With ``--device cuda`` each timed step is bracketed by
+``torch.cuda.synchronize()``; ``bf16-mixed`` runs the forward under bf16 autocast as Lightning's
+``precision="bf16-mixed"`` does (the memory kernels still compute in float32).
 ``benchmarks/kernel_bound.py`` splits a step's time into its heavy kernels and the rest.
 
 Two corrections to torch's FLOP counter (``FLOP_FORMULAS``, passed as its ``custom_mapping``):
@@ -21,6 +25,8 @@ GPU formulas, the full T×T score matrix even when causal (the kernel skips abou
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 import time
 from pathlib import Path
 
@@ -29,18 +35,34 @@ import torch.nn.functional as F
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from nl_lightning.cli import build_cli
+# Appended, not prepended: benchmarks.devices comes from the checkout, nl_lightning from wherever
+# it is installed (a checkout's nl_lightning/ lacks the callbacks that setup.py maps in).
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.devices import resolve_device, synchronize  # noqa: E402
+from nl_lightning.cli import build_cli  # noqa: E402
+
+PRECISIONS = {"32": torch.float32, "bf16-mixed": torch.bfloat16}
 
 
-def matmul_peak_flops(size: int = 1024, repeats: int = 20) -> float:
-    """Best FLOP/s of a float32 square matmul: the denominator of MFU on this machine."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_flops(
+    size: int = 1024, repeats: int = 20, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32
+) -> float:
+    """Best FLOP/s of a square matmul: the denominator of MFU on this machine."""
+    if device.type == "cuda":
+        size = max(size, 8192)  # a 1024^3 product is over before a GPU reaches its rate
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b
-    best = float("inf")
+    best, spent = float("inf"), 0.0
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
-        best = min(best, time.perf_counter() - start)
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+        if spent > 2.0:  # enough samples; bf16 on a CPU without bf16 units takes seconds per product
+            break
     return 2 * size**3 / best
 
 
@@ -84,8 +106,10 @@ def build(recipe: Path, overrides: list[str]):
     return cli.model, cli.datamodule
 
 
-def train_step(module, optimizer, inputs, targets) -> None:
-    loss = F.cross_entropy(module(inputs).flatten(0, 1).float(), targets.flatten())
+def train_step(module, optimizer, inputs, targets, autocast=contextlib.nullcontext) -> None:
+    with autocast():
+        logits = module(inputs)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -94,10 +118,15 @@ def train_step(module, optimizer, inputs, targets) -> None:
 class Run:
     """One recipe's model, optimizer and batches, stepped one optimizer step at a time."""
 
-    def __init__(self, recipe: Path, overrides: list[str]) -> None:
-        self.recipe = recipe
+    def __init__(
+        self, recipe: Path, overrides: list[str], device: torch.device = torch.device("cpu"), precision: str = "32"
+    ) -> None:
+        self.recipe, self.device = recipe, device
         self.module, data = build(recipe, overrides)
-        self.module.train()
+        self.module.to(device).train()
+        self.autocast = contextlib.nullcontext
+        if precision != "32":
+            self.autocast = lambda: torch.autocast(device.type, dtype=PRECISIONS[precision])
         self.optimizer = self.module.optimizer_factory(self.module._param_groups())
         self.batches = iter(data.train_dataloader())
         with count_flops() as counter:
@@ -106,13 +135,15 @@ class Run:
         self.seconds, self.tokens, self.steps = 0.0, 0, 0
 
     def step(self) -> int:
-        inputs, targets = next(self.batches)
-        train_step(self.module, self.optimizer, inputs, targets)
+        inputs, targets = (x.to(self.device) for x in next(self.batches))
+        train_step(self.module, self.optimizer, inputs, targets, self.autocast)
         return targets.numel()
 
     def timed_step(self) -> None:
+        synchronize(self.device)
         start = time.perf_counter()
         tokens = self.step()
+        synchronize(self.device)
         self.seconds += time.perf_counter() - start
         self.tokens += tokens
         self.steps += 1
@@ -129,7 +160,7 @@ def train_interleaved(runs: list[Run], warmup: int, steps: int) -> None:
             run.timed_step()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipes", nargs="*", type=Path, default=[Path("recipes/lm/transformer_tiny.yaml")])
     parser.add_argument("--steps", type=int, default=20)
@@ -142,13 +173,17 @@ def main() -> None:
         help="torch intra-op threads (default: torch's). On cores shared with other jobs use 1: with "
         "more, OpenMP waits on descheduled threads and small kernels slow down by orders of magnitude",
     )
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="32", choices=sorted(PRECISIONS),
+                        help="32 (float32) or bf16-mixed (bf16 autocast, as Lightning's precision flag)")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    peak = matmul_peak_flops()
-    runs = [Run(recipe, args.override) for recipe in args.recipes]
+    peak = matmul_peak_flops(device=device, dtype=PRECISIONS[args.precision])
+    runs = [Run(recipe, args.override, device, args.precision) for recipe in args.recipes]
     train_interleaved(runs, args.warmup, args.steps)
     rows = [
         {
@@ -160,7 +195,8 @@ def main() -> None:
         for run in runs
     ]
     baseline = rows[0]["tokens_per_s"]
-    print(f"\nmatmul peak on this machine: {peak / 1e9:.1f} GFLOP/s (float32, {torch.get_num_threads()} threads)\n")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"\nmatmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({PRECISIONS[args.precision]}, {where})\n")
     print(f"| recipe | params | tokens/s | vs first | MFU |\n| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(

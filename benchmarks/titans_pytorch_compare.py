@@ -6,6 +6,7 @@
     python benchmarks/titans_pytorch_compare.py                       # default table
     python benchmarks/titans_pytorch_compare.py --lengths 512 --repeats 3 --theirs seq
     python benchmarks/titans_pytorch_compare.py --check-semantics     # also the causality probes
+    python benchmarks/titans_pytorch_compare.py --device cuda --memory-length 8192   # on a GPU
 
 Without ``titans_pytorch`` importable the script prints why and exits 0 (SKIP).
 
@@ -15,7 +16,8 @@ head dim). One forward+backward is ``layer(x)`` then ``out.square().mean().backw
 ``x.requires_grad``, so the timed backward covers the input, the projections, the gates and the
 initial memory weights on both sides. All variants are timed in one process, interleaved repeat by
 repeat (a change in machine load hits every column alike), after untimed warm-up calls; the table
-reports medians.
+reports medians. On CUDA every timed call is bracketed by ``torch.cuda.synchronize()``, and peak
+memory comes from the caching allocator's counter instead of the profiler's CPU timeline.
 
 Columns (``ms`` per forward+backward):
 
@@ -57,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant and length")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--no-compiled", action="store_true", help="skip memory_impl='compiled'")
     parser.add_argument("--theirs", nargs="+", default=list(THEIRS), choices=THEIRS)
     parser.add_argument(
@@ -85,6 +88,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from benchmarks.devices import resolve_device, synchronize  # noqa: E402
 from nl_lightning.models import ModelConfig  # noqa: E402
 from nl_lightning.models.titans import TitansMemoryLayer, gate_bias  # noqa: E402
 
@@ -192,16 +196,27 @@ def time_side_by_side(layers: dict[str, nn.Module], x: torch.Tensor, repeats: in
     times: dict[str, list[float]] = {name: [] for name in layers}
     for _ in range(repeats):
         for name, layer in layers.items():
+            synchronize(x.device)
             start = time.perf_counter()
             ok = forward_backward(layer, x)
+            synchronize(x.device)
             times[name].append(time.perf_counter() - start)
             finite[name] = tuple(a and b for a, b in zip(finite.get(name, (True, True)), ok))
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}, finite
 
 
 def peak_memory_mib(layer: nn.Module, x: torch.Tensor) -> float:
-    """Peak total size of live CPU tensors during one forward+backward (torch.profiler memory
-    timeline; parameters and the input, created before profiling, are not counted)."""
+    """Peak total size of live tensors during one forward+backward (on CPU torch.profiler's memory
+    timeline, on CUDA the allocator's peak counter; parameters and the input, allocated before,
+    are not counted)."""
+    if x.device.type == "cuda":
+        forward_backward(layer, x)  # gradients exist from here on, as in the timed calls
+        torch.cuda.synchronize(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        forward_backward(layer, x)
+        torch.cuda.synchronize(x.device)
+        return (torch.cuda.max_memory_allocated(x.device) - before) / 2**20
     import json
     import tempfile
     import warnings
@@ -275,11 +290,13 @@ def main(args: argparse.Namespace) -> int:
               "this script with that venv's python.")
         return 0
 
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     version = importlib.metadata.version("titans-pytorch")
-    print(f"torch {torch.__version__}, titans-pytorch {version}, threads={args.threads} "
-          f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"threads={args.threads} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
+    print(f"torch {torch.__version__}, titans-pytorch {version}, {where}")
     print(f"B={args.batch} dim={args.dim} heads={args.heads} head_dim={args.dim // args.heads} "
           f"chunk={args.chunk_size} memory=2-layer residual MLP, float32, fwd+bwd, "
           f"median of {args.repeats} (after {args.warmup} warm-up)")
@@ -289,18 +306,22 @@ def main(args: argparse.Namespace) -> int:
         layers["ours-c"] = build_ours(args, "compiled")
     for variant in args.theirs:
         layers[f"tp-{variant}"] = build_theirs(args, variant)
+    layers = {name: layer.to(device) for name, layer in layers.items()}
     for name, layer in layers.items():
         n = sum(p.numel() for p in layer.parameters())
         print(f"  {name:<9} {n:>8,} parameters")
 
     if "ours-c" in layers:
-        x = torch.randn(args.batch, args.chunk_size * 2, args.dim, requires_grad=True)
+        x = torch.randn(args.batch, args.chunk_size * 2, args.dim, device=device, requires_grad=True)
         start = time.perf_counter()
         forward_backward(layers["ours-c"], x)  # compiles the chunk step (forward and backward)
+        synchronize(device)
         first = time.perf_counter() - start
         forward_backward(layers["ours-c"], x)
+        synchronize(device)
         start = time.perf_counter()
         forward_backward(layers["ours-c"], x)
+        synchronize(device)
         print(f"  ours-c first fwd+bwd (torch.compile of the chunk step, once per process): "
               f"{first:.1f} s (steady state at T={2 * args.chunk_size}: {time.perf_counter() - start:.3f} s)")
 
@@ -312,7 +333,7 @@ def main(args: argparse.Namespace) -> int:
     print("\n" + header + "\n" + "-" * len(header))
     not_finite = []
     for length in args.lengths:
-        x = torch.randn(args.batch, length, args.dim, requires_grad=True)
+        x = torch.randn(args.batch, length, args.dim, device=device, requires_grad=True)
         med, finite = time_side_by_side(layers, x, args.repeats, args.warmup)
         row = f"{length:>6}" + "".join(f"{med[n]:>12.1f}" for n in names)
         row += "".join(f"{med[t] / med[o]:>15.2f}x" for t, o in ratios)
@@ -322,8 +343,9 @@ def main(args: argparse.Namespace) -> int:
     print("all outputs and gradients finite" if not not_finite else "NOT FINITE: " + "; ".join(not_finite))
 
     if args.memory_length:
-        x = torch.randn(args.batch, args.memory_length, args.dim, requires_grad=True)
-        print(f"\nPeak live CPU tensor memory during one fwd+bwd at T={args.memory_length} (torch.profiler):")
+        x = torch.randn(args.batch, args.memory_length, args.dim, device=device, requires_grad=True)
+        how = "CUDA allocator peak" if device.type == "cuda" else "live CPU tensors, torch.profiler"
+        print(f"\nPeak memory during one fwd+bwd at T={args.memory_length} ({how}):")
         for name, layer in layers.items():
             print(f"  {name:<9} {peak_memory_mib(layer, x):8.1f} MiB", flush=True)
 

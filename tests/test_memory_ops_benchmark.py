@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import REPO_ROOT, load_script
 
@@ -33,3 +34,9 @@ def test_tiny_table_runs_end_to_end(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["linear"], ["mlp"])]
     assert [row[:2] for row in rows] == [["linear", "16"], ["mlp", "16"]]
     assert all(row[-1].endswith("x") and float(row[-1][:-1]) > 0 for row in rows)
+
+
+def test_triton_column_needs_a_cuda_device(capsys):
+    with pytest.raises(SystemExit):
+        load_memory_ops().main(["--triton", "--device", "cpu"])
+    assert "--triton needs a CUDA device" in capsys.readouterr().err

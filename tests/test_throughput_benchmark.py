@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_script
@@ -60,3 +61,23 @@ def test_end_to_end_table(monkeypatch, capsys):
     assert len(rows) == 1
     tokens_per_s = float(rows[0].split("|")[3].replace(",", ""))
     assert tokens_per_s > 0 and rows[0].split("|")[4].strip() == "1.00x"
+
+
+def test_bf16_mixed_precision_runs_the_memory_models(monkeypatch, capsys):
+    # HOPE's memory kernels get mixed-dtype inputs under autocast (they run as float32 operators).
+    monkeypatch.chdir(REPO_ROOT)
+    load_throughput().main([
+        "recipes/lm/hope_tiny.yaml", "--steps", "1", "--warmup", "0", "--precision", "bf16-mixed",
+        "--override=--data.init_args.seq_len=32", "--override=--data.init_args.batch_size=2",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "torch.bfloat16" in out  # the MFU denominator is the bf16 matmul rate
+    (row,) = [line for line in out.splitlines() if line.startswith("| recipes/lm/hope_tiny.yaml")]
+    assert float(row.split("|")[3].replace(",", "")) > 0
+
+
+def test_cuda_device_without_a_gpu_is_refused_with_the_fix(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit, match="pass --device cpu"):
+        load_throughput().main(["recipes/lm/transformer_tiny.yaml", "--device", "cuda"])

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU checks in one call, for a short lease on a CUDA machine: the CUDA and Triton tests, then
+# the side-by-side benchmarks with --device cuda. Each step has its own time limit, so one that
+# hangs or fails leaves the others their turn; logs go to OUTDIR/<step>.log.
+#
+#   bash benchmarks/cuda_checks.sh OUTDIR
+#
+# Optional packages the GPU image lacks (titans-pytorch and its dependencies for the comparison,
+# jsonargparse for the recipe-driven throughput benchmark) are installed from wheels in .whl/
+# when that folder exists (benchmarks/results_titans_pytorch.md says which).
+set -u
+OUT=${1:?usage: bash benchmarks/cuda_checks.sh OUTDIR}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/nl-site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/nl-site"
+fi
+# The CLI needs the installed package (nl_lightning.callbacks is mapped from callbacks/ by setup.py).
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/nl-project . \
+    >"$OUT/install.log" 2>&1 || echo "project install failed: $OUT/install.log"
+INSTALLED=(env PYTHONPATH="/tmp/nl-project:$PYTHONPATH")
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+
+SKIP=" ${SKIP:-} "  # e.g. SKIP="tests titans_pytorch" to rerun only the rest
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, print the tail
+    local name=$1 limit=$2
+    shift 2
+    [[ $SKIP == *" $name "* ]] && return
+    local start=$SECONDS
+    echo "=== $name (limit ${limit}s)"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    grep -v -e "^USDT" -e "Warning" -e "warnings.warn" "$OUT/$name.log" | tail -n "${TAIL:-30}"
+    echo "=== $name: exit $rc after $((SECONDS - start)) s"
+}
+
+# A hanging test then fails with its stack instead of eating the whole step (pytest-timeout is in
+# the GPU image; without it the flag is left out).
+PER_TEST=()
+python3 -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=60)
+TINY=(--override=--data.init_args.seq_len=1024 --override=--data.init_args.max_bytes=2000000)
+step tests 150 python3 -m pytest -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k "${TESTS:-cuda or triton}" \
+    tests/ops tests/test_memory_models.py
+step memory_linear 120 python3 benchmarks/memory_ops.py --device cuda --kinds linear --compiled --triton --repeats 3 \
+    --lengths 1024 2048 4096
+step throughput_tiny 100 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,titans,hope}_tiny.yaml \
+    --device cuda --steps 10 --warmup 3 "${TINY[@]}" --override=--data.init_args.batch_size=4
+step titans_pytorch 130 python3 benchmarks/titans_pytorch_compare.py --device cuda --lengths 1024 2048 4096 \
+    --theirs seq par --repeats 10 --memory-length 8192
+step memory_mlp 60 python3 benchmarks/memory_ops.py --device cuda --kinds mlp --lengths 1024 2048 --repeats 3 --skip-memory
+step throughput_small_bf16 80 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,titans,hope}_tiny.yaml \
+    --device cuda --precision bf16-mixed --steps 5 --warmup 2 "${TINY[@]}" --override=--data.init_args.batch_size=8 \
+    --override=--model.init_args.network.init_args.preset=small
