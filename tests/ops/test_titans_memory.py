@@ -267,6 +267,19 @@ def test_triton_linear_continues_from_a_passed_state(triton_linear):
         torch.testing.assert_close(a, e, **F64)
 
 
+def test_triton_kernels_compile_once_for_any_length_and_chunk_size():
+    # Triton specialises ints that are 1 or multiples of 16 unless told not to; a new length or
+    # chunk size would then recompile, and the backward kernel takes minutes to compile at
+    # 64-wide blocks (on the H200 a C=48 test spent its whole time limit compiling).
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed; install the dev extra to test the Triton kernel")
+    from nl_lightning.ops.titans import triton_linear as module
+
+    for kernel in module._kernels(False):
+        runtime = {p.name for p in kernel.params if p.do_not_specialize}
+        assert {"N", "C", "DK", "DV"} <= runtime, (kernel.fn.__name__, runtime)
+
+
 CUDA_COMPILE_CHECK = """
 import triton
 from triton.backends.compiler import GPUTarget

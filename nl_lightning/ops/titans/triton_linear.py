@@ -189,11 +189,18 @@ def _backward_kernel(
     tl.store(DS0 + bh * DV * DK + w_off, dS, mask=w_mask)
 
 
+# Integer arguments Triton must not specialise on. By default it compiles a separate binary when
+# an int is 1 or a multiple of 16, so a new sequence length (N) or chunk size (C) could trigger a
+# fresh compile, and the backward kernel at 64-wide blocks takes minutes to compile (141 s for
+# sm_90 float32 on the 2-core development VM). The block sizes are the compile-time constants.
+_RUNTIME_INTS = ["N", "C", "DK", "DV"]
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool):
     """Jit the kernels once per mode (the mode is part of the key so a changed
     ``TRITON_INTERPRET`` is honoured instead of silently reusing the other kind)."""
-    return triton.jit(_forward_kernel), triton.jit(_backward_kernel)
+    return tuple(triton.jit(kernel, do_not_specialize=_RUNTIME_INTS) for kernel in (_forward_kernel, _backward_kernel))
 
 
 def _interpreting() -> bool:
