@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/dgd_ops.py                      # mlp memory, T = 512 1024 2048
     PYTHONPATH=. python benchmarks/dgd_ops.py --kind linear --impls naive chunk
+    PYTHONPATH=. python benchmarks/dgd_ops.py --device cuda        # on a GPU (synchronized timing)
 
 Every implementation runs on the same inputs in the same process, interleaved per length, so the
 ratios compare like with like; absolute times depend on the machine. The compiled kernel is warmed
@@ -12,28 +13,37 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from nl_lightning.ops.dgd import dgd_memory
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # benchmarks.devices, from any directory
+
+from benchmarks.devices import resolve_device, synchronize  # noqa: E402
+from nl_lightning.ops.dgd import dgd_memory  # noqa: E402
 
 
-def make_inputs(args, length):
+def make_inputs(args, length, device=torch.device("cpu")):
+    """Drawn on the CPU (the same numbers on every device), then moved to ``device``."""
     gen = torch.Generator().manual_seed(0)
     dtype = getattr(torch, args.dtype)
     shape = (args.batch, args.heads, length, args.dim)
 
+    def leaf(x):
+        return x.to(device).requires_grad_()
+
     def randn(*s, scale=1.0):
-        return (torch.randn(*s, generator=gen, dtype=dtype) * scale).requires_grad_()
+        return leaf(torch.randn(*s, generator=gen, dtype=dtype) * scale)
 
     seq = {
         "q": randn(*shape),
-        "k": F.normalize(torch.randn(*shape, generator=gen, dtype=dtype), dim=-1).requires_grad_(),
+        "k": leaf(F.normalize(torch.randn(*shape, generator=gen, dtype=dtype), dim=-1)),
         "v": randn(*shape, scale=0.5),
-        "eta": (torch.rand(shape[:3], generator=gen, dtype=dtype) * 0.5).requires_grad_(),
-        "alpha": (0.9 + 0.1 * torch.rand(shape[:3], generator=gen, dtype=dtype)).requires_grad_(),
+        "eta": leaf(torch.rand(shape[:3], generator=gen, dtype=dtype) * 0.5),
+        "alpha": leaf(0.9 + 0.1 * torch.rand(shape[:3], generator=gen, dtype=dtype)),
     }
     h, d, dh = args.heads, args.dim, args.hidden
     if args.kind == "linear":
@@ -52,13 +62,15 @@ def time_impl(seq, weights, args, impl):
     for _ in range(args.repeats):
         for x in (*seq.values(), *weights):
             x.grad = None
+        synchronize(seq["q"].device)
         start = time.perf_counter()
         o = forward_backward(seq, weights, args, impl)
+        synchronize(seq["q"].device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), o
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kind", choices=["linear", "mlp"], default="mlp")
     impls = ["naive", "chunk", "compiled"]
@@ -78,7 +90,9 @@ def main():
         help="torch intra-op threads. Default 1: the naive loop is thousands of tiny ops, and with "
         "more threads on shared cores their OpenMP synchronisation, not the math, sets its time",
     )
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     if "naive" not in args.impls:
         parser.error("--impls must include naive: ratios are naive time / other time")
@@ -86,12 +100,14 @@ def main():
     print(
         f"DGD memory fwd+bwd, kind={args.kind}, B={args.batch} H={args.heads} D={args.dim}"
         + (f" Dh={args.hidden}" if args.kind == "mlp" else "")
-        + f" C={args.chunk_size} {args.dtype}, torch {torch.__version__}, threads={torch.get_num_threads()}"
+        + f" C={args.chunk_size} {args.dtype}, torch {torch.__version__}, "
+        + (torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads={torch.get_num_threads()}")
     )
     if "compiled" in args.impls:
-        seq, weights = make_inputs(args, args.chunk_size * 2)
+        seq, weights = make_inputs(args, args.chunk_size * 2, device)
         start = time.perf_counter()
         forward_backward(seq, weights, args, "compiled")
+        synchronize(device)
         print(f"compiled warm-up (compile) time: {time.perf_counter() - start:.1f} s")
 
     others = [impl for impl in args.impls if impl != "naive"]
@@ -100,7 +116,7 @@ def main():
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for length in args.lengths:
-        seq, weights = make_inputs(args, length)
+        seq, weights = make_inputs(args, length, device)
         for impl in args.impls:  # one untimed run each: allocator and (for compiled) guards warm
             forward_backward(seq, weights, args, impl)
         results = {impl: time_impl(seq, weights, args, impl) for impl in args.impls}
