@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 HALF = (torch.float16, torch.bfloat16)
-F = TypeVar("F", bound=Callable[..., Any])
+Kernel = TypeVar("Kernel", bound=Callable[..., Any])
 
 
 def upcast_half(value: Any) -> Any:
@@ -37,7 +37,7 @@ def upcast_half(value: Any) -> Any:
     return value
 
 
-def float32_under_autocast(kernel: F) -> F:
+def float32_under_autocast(kernel: Kernel) -> Kernel:
     """Run ``kernel`` as a float32 operator when autocast is on for its inputs' device."""
 
     @functools.wraps(kernel)
