@@ -1,9 +1,17 @@
 """``--device`` handling shared by the benchmark scripts: parse it, refuse what cannot be timed,
-and synchronize so that host timers measure GPU work rather than the time to queue it."""
+synchronize so that host timers measure GPU work rather than the time to queue it, and measure
+the peak memory of one call on either device."""
 
 from __future__ import annotations
 
+import json
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 def resolve_device(name: str) -> torch.device:
@@ -24,3 +32,28 @@ def synchronize(device: torch.device) -> None:
     """Wait for the work queued on ``device`` (a no-op on CPU, where ops run eagerly)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
+    """Peak total bytes of live tensors allocated during one call of ``run``; tensors that exist
+    before the call (parameters, inputs, gradients kept from earlier calls) are not counted.
+
+    On CUDA the caching allocator's peak counter; on CPU ``torch.profiler``'s memory timeline
+    (deprecated in favour of CUDA memory snapshots, which do not cover CPU tensors; still the
+    only allocation timeline torch offers for CPU).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*export_memory_timeline", category=FutureWarning)
+        path = Path(tmp) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())  # [times, per-category sizes over time]
+    return max(sum(s) for s in sizes)

@@ -24,21 +24,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from benchmarks.devices import resolve_device, synchronize  # noqa: E402
+from benchmarks.devices import peak_bytes, resolve_device, synchronize  # noqa: E402
 from nl_lightning.ops.titans import (  # noqa: E402
     chunk_titans_memory,
     compiled_titans_memory,
@@ -125,22 +121,7 @@ def peak_memory_bytes(seq, weights, kind: str, chunk_size: int, impl: str = "chu
         forward_backward(IMPLS[impl], seq, weights, kind, chunk_size)  # first-call kernel builds stay out
         for x in (*seq.values(), *weights):
             x.grad = None
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        forward_backward(IMPLS[impl], seq, weights, kind, chunk_size)
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        forward_backward(IMPLS[impl], seq, weights, kind, chunk_size)
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # Deprecated in favour of CUDA memory snapshots, which do not cover CPU tensors; this is
-        # still the only allocation timeline torch offers for CPU.
-        warnings.filterwarnings("ignore", message=".*export_memory_timeline", category=FutureWarning)
-        path = Path(tmp) / "timeline.json"
-        prof.export_memory_timeline(str(path), device="cpu")
-        _, sizes = json.loads(path.read_text())  # [times, per-category sizes over time]
-    return max(sum(s) for s in sizes)
+    return peak_bytes(lambda: forward_backward(IMPLS[impl], seq, weights, kind, chunk_size), device)
 
 
 def main(argv: list[str] | None = None) -> None:

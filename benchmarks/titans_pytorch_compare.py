@@ -88,7 +88,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from benchmarks.devices import resolve_device, synchronize  # noqa: E402
+from benchmarks.devices import peak_bytes, resolve_device, synchronize  # noqa: E402
 from nl_lightning.models import ModelConfig  # noqa: E402
 from nl_lightning.models.titans import TitansMemoryLayer, gate_bias  # noqa: E402
 
@@ -206,31 +206,13 @@ def time_side_by_side(layers: dict[str, nn.Module], x: torch.Tensor, repeats: in
 
 
 def peak_memory_mib(layer: nn.Module, x: torch.Tensor) -> float:
-    """Peak total size of live tensors during one forward+backward (on CPU torch.profiler's memory
-    timeline, on CUDA the allocator's peak counter; parameters and the input, allocated before,
-    are not counted)."""
+    """Peak total size of live tensors during one forward+backward (``benchmarks.devices.peak_bytes``:
+    parameters and the input, allocated before, are not counted; their gradients are)."""
     if x.device.type == "cuda":
-        forward_backward(layer, x)  # gradients exist from here on, as in the timed calls
-        torch.cuda.synchronize(x.device)
-        before = torch.cuda.memory_allocated(x.device)
-        torch.cuda.reset_peak_memory_stats(x.device)
-        forward_backward(layer, x)
-        torch.cuda.synchronize(x.device)
-        return (torch.cuda.max_memory_allocated(x.device) - before) / 2**20
-    import json
-    import tempfile
-    import warnings
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        forward_backward(layer, x)
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*export_memory_timeline", category=FutureWarning)
-        path = Path(tmp) / "timeline.json"
-        prof.export_memory_timeline(str(path), device="cpu")
-        _, sizes = json.loads(path.read_text())
-    return max(sum(s) for s in sizes) / 2**20
+        forward_backward(layer, x)  # first-call kernel builds stay out
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    return peak_bytes(lambda: forward_backward(layer, x), x.device) / 2**20
 
 
 def changed_positions(layer: nn.Module, x: torch.Tensor, position: int) -> torch.Tensor:

@@ -1,0 +1,24 @@
+"""benchmarks/devices.py: the peak-memory measurement the benchmarks share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES, REPO_ROOT, load_script
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_peak_bytes_counts_what_the_call_allocates_and_not_what_existed_before(device):
+    devices = load_script(REPO_ROOT / "benchmarks/devices.py")
+    device = torch.device(device)
+    existing = torch.ones(4 << 20, device=device)  # 16 MiB alive before and during the call
+    kept = []
+
+    def run():
+        temporary = torch.ones(2 << 20, device=device)  # 8 MiB, freed before the call returns
+        kept.append(temporary.sum() + torch.ones(1 << 20, device=device).sum())  # a 4 MiB temporary
+        kept.append(torch.ones(1 << 20, device=device))  # 4 MiB that outlive the call
+
+    peak = devices.peak_bytes(run, device)
+    assert 12 << 20 <= peak < 16 << 20, peak  # 8 + 4 MiB live together at most, plus small scalars
+    del existing  # referenced until here, so it was alive during the measurement
