@@ -66,7 +66,9 @@ def run_with_grads(fn, seq, weights, **kwargs):
     y, state = fn(**seq, weights=weights, **kwargs)
     outputs = (y, *state.weights, *state.momentum)
     gen = torch.Generator().manual_seed(123)
-    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)).sum() for x in outputs)
+    # Drawn in float64 whatever the outputs' dtype, so runs in two precisions share the projection.
+    projection = (torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device, x.dtype) for x in outputs)
+    loss = sum((x * p).sum() for x, p in zip(outputs, projection))
     grads = torch.autograd.grad(loss, [*seq.values(), *weights])
     return outputs, grads
 
@@ -236,18 +238,12 @@ def test_triton_linear_at_layer_size_in_float32_matches_the_float64_chunk_kernel
     device = "cuda" if torch.cuda.is_available() else "cpu"
     length = 1000 if device == "cuda" else 150
     seq, weights = make_inputs("linear", length=length, dk=48, dv=48, device=device)
-    projections = None  # one random projection of the outputs, shared by both precisions
 
     def run(fn, dtype):
-        nonlocal projections
-        inputs = [x.detach().to(dtype).requires_grad_() for x in (*seq.values(), *weights)]
-        y, state = fn(*inputs[:6], weights=inputs[6:], kind="linear", chunk_size=chunk_size)
-        outputs = (y, *state.weights, *state.momentum)
-        if projections is None:
-            gen = torch.Generator().manual_seed(123)
-            projections = [torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device) for x in outputs]
-        loss = sum((x * p.to(dtype)).sum() for x, p in zip(outputs, projections))
-        return [*outputs, *torch.autograd.grad(loss, inputs)]
+        inputs = {n: x.detach().to(dtype).requires_grad_() for n, x in seq.items()}
+        ws = [w.detach().to(dtype).requires_grad_() for w in weights]
+        outputs, grads = run_with_grads(fn, inputs, ws, kind="linear", chunk_size=chunk_size)
+        return [*outputs, *grads]
 
     expected = run(chunk_titans_memory, torch.float64)
     actual = run(triton_linear, torch.float32)
