@@ -44,9 +44,13 @@ python3 -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=150)
 TINY=(--override=--data.init_args.seq_len=1024 --override=--data.init_args.max_bytes=2000000)
 # In order of what is least known: later steps are the first cut when the lease runs short.
 step tests 240 python3 -m pytest -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k "${TESTS:-cuda or triton}" \
-    tests/ops tests/test_memory_models.py tests/test_dgd_ops_benchmark.py tests/test_benchmark_devices.py
+    tests/ops tests/test_memory_models.py tests/test_dgd_ops_benchmark.py tests/test_benchmark_devices.py \
+    tests/test_throughput_benchmark.py
 step throughput_tiny 100 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,titans,hope}_tiny.yaml \
     --device cuda --steps 10 --warmup 3 "${TINY[@]}" --override=--data.init_args.batch_size=4
+# The same with every step replayed from a CUDA graph: the launch cost taken out of both sides.
+step throughput_tiny_graph 120 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,titans,hope}_tiny.yaml \
+    --device cuda --cuda-graph --steps 10 --warmup 3 "${TINY[@]}" --override=--data.init_args.batch_size=4
 step dgd_ops 60 python3 benchmarks/dgd_ops.py --device cuda --lengths 1024 2048 --repeats 3
 step memory_linear 100 python3 benchmarks/memory_ops.py --device cuda --kinds linear --compiled --triton --repeats 3 \
     --lengths 1024 2048 4096

@@ -11,6 +11,8 @@ with ``--precision bf16-mixed``). Ratios between rows are the meaningful numbers
 depend on the machine and its load. With ``--device cuda`` each timed step is bracketed by
 ``torch.cuda.synchronize()``; ``bf16-mixed`` runs the forward under bf16 autocast as Lightning's
 ``precision="bf16-mixed"`` does (the memory kernels still compute in float32).
+``--cuda-graph`` records each recipe's whole step (forward, backward, AdamW) as one CUDA graph
+and times its replays: the step without per-kernel launch cost, for both sides of a ratio.
 ``benchmarks/kernel_bound.py`` splits a step's time into its heavy kernels and the rest.
 
 Two corrections to torch's FLOP counter (``FLOP_FORMULAS``, passed as its ``custom_mapping``):
@@ -119,23 +121,39 @@ class Run:
     """One recipe's model, optimizer and batches, stepped one optimizer step at a time."""
 
     def __init__(
-        self, recipe: Path, overrides: list[str], device: torch.device = torch.device("cpu"), precision: str = "32"
+        self,
+        recipe: Path,
+        overrides: list[str],
+        device: torch.device = torch.device("cpu"),
+        precision: str = "32",
+        cuda_graph: bool = False,
     ) -> None:
         self.recipe, self.device = recipe, device
         self.module, data = build(recipe, overrides)
         self.module.to(device).train()
         self.autocast = contextlib.nullcontext
         if precision != "32":
-            self.autocast = lambda: torch.autocast(device.type, dtype=PRECISIONS[precision])
+            # A graph replays the casts it recorded; autocast's weight-cast cache would hand it
+            # tensors freed when the recording's autocast region closed (torch.cuda.graph docs).
+            self.autocast = lambda: torch.autocast(device.type, dtype=PRECISIONS[precision], cache_enabled=not cuda_graph)
         self.optimizer = self.module.optimizer_factory(self.module._param_groups())
+        if cuda_graph:
+            make_capturable(self.optimizer)
         self.batches = iter(data.train_dataloader())
+        self.graph = None  # the first, FLOP-counted step runs eagerly
         with count_flops() as counter:
             self.step()
         self.flops_per_step = counter.get_total_flops()
+        self.graph = capture_train_step(self) if cuda_graph else None
         self.seconds, self.tokens, self.steps = 0.0, 0, 0
 
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(x.to(self.device) for x in next(self.batches))
+
     def step(self) -> int:
-        inputs, targets = (x.to(self.device) for x in next(self.batches))
+        if self.graph is not None:
+            return self.graph.step(*self.next_batch())
+        inputs, targets = self.next_batch()
         train_step(self.module, self.optimizer, inputs, targets, self.autocast)
         return targets.numel()
 
@@ -147,6 +165,59 @@ class Run:
         self.seconds += time.perf_counter() - start
         self.tokens += tokens
         self.steps += 1
+
+
+def make_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Keep the optimizer's step counters on the GPU so its step can be recorded in a graph
+    (Adam and AdamW read them on the host otherwise)."""
+    if not all("capturable" in group for group in optimizer.param_groups):
+        raise SystemExit(f"--cuda-graph: {type(optimizer).__name__} has no capturable mode; use a recipe "
+                         "with Adam or AdamW, or leave out --cuda-graph")
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+
+
+class GraphedTrainStep:
+    """One training step (forward, backward, optimizer step) recorded as a CUDA graph.
+
+    Replaying it launches every kernel of the step at once, so the time it measures is the step
+    without the host's per-kernel launch cost: what fusing the step's ops could at most save on
+    the GPU, short of faster kernels. A step reads its batch from fixed input tensors, so
+    ``step`` copies each new batch into them before the replay.
+    """
+
+    def __init__(self, run: "Run", warmup: int = 3) -> None:
+        self.inputs, self.targets = run.next_batch()
+        module, optimizer = run.module, run.optimizer
+
+        def record() -> None:
+            train_step(module, optimizer, self.inputs, self.targets, run.autocast)
+
+        # Warm-up on a side stream, as torch.cuda.graph asks: lazy initialisation (cuBLAS
+        # handles, autograd's stream bookkeeping) must not happen during the capture.
+        side = torch.cuda.Stream(run.device)
+        side.wait_stream(torch.cuda.current_stream(run.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                record()
+        torch.cuda.current_stream(run.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            record()
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> int:
+        # Training loaders drop the last partial batch, so every batch has the recorded shape.
+        self.inputs.copy_(inputs)
+        self.targets.copy_(targets)
+        self.graph.replay()
+        return targets.numel()
+
+
+def capture_train_step(run: "Run") -> GraphedTrainStep:
+    try:
+        return GraphedTrainStep(run)
+    except RuntimeError as error:  # an op that syncs with the host or allocates outside the pool
+        raise SystemExit(f"--cuda-graph: {run.recipe}'s training step cannot be recorded as a CUDA graph: {error}")
 
 
 def train_interleaved(runs: list[Run], warmup: int, steps: int) -> None:
@@ -176,14 +247,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="32", choices=sorted(PRECISIONS),
                         help="32 (float32) or bf16-mixed (bf16 autocast, as Lightning's precision flag)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="record each recipe's training step as one CUDA graph and time its replays: the "
+                        "step without per-kernel launch cost (needs --device cuda and an Adam/AdamW recipe)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit(f"--cuda-graph records CUDA kernels; add --device cuda (got --device {args.device})")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     peak = matmul_peak_flops(device=device, dtype=PRECISIONS[args.precision])
-    runs = [Run(recipe, args.override, device, args.precision) for recipe in args.recipes]
+    runs = [Run(recipe, args.override, device, args.precision, args.cuda_graph) for recipe in args.recipes]
     train_interleaved(runs, args.warmup, args.steps)
     rows = [
         {
