@@ -43,7 +43,8 @@ PER_TEST=()
 python3 -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=150)
 TINY=(--override=--data.init_args.seq_len=1024 --override=--data.init_args.max_bytes=2000000)
 # In order of what is least known: later steps are the first cut when the lease runs short.
-step tests 240 python3 -m pytest -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k "${TESTS:-cuda or triton}" \
+# -P: the checkout must not shadow the installed package (it lacks nl_lightning.callbacks).
+step tests 240 "${INSTALLED[@]}" python3 -P -m pytest -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k "${TESTS:-cuda or triton}" \
     tests/ops tests/test_memory_models.py tests/test_dgd_ops_benchmark.py tests/test_benchmark_devices.py \
     tests/test_throughput_benchmark.py
 step throughput_tiny 100 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,titans,hope}_tiny.yaml \

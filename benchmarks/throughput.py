@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -213,11 +214,32 @@ class GraphedTrainStep:
         return targets.numel()
 
 
+class NotRecordable(RuntimeError):
+    """A recipe's training step does what a CUDA graph cannot record (a host sync, a copy from
+    pageable host memory); its cause's traceback names the op."""
+
+
 def capture_train_step(run: "Run") -> GraphedTrainStep:
     try:
         return GraphedTrainStep(run)
-    except RuntimeError as error:  # an op that syncs with the host or allocates outside the pool
-        raise SystemExit(f"--cuda-graph: {run.recipe}'s training step cannot be recorded as a CUDA graph: {error}")
+    except RuntimeError as error:
+        raise NotRecordable(f"{run.recipe}'s training step cannot be recorded as a CUDA graph: {error}") from error
+
+
+def build_runs(recipes: list[Path], *options) -> tuple[list["Run"], list[Path]]:
+    """A ``Run`` per recipe; with ``--cuda-graph``, the recipes whose step cannot be recorded are
+    left out (their traceback printed) so the others are still measured."""
+    runs, unrecordable = [], []
+    for recipe in recipes:
+        try:
+            runs.append(Run(recipe, *options))
+        except NotRecordable as error:
+            traceback.print_exception(error)
+            unrecordable.append(recipe)
+    if not runs:
+        raise SystemExit("--cuda-graph: no recipe's training step could be recorded (tracebacks above); "
+                         "leave out --cuda-graph to time them eagerly")
+    return runs, unrecordable
 
 
 def train_interleaved(runs: list[Run], warmup: int, steps: int) -> None:
@@ -259,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     peak = matmul_peak_flops(device=device, dtype=PRECISIONS[args.precision])
-    runs = [Run(recipe, args.override, device, args.precision, args.cuda_graph) for recipe in args.recipes]
+    runs, unrecordable = build_runs(args.recipes, args.override, device, args.precision, args.cuda_graph)
     train_interleaved(runs, args.warmup, args.steps)
     rows = [
         {
@@ -279,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
             f"| {row['recipe']} | {row['params'] / 1e6:.2f}M | {row['tokens_per_s']:,.0f} | "
             f"{row['tokens_per_s'] / baseline:.2f}x | {row['flops_per_s'] / peak:.1%} |"
         )
+    for recipe in unrecordable:
+        print(f"| {recipe} | not recordable as a CUDA graph (traceback above) | | | |")
 
 
 if __name__ == "__main__":

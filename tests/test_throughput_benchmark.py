@@ -127,3 +127,23 @@ def test_replayed_cuda_graph_trains_like_eager_steps(family):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=lambda m: f"{family} {name}: {m}")
     # The replays did train: the comparison above is not between two untouched models.
     assert not torch.equal(graphed_model.head.weight, head_before_replays)
+
+
+def test_recipes_whose_step_cannot_be_recorded_are_left_out_with_their_traceback(monkeypatch, capsys):
+    throughput = load_throughput()
+
+    class FakeRun:
+        def __init__(self, recipe, *options):
+            if recipe == "unrecordable.yaml":
+                try:
+                    raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+                except RuntimeError as error:
+                    raise throughput.NotRecordable(f"{recipe}: cannot be recorded") from error
+            self.recipe = recipe
+
+    monkeypatch.setattr(throughput, "Run", FakeRun)
+    runs, unrecordable = throughput.build_runs(["a.yaml", "unrecordable.yaml", "b.yaml"], [])
+    assert [run.recipe for run in runs] == ["a.yaml", "b.yaml"] and unrecordable == ["unrecordable.yaml"]
+    assert "Cannot copy between CPU and CUDA" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no recipe's training step could be recorded"):
+        throughput.build_runs(["unrecordable.yaml"], [])
