@@ -188,7 +188,8 @@ class GraphedTrainStep:
     """
 
     def __init__(self, run: "Run", warmup: int = 3) -> None:
-        self.inputs, self.targets = run.next_batch()
+        # Copies: the graph owns its input tensors and each step overwrites them.
+        self.inputs, self.targets = (x.clone() for x in run.next_batch())
         module, optimizer = run.module, run.optimizer
 
         def record() -> None:

@@ -251,3 +251,29 @@ def test_bf16_autocast_logits_follow_float32_and_gradients_are_finite(family, ki
     logits.float().logsumexp(-1).mean().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+class HostValueSpy(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records ops that turn a Python value into a tensor (``x[i] = 3``, ``torch.tensor(...)``).
+    On a GPU each is a copy from pageable host memory, which a CUDA graph cannot record."""
+
+    def __init__(self):
+        super().__init__()
+        self.lifted = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.lift_fresh.default:
+            self.lifted.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, TransformerPP], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_training_step_makes_no_tensor_from_host_values(family, kind):
+    # 21 tokens: a partial last memory chunk, and more than 2·window for the blocked attention.
+    model = small_model(family, memory_kind=kind).train()
+    tokens = torch.randint(0, 256, (2, 21))
+    with HostValueSpy() as spy:
+        loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+        loss.backward()
+    assert spy.lifted == [], f"{family.__name__} built tensors from host values, shapes {spy.lifted}"

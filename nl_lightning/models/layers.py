@@ -120,7 +120,9 @@ def blocked_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.
     i = torch.arange(window, device=q.device)[:, None]
     j = torch.arange(2 * window, device=q.device)[None, :]
     mask = ((j > i) & (j <= i + window)).expand(blocks, window, 2 * window).clone()
-    mask[0, :, :window] = False  # block 0's left neighbour is padding before position 0
+    # Block 0's left neighbour is padding before position 0. fill_, not ``= False``: assigning a
+    # Python value copies it from host memory, which a CUDA graph cannot record.
+    mask[0, :, :window].fill_(False)
     out = F.scaled_dot_product_attention(
         q_blocks.flatten(1, 2), k_pairs.flatten(1, 2), v_pairs.flatten(1, 2),
         attn_mask=mask.repeat(heads, 1, 1),

@@ -77,7 +77,7 @@ class _MomentumScan(torch.autograd.Function):
         E = keep.new_zeros(*keep.shape, C)
         E.diagonal(dim1=-2, dim2=-1).fill_(1)
         P = torch.zeros_like(E)
-        P[..., 0, 0] = 1
+        P[..., 0, 0].fill_(1)  # not ``= 1``: a host-to-device copy (see chunk_coefficients)
         keep_, eta_ = keep.unsqueeze(-1), eta.unsqueeze(-1)
         for i in range(1, C):
             # Rows are lower-triangular: only the first i (E) and i+1 (P) entries are nonzero.
@@ -134,7 +134,9 @@ def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: in
 
     # Row of each chunk's last real token: C-1, except in a partial final chunk.
     last = torch.full((N,), C - 1, dtype=torch.long, device=theta.device)
-    last[-1] = (T - 1) % C
+    # fill_, not ``last[-1] = ...``: assigning a Python number copies it from host memory, which a
+    # CUDA graph cannot record (benchmarks/throughput.py --cuda-graph).
+    last[-1].fill_((T - 1) % C)
     n = torch.arange(N, device=theta.device)
 
     decay_mix, carry, decay_mix_end = _MomentumScan.apply(keep, eta, last)
