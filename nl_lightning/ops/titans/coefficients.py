@@ -84,19 +84,17 @@ class _MomentumScan(torch.autograd.Function):
             torch.mul(E[..., i - 1, :i], eta_[..., i, :], out=E[..., i, :i])
             row = slice(None, i + 1)
             torch.addcmul(E[..., i, row], keep_[..., i, :], P[..., i - 1, row], out=P[..., i, row])
-        n = torch.arange(last.shape[0], device=last.device)
         ctx.save_for_backward(E, P, keep, eta, last)
-        return P, P[..., 0] * eta[..., :1], P[:, :, n, last]
+        return P, P[..., 0] * eta[..., :1], P.gather(-2, _last_index(last, P, -2)).squeeze(-2)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_P: Tensor, grad_carry: Tensor, grad_P_end: Tensor):
         E, P, keep, eta, last = ctx.saved_tensors
         C = keep.shape[-1]
-        n = torch.arange(last.shape[0], device=last.device)
         # G (the total gradient of P), turned into HP in place by the scan below.
         HP = grad_P.clone(memory_format=torch.contiguous_format)
-        HP[:, :, n, last] += grad_P_end
+        HP.scatter_add_(-2, _last_index(last, HP, -2), grad_P_end.unsqueeze(-2))
         HP[..., 0] += grad_carry * eta[..., :1]
         HE = torch.empty_like(HP)
         HE[..., C - 1, :] = HP[..., C - 1, :]
@@ -109,6 +107,22 @@ class _MomentumScan(torch.autograd.Function):
         grad_eta = F.pad((HE[..., 1:, :] * E[..., :-1, :]).sum(-1), (1, 0))
         grad_eta[..., 0] += (grad_carry * P[..., 0]).sum(-1)
         return grad_keep, grad_eta, None
+
+
+def _last_index(last: Tensor, x: Tensor, dim: int) -> Tensor:
+    """Index for ``gather``/``scatter_add_`` along ``dim`` of x (B, H, N, ...) that picks position
+    ``last[n]`` of chunk n. gather rather than ``x[:, :, n, last]``: advanced indexing's backward is
+    an accumulating ``index_put_``, which a CUDA graph cannot record (gather's is a scatter_add)."""
+    shape = [1] * x.dim()
+    shape[2] = last.shape[0]
+    size = list(x.shape)
+    size[dim] = 1
+    return last.view(shape).expand(size)
+
+
+def _at_last(x: Tensor, last: Tensor) -> Tensor:
+    """(B, H, N, C) -> (B, H, N): each chunk's entry at its last real token."""
+    return x.gather(-1, _last_index(last, x, -1)).squeeze(-1)
 
 
 def _reverse_exclusive_cumprod(x: Tensor) -> Tensor:
@@ -137,7 +151,6 @@ def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: in
     # fill_, not ``last[-1] = ...``: assigning a Python number copies it from host memory, which a
     # CUDA graph cannot record (benchmarks/throughput.py --cuda-graph).
     last[-1].fill_((T - 1) % C)
-    n = torch.arange(N, device=theta.device)
 
     decay_mix, carry, decay_mix_end = _MomentumScan.apply(keep, eta, last)
     beta, momentum = torch.cumprod(keep, -1), torch.cumprod(eta, -1)  # only C per chunk
@@ -149,9 +162,9 @@ def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: in
         carry=carry,
         decay_mix=decay_mix,
         theta=theta,
-        beta_end=beta[:, :, n, last],
-        carry_end=carry[:, :, n, last],
-        momentum_end=momentum[:, :, n, last],
+        beta_end=_at_last(beta, last),
+        carry_end=_at_last(carry, last),
+        momentum_end=_at_last(momentum, last),
         mix_end=decay_mix_end * theta,
         surprise_end=surprise_end,
     )
