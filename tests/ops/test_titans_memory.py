@@ -413,3 +413,21 @@ def test_triton_rejects_mlp_memory(triton_linear):
     seq, weights = make_inputs("mlp")
     with pytest.raises(ValueError, match="kind='linear' only"):
         triton_linear(**seq, weights=weights, kind="mlp", chunk_size=4)
+
+
+def test_sync_free_cumprod_matches_torch_in_value_and_gradient_with_exact_zeros():
+    from nl_lightning.ops.titans.coefficients import _cumprod
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 9, generator=gen, dtype=torch.float64)
+    x[0, 0, 3] = 0.0  # one zero: gradients before it and at it are nonzero, after it zero
+    x[1, 1, 2] = x[1, 1, 6] = 0.0  # two zeros: only the entries up to the first matter
+    x[2, 0, -1] = 0.0
+    x.requires_grad_()
+    grad_out = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    ours, theirs = _cumprod(x), torch.cumprod(x, -1)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    (grad_ours,) = torch.autograd.grad(ours, x, grad_out)
+    (grad_theirs,) = torch.autograd.grad(theirs, x, grad_out)
+    torch.testing.assert_close(grad_ours, grad_theirs, **F64)
+    assert torch.autograd.gradcheck(_cumprod, (x,))
