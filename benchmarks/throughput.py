@@ -181,10 +181,10 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> None:
 class GraphedTrainStep:
     """One training step (forward, backward, optimizer step) recorded as a CUDA graph.
 
-    Replaying it launches every kernel of the step at once, so the time it measures is the step
-    without the host's per-kernel launch cost: what fusing the step's ops could at most save on
-    the GPU, short of faster kernels. A step reads its batch from fixed input tensors, so
-    ``step`` copies each new batch into them before the replay.
+    Replaying it submits every kernel of the step in one call, so the time it measures is the
+    step without the host's per-kernel launch cost; the kernels still run one after another, so
+    what remains is their own GPU time, which only fewer, larger (fused) kernels would cut. A step
+    reads its batch from fixed input tensors, so ``step`` copies each new batch into them first.
     """
 
     def __init__(self, run: "Run", warmup: int = 3) -> None:
