@@ -55,6 +55,11 @@ step throughput_tiny_graph 120 "${INSTALLED[@]}" python3 benchmarks/throughput.p
 # At batch 4 every model is launch-bound on a large GPU; batch 32 gives the GPU work per kernel.
 step throughput_tiny_b32 120 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,titans,hope}_tiny.yaml \
     --device cuda --cuda-graph --steps 8 --warmup 2 "${TINY[@]}" --override=--data.init_args.batch_size=32
+# What a user gets from LanguageModel(compile={backend: cudagraphs}): dynamo traces the network
+# (minutes for HOPE: its chunk loops unroll) and replays forward and backward from CUDA graphs.
+step throughput_tiny_compiled 420 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,hope}_tiny.yaml \
+    --device cuda --steps 10 --warmup 3 "${TINY[@]}" --override=--data.init_args.batch_size=4 \
+    "--override=--model.init_args.compile={backend: cudagraphs}"
 step dgd_ops 60 python3 benchmarks/dgd_ops.py --device cuda --lengths 1024 2048 --repeats 3
 step memory_linear 100 python3 benchmarks/memory_ops.py --device cuda --kinds linear --compiled --triton --repeats 3 \
     --lengths 1024 2048 4096

@@ -145,6 +145,10 @@ class Run:
         with count_flops() as counter:
             self.step()
         self.flops_per_step = counter.get_total_flops()
+        # The Trainer's first hook, which applies model.init_args.compile. Only after the FLOP
+        # count: a network first called under the counter's dispatch mode is never compiled
+        # (dynamo skips the frame for good).
+        self.module.setup("fit")
         self.graph = capture_train_step(self) if cuda_graph else None
         self.seconds, self.tokens, self.steps = 0.0, 0, 0
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -92,13 +93,24 @@ def test_memory_recipes_train_with_bf16_mixed_precision(recipe, workdir):
     assert len(losses) >= 3 and all(math.isfinite(loss) for loss in losses), losses
 
 
+def test_compile_option_from_the_command_line_trains_and_checkpoints(workdir):
+    # The YAML/CLI form of LanguageModel(compile=...) reaches torch.compile; aot_eager traces
+    # without generating code, so this stays quick on the CPU.
+    save_dir = workdir / "runs-compile"
+    recipe = REPO_ROOT / "recipes/lm/transformer_tiny.yaml"
+    main([*few_steps(recipe, save_dir, steps=2), "--data.init_args.seq_len=64", "--data.init_args.batch_size=4",
+          "--model.init_args.compile={backend: aot_eager}"])
+    version = single_version_dir(save_dir)
+    checkpoint = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["hyper_parameters"]["compile"] == {"backend": "aot_eager"}
+    assert "network.embed.weight" in checkpoint["state_dict"]  # the eager names, no _orig_mod
+
+
 def test_training_resumes_from_the_last_checkpoint(workdir):
     recipe = REPO_ROOT / "recipes/lm/transformer_tiny.yaml"
     save_dir = workdir / "runs-resume"
     main(few_steps(recipe, save_dir, steps=2))
     last = single_version_dir(save_dir) / "checkpoints" / "last.ckpt"
-    import torch
-
     assert torch.load(last, weights_only=False)["global_step"] == 2
     main([*few_steps(recipe, save_dir, steps=4), f"--ckpt_path={last}", "--trainer.limit_train_batches=4"])
     resumed = sorted(save_dir.glob("*/version_*/checkpoints/last.ckpt"))[-1]

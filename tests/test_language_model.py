@@ -93,3 +93,43 @@ def test_a_non_finite_validation_batch_makes_the_loss_nan_instead_of_being_dropp
         loss.update(torch.tensor(2.0))
         loss.update(torch.tensor(float("nan")))
         assert math.isnan(loss.compute())
+
+
+@pytest.mark.parametrize("family", ["TransformerPP", "Hope"])
+def test_compiled_network_gives_the_eager_logits_and_gradients_under_the_same_names(family):
+    # aot_eager traces the network through dynamo and AOT autograd as every backend does (a
+    # graph break or an untraceable op would show here) without generating code, so it runs on
+    # the CPU in seconds; the GPU backends (inductor, cudagraphs) compile the same graphs.
+    from nl_lightning import models
+
+    small = {"n_layer": 1, "chunk_size": 8, "proj_chunk_size": 8}
+    graphs = []
+
+    def recording_aot_eager(graph, example_inputs):
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    modules = []
+    for options in (False, {"backend": recording_aot_eager}):
+        torch.manual_seed(0)
+        module = LanguageModel(getattr(models, family)("tiny", overrides=small), compile=options)
+        module.setup("fit")
+        modules.append(module)
+    eager, compiled = modules
+    assert compiled._network_compiled and not eager._network_compiled
+    tokens = torch.randint(0, 256, (2, 21))  # a partial last chunk
+    logits = []
+    for module in modules:
+        out = module(tokens)
+        torch.nn.functional.cross_entropy(out.flatten(0, 1), tokens.flatten()).backward()
+        logits.append(out)
+    assert len(graphs) == 1, f"{family}'s forward broke into {len(graphs)} graphs"
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-4)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    for (name, a), b in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_compile_option_rejects_what_torch_compile_cannot_take():
+    with pytest.raises(TypeError, match="compile must be true/false or a dict"):
+        tiny_lm(compile="cudagraphs")

@@ -147,3 +147,21 @@ def test_recipes_whose_step_cannot_be_recorded_are_left_out_with_their_traceback
     assert "Cannot copy between CPU and CUDA" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no recipe's training step could be recorded"):
         throughput.build_runs(["unrecordable.yaml"], [])
+
+
+def test_a_recipe_with_compile_is_timed_compiled_and_its_flops_counted_eagerly(monkeypatch):
+    # A network first called under the FLOP counter's dispatch mode would never be compiled, so
+    # the benchmark counts on the eager network and compiles afterwards, as the Trainer's setup would.
+    from torch._dynamo.utils import counters
+
+    monkeypatch.chdir(REPO_ROOT)
+    throughput = load_throughput()
+    small = ["--data.init_args.seq_len=32", "--data.init_args.batch_size=2"]
+    recipe = Path("recipes/lm/transformer_tiny.yaml")
+    eager = throughput.Run(recipe, small)
+    counters.clear()
+    compiled = throughput.Run(recipe, [*small, "--model.init_args.compile={backend: aot_eager}"])
+    assert counters["stats"]["unique_graphs"] == 0  # nothing compiled while counting
+    compiled.step()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert compiled.flops_per_step == eager.flops_per_step > 0

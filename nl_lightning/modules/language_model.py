@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,11 @@ class LanguageModel(LightningModule):
         warmup_steps: linear warm-up length in optimizer steps.
         lr_schedule: ``cosine`` decays to ``min_lr_ratio`` × lr over the run; ``constant`` keeps lr.
         min_lr_ratio: final lr as a fraction of the peak lr for the cosine schedule.
+        compile: ``torch.compile`` the network's forward (and so its backward) in place when
+            training starts: ``true`` for the defaults, or a dict of ``torch.compile`` keyword
+            arguments, e.g. ``{backend: cudagraphs}`` on a GPU to replay the network's kernels
+            from CUDA graphs without inductor's code generation, or ``{mode: max-autotune}``.
+            Parameter names, and so checkpoints, stay those of the eager network.
     """
 
     def __init__(
@@ -40,8 +45,14 @@ class LanguageModel(LightningModule):
         warmup_steps: int = 100,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         min_lr_ratio: float = 0.1,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(
+                f"compile must be true/false or a dict of torch.compile arguments, got {compile!r}; "
+                "e.g. compile: true or compile: {backend: cudagraphs}"
+            )
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not 0.0 <= min_lr_ratio <= 1.0:
@@ -50,6 +61,8 @@ class LanguageModel(LightningModule):
         self.network = network
         self.optimizer_factory = optimizer
         self.warmup_steps, self.lr_schedule, self.min_lr_ratio = warmup_steps, lr_schedule, min_lr_ratio
+        self.compile_options = ({} if compile is True else dict(compile)) if compile else None
+        self._network_compiled = False
         # nan_strategy="disable": a non-finite batch makes the stage's loss NaN. MeanMetric's default
         # drops NaN values with a warning, which reports the loss of the finite batches only and
         # hides a diverging model (seen in HOPE runs with a large dgd_max_step).
@@ -80,6 +93,10 @@ class LanguageModel(LightningModule):
                 f"the data has {data_vocab} token ids but the network's vocab_size is {model_vocab}; "
                 f"set the network's vocab_size to at least {data_vocab}"
             )
+        if self.compile_options is not None and not self._network_compiled:
+            # nn.Module.compile wraps the forward in place: no ``_orig_mod.`` prefix in state dicts.
+            self.network.compile(**self.compile_options)
+            self._network_compiled = True
 
     def on_fit_start(self) -> None:
         n_params = self.num_parameters()
