@@ -34,14 +34,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
+def peak_bytes(run: Callable[[], object], device: torch.device, reset: Callable[[], object] = lambda: None) -> int:
     """Peak total bytes of live tensors allocated during one call of ``run``; tensors that exist
-    before the call (parameters, inputs, gradients kept from earlier calls) are not counted.
+    before the call (parameters, inputs, gradients kept from earlier calls) are not counted, except
+    on CPU where the profiler also counts one that the call writes into.
+    ``reset`` runs just before the measured call (e.g. to free the gradients an earlier call left,
+    so that the measured call allocates them again and they are counted).
 
-    On CUDA the caching allocator's peak counter; on CPU ``torch.profiler``'s memory timeline
-    (deprecated in favour of CUDA memory snapshots, which do not cover CPU tensors; still the
-    only allocation timeline torch offers for CPU).
+    On CUDA the caching allocator's peak counter, after one unmeasured call of ``run`` so that
+    what a first call builds (kernels, library workspaces) stays out; on CPU ``torch.profiler``'s
+    memory timeline (deprecated in favour of CUDA memory snapshots, which do not cover CPU
+    tensors; still the only allocation timeline torch offers for CPU).
     """
+    if device.type == "cuda":
+        run()
+    reset()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)

@@ -116,12 +116,13 @@ def time_side_by_side(
 
 def peak_memory_bytes(seq, weights, kind: str, chunk_size: int, impl: str = "chunk") -> int:
     """Peak total bytes of live tensors allocated during one forward+backward of ``impl``."""
-    device = seq["q"].device
-    if device.type == "cuda":
-        forward_backward(IMPLS[impl], seq, weights, kind, chunk_size)  # first-call kernel builds stay out
+
+    def free_grads():
         for x in (*seq.values(), *weights):
             x.grad = None
-    return peak_bytes(lambda: forward_backward(IMPLS[impl], seq, weights, kind, chunk_size), device)
+
+    run = functools.partial(forward_backward, IMPLS[impl], seq, weights, kind, chunk_size)
+    return peak_bytes(run, seq["q"].device, reset=free_grads)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -208,11 +208,12 @@ def time_side_by_side(layers: dict[str, nn.Module], x: torch.Tensor, repeats: in
 def peak_memory_mib(layer: nn.Module, x: torch.Tensor) -> float:
     """Peak total size of live tensors during one forward+backward (``benchmarks.devices.peak_bytes``:
     parameters and the input, allocated before, are not counted; their gradients are)."""
-    if x.device.type == "cuda":
-        forward_backward(layer, x)  # first-call kernel builds stay out
-    x.grad = None
-    layer.zero_grad(set_to_none=True)
-    return peak_bytes(lambda: forward_backward(layer, x), x.device) / 2**20
+
+    def free_grads():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+
+    return peak_bytes(lambda: forward_backward(layer, x), x.device, reset=free_grads) / 2**20
 
 
 def changed_positions(layer: nn.Module, x: torch.Tensor, position: int) -> torch.Tensor:

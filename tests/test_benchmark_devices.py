@@ -22,3 +22,29 @@ def test_peak_bytes_counts_what_the_call_allocates_and_not_what_existed_before(d
     peak = devices.peak_bytes(run, device)
     assert 12 << 20 <= peak < 16 << 20, peak  # 8 + 4 MiB live together at most, plus small scalars
     del existing  # referenced until here, so it was alive during the measurement
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_peak_bytes_resets_right_before_the_measured_call(device):
+    # Like a gradient: the first call allocates it, later calls accumulate into it in place; the
+    # reset frees it so the measured call allocates (and counts) it again.
+    devices = load_script(REPO_ROOT / "benchmarks/devices.py")
+    device = torch.device(device)
+    grad, calls = [], []
+
+    def run():
+        calls.append("run")
+        if grad:
+            grad[0].add_(1)
+        else:
+            grad.append(torch.ones(1 << 20, device=device))  # 4 MiB
+
+    def reset():
+        calls.append("reset")
+        grad.clear()
+
+    run()  # an earlier call left the "gradient" allocated
+    calls.clear()
+    assert devices.peak_bytes(run, device, reset=reset) >= 4 << 20
+    # On CUDA one unmeasured call first (what a first call builds stays out of the peak).
+    assert calls == (["run"] if device.type == "cuda" else []) + ["reset", "run"]
