@@ -3,14 +3,19 @@ not counted as dense ones) and its table, end to end."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_script
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from nl_lightning import models
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,12 +104,6 @@ def test_cuda_graph_refuses_an_optimizer_it_cannot_record():
 def test_replayed_cuda_graph_trains_like_eager_steps(family):
     # The recorded step, replayed on new batches, moves the weights as eager steps on the same
     # batches do (the warm-up trains on the first batch, so the eager copy does too).
-    import copy
-    import contextlib
-    from types import SimpleNamespace
-
-    from nl_lightning import models
-
     throughput = load_throughput()
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -152,7 +151,7 @@ def test_recipes_whose_step_cannot_be_recorded_are_left_out_with_their_traceback
 def test_a_recipe_with_compile_is_timed_compiled_and_its_flops_counted_eagerly(monkeypatch):
     # A network first called under the FLOP counter's dispatch mode would never be compiled, so
     # the benchmark counts on the eager network and compiles afterwards, as the Trainer's setup would.
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters  # here: importing dynamo costs every collection a second
 
     monkeypatch.chdir(REPO_ROOT)
     throughput = load_throughput()
