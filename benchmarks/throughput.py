@@ -149,7 +149,8 @@ class Run:
         # count: a network first called under the counter's dispatch mode is never compiled
         # (dynamo skips the frame for good).
         self.module.setup("fit")
-        self.graph = capture_train_step(self) if cuda_graph else None
+        if cuda_graph:
+            self.graph = capture_train_step(self)
         self.seconds, self.tokens, self.steps = 0.0, 0, 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
