@@ -113,12 +113,13 @@ def test_memory_stays_finite_on_long_repetitive_text(family, text):
     assert logits.abs().max() < 1e3
 
 
+@pytest.mark.parametrize("impl", ["chunk", "auto"])  # auto: the fused C++ main memory for mlp on CPU
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_hope_chunk_kernels_match_the_naive_reference_in_logits_and_grads(kind):
+def test_hope_chunk_kernels_match_the_naive_reference_in_logits_and_grads(kind, impl):
     """HOPE with the fast kernels (shared-key projection update, chunk main memory) equals its
     token-by-token reference path, ``memory_impl="naive"``, in the forward and every gradient."""
     overrides = {"n_layer": 1, "d_model": 32, "n_head": 2, "chunk_size": 4, "proj_chunk_size": 4, "memory_kind": kind}
-    fast = small_model(Hope, **overrides).double()
+    fast = small_model(Hope, **overrides, memory_impl=impl).double()
     reference = small_model(Hope, **overrides, memory_impl="naive").double()
     reference.load_state_dict(fast.state_dict())
     tokens = torch.randint(0, 256, (2, 14))  # 14 = 3 full chunks and a partial one

@@ -1,6 +1,8 @@
-"""DGD memory (HOPE, SPEC §2): chunk and compiled kernels against the token-by-token reference."""
+"""DGD memory (HOPE, SPEC §2): chunk, compiled and fused CPU kernels against the token-by-token reference."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -8,7 +10,8 @@ import torch.nn.functional as F
 
 from conftest import ON_DEVICES
 
-from nl_lightning.ops.dgd import dgd_memory, dgd_shared_key_update
+import nl_lightning.ops.dgd as dgd_ops
+from nl_lightning.ops.dgd import cpu_fused, dgd_memory, dgd_shared_key_update
 
 B, H, T, D, DH = 2, 2, 10, 4, 6
 F64 = dict(atol=1e-10, rtol=1e-10)
@@ -81,6 +84,100 @@ def test_compiled_matches_chunk_float32(kind, device):
     assert_same_run(actual, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, T, 16], ids=["online", "C3", "C4", "C=T", "C>T"])
+def test_cpu_fused_matches_naive_forward_and_grads_float64(chunk_size):
+    """The C++ chunk loop (hand-written backward) against the token-by-token definition."""
+    seq, weights = make_inputs("mlp", batch=3)  # 3·H = 6 items: more than one per thread
+    expected = run_with_grads(seq, weights, kind="mlp", chunk_size=chunk_size, impl="naive")
+    actual = run_with_grads(seq, weights, kind="mlp", chunk_size=chunk_size, impl="cpu_fused")
+    assert_same_run(actual, expected, **F64)
+
+
+def test_cpu_fused_matches_chunk_float32_at_model_sizes():
+    """float32 (the polynomial exp, BLAS) at HOPE-tiny's head size, several chunks and a partial one."""
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, length, dim = 2, 2, 150, 48
+    seq = {
+        "q": F.normalize(torch.randn(batch, heads, length, dim, generator=gen), dim=-1),
+        "k": F.normalize(torch.randn(batch, heads, length, dim, generator=gen), dim=-1),
+        "v": torch.randn(batch, heads, length, dim, generator=gen),
+        "eta": 0.01 * torch.rand(batch, heads, length, generator=gen),
+        "alpha": 0.9 + 0.1 * torch.rand(batch, heads, length, generator=gen),
+    }
+    weights = (0.02 * torch.randn(heads, dim, dim, generator=gen), torch.randn(heads, dim, dim, generator=gen) / 7)
+    for x in (*seq.values(), *weights):
+        x.requires_grad_()
+    expected = run_with_grads(seq, weights, kind="mlp", chunk_size=64, impl="chunk")
+    actual = run_with_grads(seq, weights, kind="mlp", chunk_size=64, impl="cpu_fused")
+    assert_same_run(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_fused_gradients_when_only_the_read_outs_are_used():
+    # The end state gets no gradient (None in the backward), as in HOPE's main memory.
+    seq, weights = make_inputs("mlp")
+    grads = {}
+    for impl in ("chunk", "cpu_fused"):
+        o, _ = dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl=impl)
+        grads[impl] = torch.autograd.grad(o.square().sum(), [*seq.values(), *weights])
+    for a, e in zip(grads["cpu_fused"], grads["chunk"]):
+        torch.testing.assert_close(a, e, **F64)
+
+
+def test_cpu_fused_backward_matches_finite_differences():
+    seq, weights = make_inputs("mlp", batch=1, length=5)
+    names = list(seq)
+
+    def fn(*xs):
+        o, state = dgd_memory(**dict(zip(names, xs[:5])), weights=xs[5:], kind="mlp", chunk_size=2, impl="cpu_fused")
+        return o, *state
+
+    assert torch.autograd.gradcheck(fn, (*seq.values(), *weights), fast_mode=True)
+
+
+def test_cpu_fused_refuses_the_linear_kind_naming_the_fix():
+    seq, weights = make_inputs("linear")
+    with pytest.raises(ValueError, match="kind='mlp' only, got kind='linear'; use impl='chunk'"):
+        dgd_memory(**seq, weights=weights, kind="linear", chunk_size=4, impl="cpu_fused")
+
+
+def _count_calls(monkeypatch):
+    calls = {"cpu_fused": 0, "chunk": 0}
+    for name in calls:
+        original = dgd_ops._IMPLS[name]
+
+        def counted(*args, name=name, original=original, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setitem(dgd_ops._IMPLS, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize(("kind", "expected"), [("mlp", "cpu_fused"), ("linear", "chunk")])
+def test_auto_picks_the_fused_kernel_for_mlp_memories_on_cpu(monkeypatch, kind, expected):
+    calls = _count_calls(monkeypatch)
+    seq, weights = make_inputs(kind)
+    dgd_memory(**seq, weights=weights, kind=kind, chunk_size=4, impl="auto")
+    assert calls == {"cpu_fused": int(expected == "cpu_fused"), "chunk": int(expected == "chunk")}
+
+
+def test_auto_falls_back_to_chunk_with_one_warning_when_the_kernel_cannot_build(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("could not build the fused CPU DGD kernel (mlp_chunks.cpp): no compiler.")
+
+    monkeypatch.setattr(cpu_fused, "_extension", None)
+    monkeypatch.setattr(cpu_fused, "_unavailable", None)
+    monkeypatch.setattr(cpu_fused, "load_extension", no_compiler)
+    calls = _count_calls(monkeypatch)
+    seq, weights = make_inputs("mlp")
+    with pytest.warns(RuntimeWarning, match="no compiler.*falls back to 'chunk'"):
+        dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once, not on every call
+        dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl="auto")
+    assert calls == {"cpu_fused": 0, "chunk": 2}
+
+
 def test_chunk_backward_matches_finite_differences():
     seq, weights = make_inputs("mlp", batch=1, length=5)
     names = list(seq)
@@ -142,8 +239,10 @@ def test_batch_elements_do_not_share_state(kind):
         assert not torch.allclose(a[1], b[1])
 
 
-@pytest.mark.parametrize("impl", ["naive", "chunk"])
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize(
+    ("kind", "impl"),
+    [("linear", "naive"), ("linear", "chunk"), ("mlp", "naive"), ("mlp", "chunk"), ("mlp", "cpu_fused")],
+)
 def test_output_at_t_ignores_later_tokens(kind, impl):
     seq, weights = make_inputs(kind)
     o, _ = dgd_memory(**seq, weights=weights, kind=kind, chunk_size=4, impl=impl)
@@ -156,7 +255,7 @@ def test_output_at_t_ignores_later_tokens(kind, impl):
     assert not torch.allclose(o2[:, :, t0:], o[:, :, t0:])
 
 
-@pytest.mark.parametrize("impl", ["naive", "chunk"])
+@pytest.mark.parametrize("impl", ["naive", "chunk", "cpu_fused"])
 def test_sequence_shorter_than_chunk_still_updates_state(impl):
     seq, weights = make_inputs("mlp", length=3)
     _, state = dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=8, impl=impl)
@@ -188,14 +287,15 @@ def test_state_passed_over_two_calls_equals_one_call(kind, chunk_size, split):
     assert_same_run((o, state, grads), whole, **F64)
 
 
-def test_tiny_alpha_stays_finite_and_matches_naive():
+@pytest.mark.parametrize("impl", ["chunk", "cpu_fused"])
+def test_tiny_alpha_stays_finite_and_matches_naive(impl):
     # prod(alpha) over the chunk is ~1e-400, far below float64's smallest normal: a kernel that
     # divided by cumulative products would produce inf/nan here.
     seq, weights = make_inputs("mlp")
     with torch.no_grad():
         seq["alpha"].fill_(1e-40)
     expected = run_with_grads(seq, weights, kind="mlp", chunk_size=T, impl="naive")
-    actual = run_with_grads(seq, weights, kind="mlp", chunk_size=T, impl="chunk")
+    actual = run_with_grads(seq, weights, kind="mlp", chunk_size=T, impl=impl)
     for x in (actual[0], *actual[1], *actual[2]):
         assert torch.isfinite(x).all()
     assert_same_run(actual, expected, **F64)

@@ -21,13 +21,19 @@ import torch
 from nl_lightning.ops.autocast import float32_under_autocast
 from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
 from nl_lightning.ops.dgd.common import KINDS
+from nl_lightning.ops.dgd.cpu_fused import cpu_fused_dgd_memory, fused_kernel_available
 from nl_lightning.ops.dgd.fused import compiled_dgd_memory
 from nl_lightning.ops.dgd.naive import naive_dgd_memory
 from nl_lightning.ops.dgd.shared_key import shared_key_mlp_update
 
 __all__ = ["dgd_memory", "dgd_shared_key_update"]
 
-_IMPLS = {"chunk": chunk_dgd_memory, "naive": naive_dgd_memory, "compiled": compiled_dgd_memory}
+_IMPLS = {
+    "chunk": chunk_dgd_memory,
+    "naive": naive_dgd_memory,
+    "compiled": compiled_dgd_memory,
+    "cpu_fused": cpu_fused_dgd_memory,
+}
 
 
 @float32_under_autocast
@@ -58,16 +64,19 @@ def dgd_memory(
         state: per-batch weights to start from instead of ``weights`` (the state returned by a
             previous call, to continue a sequence): same layout with a leading B dimension.
             Give exactly one of ``weights`` and ``state``.
-        impl: ``"chunk"`` (chunk-parallel), ``"naive"`` (token loop) or ``"compiled"``
-            (``torch.compile``d chunk steps).
+        impl: ``"chunk"`` (chunk-parallel), ``"naive"`` (token loop), ``"compiled"``
+            (``torch.compile``d chunk steps), ``"cpu_fused"`` (the chunk loop as one C++ kernel,
+            ``kind="mlp"`` on CPU; ``cpu_fused.py``) or ``"auto"``: ``"cpu_fused"`` where it applies
+            and its extension builds (not while ``torch.compile`` traces: dynamo cannot see into
+            it), else ``"chunk"``.
 
     Returns:
         o: (B, H, T, D) read-outs o_t = M_t(q_t); and the per-batch state after the last token.
         Both in the input dtype, computed in float32 at least; under ``torch.autocast`` a float32
         operator (mixed or half inputs upcast, float32 outputs; ``nl_lightning.ops.autocast``).
     """
-    if impl not in _IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {sorted(_IMPLS)}.")
+    if impl not in _IMPLS and impl != "auto":
+        raise ValueError(f"impl={impl!r} is not one of {sorted([*_IMPLS, 'auto'])}.")
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {sorted(KINDS)}.")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
@@ -84,7 +93,14 @@ def dgd_memory(
         state = tuple(w.unsqueeze(0).expand(batch, *w.shape) for w in weights)
     else:
         state = _check_weights(state, kind, (batch, heads), dim, "state", q)
+    if impl == "auto":
+        impl = _auto_impl(q, kind)
     return _run_in_full_precision(_IMPLS[impl], q, k, v, eta, alpha, state, kind=kind, chunk_size=chunk_size)
+
+
+def _auto_impl(q: torch.Tensor, kind: str) -> str:
+    fused = kind == "mlp" and q.device.type == "cpu" and not torch.compiler.is_compiling()
+    return "cpu_fused" if fused and fused_kernel_available() else "chunk"
 
 
 @float32_under_autocast

@@ -20,7 +20,7 @@ from .common import KINDS, MemoryState, Weights
 from .fused import compiled_titans_memory
 from .naive import naive_titans_memory
 
-IMPLS = ("chunk", "naive", "compiled", "triton")
+IMPLS = ("chunk", "naive", "compiled", "triton", "auto")
 
 __all__ = [
     "IMPLS",
@@ -70,14 +70,15 @@ def titans_memory(
         state: per-batch state from a previous call; the memory continues from it instead of
             from ``weights``. Splitting a sequence on a chunk boundary gives the same result as
             one call.
-        impl: ``"chunk"`` (default), ``"naive"``, ``"compiled"`` or ``"triton"``.
+        impl: ``"chunk"`` (default), ``"naive"``, ``"compiled"`` or ``"triton"``; ``"auto"`` (the
+            models' default) is ``"chunk"``, the fastest that runs everywhere.
 
     Returns:
         ``y: (B, H, T, Dv)`` read-outs ``y_t = M_t(q_t)`` and the final :class:`MemoryState`.
         Under ``torch.autocast`` the memory is a float32 operator: inputs of mixed or half
         precision are upcast and the outputs are float32 (``nl_lightning.ops.autocast``).
     """
-    if impl == "chunk":
+    if impl in ("chunk", "auto"):
         fn = chunk_titans_memory
     elif impl == "naive":
         fn = naive_titans_memory

@@ -1,0 +1,535 @@
+// Fused CPU kernel for the chunk loop of the DGD MLP memory M(z) = z + W1 silu(W2 z)
+// (nl_lightning/ops/dgd/chunk.py, mlp_chunk_step), forward and hand-written backward.
+//
+// Why: the ATen chunk kernel issues ~50 small ops per chunk, each over all (batch, head) pairs,
+// so every op streams its operands through memory and synchronises the thread pool. Here each
+// thread runs the whole chunk loop of one (batch, head) item with its working set (a few 64 x 48
+// matrices) in cache: small BLAS calls and plain loops, no dispatcher, no autograd graph.
+//
+// Inputs are the chunk-local terms chunk.py builds for every chunk at once (decays, the key UT
+// system, the key read matrix); the backward returns their gradients and autograd carries them
+// back through that batched code. Equations and the forward's names follow chunk.py:
+//
+//   pre = k W2ᵀ, hid = silu(pre), hw1 = hid W1ᵀ, a = v W2ᵀ, d1 = 2 (k + hw1 - v - silu(a) W1ᵀ)
+//   m = d1 W1, r2 = KS⁻¹ (-η silu'(pre) m - η γ_prev pre)
+//   z = γ (q W2ᵀ) + KR r2, W2' = γ_L W2 + (ρ r2)ᵀ k                       (layer W2, inputs k)
+//   hq = silu(z), S1 = I + η PR (hid hidᵀ), r1 = S1⁻¹ (-η d1 - η γ_prev hw1)
+//   out = q + γ (hq W1ᵀ) + (RA (hq hidᵀ)) r1, W1' = γ_L W1 + (ρ r1)ᵀ hid   (layer W1, inputs hid)
+//
+// with γ = exp(lg), γ_prev = exp(lgp), γ_L = γ[L-1], ρ = RA[L-1, :]. The backward recomputes one
+// chunk's forward from its saved chunk-start state and applies the chain rule in reverse order.
+// tests/ops/test_dgd_memory.py checks both against the ATen chunk kernel and the token loop.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+// BLAS from the library torch itself links (MKL in the x86 wheels). Weak, so the extension still
+// loads where torch carries no Fortran BLAS; `gemm` then falls back to a plain loop.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+            const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+namespace {
+
+using at::Tensor;
+
+// Row-major C (M x N) = alpha op(A) op(B) + beta C. BLAS is column-major, so it computes
+// Cᵀ = op(B)ᵀ op(A)ᵀ with the operands swapped.
+template <typename T>
+void blas_gemm(char ta, char tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta,
+               T* c, int ldc);
+
+template <>
+void blas_gemm<float>(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
+                      int ldb, float beta, float* c, int ldc) {
+  sgemm_(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+template <>
+void blas_gemm<double>(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
+                       const double* b, int ldb, double beta, double* c, int ldc) {
+  dgemm_(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+template <typename T>
+bool have_blas() {
+  return std::is_same<T, float>::value ? sgemm_ != nullptr : dgemm_ != nullptr;
+}
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
+          T beta, T* c, int ldc) {
+  if (have_blas<T>()) {
+    blas_gemm<T>(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  for (int i = 0; i < m; ++i) {
+    T* row = c + static_cast<int64_t>(i) * ldc;
+    for (int j = 0; j < n; ++j) row[j] = beta == T(0) ? T(0) : beta * row[j];
+    for (int p = 0; p < k; ++p) {
+      const T aip = alpha * (trans_a ? a[static_cast<int64_t>(p) * lda + i] : a[static_cast<int64_t>(i) * lda + p]);
+      if (trans_b) {
+        for (int j = 0; j < n; ++j) row[j] += aip * b[static_cast<int64_t>(j) * ldb + p];
+      } else {
+        const T* brow = b + static_cast<int64_t>(p) * ldb;
+        for (int j = 0; j < n; ++j) row[j] += aip * brow[j];
+      }
+    }
+  }
+}
+
+// Substitution for a block of W columns [j0, j0 + W) of R: row t's block is kept in a local
+// accumulator (registers for W = 16 or 8) while the earlier rows are subtracted from it.
+// `transposed` solves Sᵀ X = R (back substitution) instead of S X = R.
+template <typename T, int W, bool transposed>
+void solve_columns(int L, int cols, int j0, const T* s, T* r) {
+  for (int step = 1; step < L; ++step) {
+    const int t = transposed ? L - 1 - step : step;
+    T acc[W];
+    T* rt = r + static_cast<int64_t>(t) * cols + j0;
+    for (int j = 0; j < W; ++j) acc[j] = rt[j];
+    const int first = transposed ? t + 1 : 0, stop = transposed ? L : t;
+    for (int i = first; i < stop; ++i) {
+      const T coefficient = transposed ? s[static_cast<int64_t>(i) * L + t] : s[static_cast<int64_t>(t) * L + i];
+      const T* ri = r + static_cast<int64_t>(i) * cols + j0;
+      for (int j = 0; j < W; ++j) acc[j] -= coefficient * ri[j];
+    }
+    for (int j = 0; j < W; ++j) rt[j] = acc[j];
+  }
+}
+
+// S X = R in place (or Sᵀ X = R) for S (L x L, row-major) unit lower triangular: only the strictly
+// lower part of S is read. For these small L this is faster than BLAS trsm.
+template <typename T, bool transposed = false>
+void solve_lower_unit(int L, int cols, const T* s, T* r) {
+  int j0 = 0;
+  for (; j0 + 16 <= cols; j0 += 16) solve_columns<T, 16, transposed>(L, cols, j0, s, r);
+  for (; j0 + 8 <= cols; j0 += 8) solve_columns<T, 8, transposed>(L, cols, j0, s, r);
+  for (; j0 < cols; ++j0) solve_columns<T, 1, transposed>(L, cols, j0, s, r);
+}
+
+template <typename T>
+void solve_lower_unit_transposed(int L, int cols, const T* s, T* r) {
+  solve_lower_unit<T, true>(L, cols, s, r);
+}
+
+// exp without libm calls so that loops over it vectorise: Cody-Waite range reduction and the
+// Cephes expf polynomial (about 1 ulp on the clamped range). Used for float only; double keeps
+// std::exp (the float64 tests compare against ATen to ~1e-12).
+inline float exp_poly(float x) {
+  x = x > -87.0f ? x : -87.0f;  // selects, not branches (vectorise with -fno-trapping-math)
+  x = x < 88.0f ? x : 88.0f;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  return p * __builtin_bit_cast(float, bits);
+}
+
+inline float exp_fast(float x) { return exp_poly(x); }
+inline double exp_fast(double x) { return std::exp(x); }
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + exp_fast(-x));
+}
+
+// y = silu(x) = x sigmoid(x), keeping s = sigmoid(x) for the derivatives. Restrict pointers and
+// `omp simd` so that the loop vectorises (with the polynomial exp).
+template <typename T>
+void silu(int n, const T* __restrict__ x, T* __restrict__ s, T* __restrict__ y) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    s[i] = sigmoid(x[i]);
+    y[i] = x[i] * s[i];
+  }
+}
+
+// silu'(x) and silu''(x) from s = sigmoid(x).
+template <typename T>
+inline T silu_d1(T x, T s) {
+  return s * (T(1) + x * (T(1) - s));
+}
+template <typename T>
+inline T silu_d2(T x, T s) {
+  return s * (T(1) - s) * (T(2) + x * (T(1) - T(2) * s));
+}
+
+// One chunk's inputs for one item.
+template <typename T>
+struct ChunkInputs {
+  const T *q, *k, *v, *eta, *lg, *lgp, *prev_ratio, *ratio, *k_system, *k_read;
+};
+
+// Everything one chunk's forward computes; the backward recomputes it and reads it.
+template <typename T>
+struct ChunkWork {
+  int L, D, Dh;
+  std::vector<T> pre, s_pre, hid, hw1, a, s_a, sa, d1, m, r2, lr2, zq, z, s_z, hq, gram, s1, r1, lr1, p, rd, oq,
+      gamma, gamma_prev_eta;
+  ChunkWork(int L, int D, int Dh) : L(L), D(D), Dh(Dh) {
+    for (auto* x : {&pre, &s_pre, &hid, &a, &s_a, &sa, &m, &r2, &lr2, &zq, &z, &s_z, &hq}) x->resize(L * Dh);
+    for (auto* x : {&hw1, &d1, &r1, &lr1, &oq}) x->resize(L * D);
+    for (auto* x : {&gram, &s1, &p, &rd}) x->resize(L * L);
+    gamma.resize(L);
+    gamma_prev_eta.resize(L);
+  }
+
+  // Runs the chunk from state (w1: D x Dh, w2: Dh x D). Writes the read-outs into `out` (L x D)
+  // and the end state into (w1_end, w2_end) when they are given.
+  void forward(const ChunkInputs<T>& in, const T* w1, const T* w2, T* out, T* w1_end, T* w2_end) {
+    const int LD = L * D, LDh = L * Dh;
+    for (int t = 0; t < L; ++t) {
+      gamma[t] = std::exp(in.lg[t]);
+      gamma_prev_eta[t] = in.eta[t] * std::exp(in.lgp[t]);
+    }
+    gemm<T>(false, true, L, Dh, D, T(1), in.k, D, w2, D, T(0), pre.data(), Dh);
+    gemm<T>(false, true, L, Dh, D, T(1), in.v, D, w2, D, T(0), a.data(), Dh);
+    silu(LDh, pre.data(), s_pre.data(), hid.data());
+    silu(LDh, a.data(), s_a.data(), sa.data());
+    gemm<T>(false, true, L, D, Dh, T(1), hid.data(), Dh, w1, Dh, T(0), hw1.data(), D);
+    gemm<T>(false, true, L, D, Dh, T(1), sa.data(), Dh, w1, Dh, T(0), d1.data(), D);  // W1 silu(W2 v)
+    for (int i = 0; i < LD; ++i) d1[i] = T(2) * (in.k[i] + hw1[i] - in.v[i] - d1[i]);
+    gemm<T>(false, false, L, Dh, D, T(1), d1.data(), D, w1, Dh, T(0), m.data(), Dh);
+    // Layer W2 (inputs k).
+    for (int t = 0; t < L; ++t) {
+      for (int j = 0; j < Dh; ++j) {
+        const int i = t * Dh + j;
+        r2[i] = -in.eta[t] * silu_d1(pre[i], s_pre[i]) * m[i] - gamma_prev_eta[t] * pre[i];
+      }
+    }
+    solve_lower_unit(L, Dh, in.k_system, r2.data());
+    gemm<T>(false, true, L, Dh, D, T(1), in.q, D, w2, D, T(0), zq.data(), Dh);
+    for (int t = 0; t < L; ++t)
+      for (int j = 0; j < Dh; ++j) z[t * Dh + j] = gamma[t] * zq[t * Dh + j];
+    gemm<T>(false, false, L, Dh, L, T(1), in.k_read, L, r2.data(), Dh, T(1), z.data(), Dh);
+    silu(LDh, z.data(), s_z.data(), hq.data());
+    // Layer W1 (inputs hid).
+    gemm<T>(false, true, L, L, Dh, T(1), hid.data(), Dh, hid.data(), Dh, T(0), gram.data(), L);
+    for (int t = 0; t < L; ++t)
+      for (int i = 0; i < L; ++i)
+        s1[t * L + i] = i < t ? in.eta[t] * in.prev_ratio[t * L + i] * gram[t * L + i] : T(0);
+    for (int t = 0; t < L; ++t)
+      for (int j = 0; j < D; ++j) r1[t * D + j] = -in.eta[t] * d1[t * D + j] - gamma_prev_eta[t] * hw1[t * D + j];
+    solve_lower_unit(L, D, s1.data(), r1.data());
+    gemm<T>(false, true, L, L, Dh, T(1), hq.data(), Dh, hid.data(), Dh, T(0), p.data(), L);
+    for (int i = 0; i < L * L; ++i) rd[i] = in.ratio[i] * p[i];
+    gemm<T>(false, true, L, D, Dh, T(1), hq.data(), Dh, w1, Dh, T(0), oq.data(), D);
+    const T* last = in.ratio + static_cast<int64_t>(L - 1) * L;  // ρ_i = γ_L / γ_i
+    for (int t = 0; t < L; ++t) {
+      for (int j = 0; j < Dh; ++j) lr2[t * Dh + j] = last[t] * r2[t * Dh + j];
+      for (int j = 0; j < D; ++j) lr1[t * D + j] = last[t] * r1[t * D + j];
+    }
+    if (out != nullptr) {
+      for (int t = 0; t < L; ++t)
+        for (int j = 0; j < D; ++j) out[t * D + j] = in.q[t * D + j] + gamma[t] * oq[t * D + j];
+      gemm<T>(false, false, L, D, L, T(1), rd.data(), L, r1.data(), D, T(1), out, D);
+    }
+    if (w1_end != nullptr) {
+      const T gamma_end = gamma[L - 1];
+      for (int i = 0; i < D * Dh; ++i) w1_end[i] = gamma_end * w1[i];
+      for (int i = 0; i < Dh * D; ++i) w2_end[i] = gamma_end * w2[i];
+      gemm<T>(true, false, D, Dh, L, T(1), lr1.data(), D, hid.data(), Dh, T(1), w1_end, Dh);
+      gemm<T>(true, false, Dh, D, L, T(1), lr2.data(), Dh, in.k, D, T(1), w2_end, D);
+    }
+  }
+};
+
+// One chunk's input gradients for one item.
+template <typename T>
+struct ChunkGrads {
+  T *q, *k, *v, *eta, *lg, *lgp, *prev_ratio, *ratio, *k_system, *k_read;
+};
+
+template <typename T>
+struct ChunkBackward {
+  int L, D, Dh;
+  std::vector<T> dlr1, dhid, dr1, doq, drd, dhq, dp, ds, dhw1, dd1, dz, dlr2, dr2, dzq, dpre, dm, dsa, da, dg, dgpe,
+      dlast, dw1_start, dw2_start;
+  ChunkBackward(int L, int D, int Dh) : L(L), D(D), Dh(Dh) {
+    for (auto* x : {&dlr1, &dr1, &doq, &dhw1, &dd1}) x->resize(L * D);
+    for (auto* x : {&dhid, &dhq, &dz, &dlr2, &dr2, &dzq, &dpre, &dm, &dsa, &da}) x->resize(L * Dh);
+    for (auto* x : {&drd, &dp, &ds}) x->resize(L * L);
+    for (auto* x : {&dg, &dgpe, &dlast}) x->resize(L);
+    dw1_start.resize(D * Dh);
+    dw2_start.resize(Dh * D);
+  }
+
+  // Given dL/d(out) and dL/d(end state) (dw1, dw2, overwritten with dL/d(start state)), writes the
+  // chunk's input gradients. `w` holds this chunk's recomputed forward.
+  void backward(const ChunkInputs<T>& in, const T* w1, const T* w2, const ChunkWork<T>& w, const T* dout, T* dw1,
+                T* dw2, const ChunkGrads<T>& g) {
+    const int LD = L * D, LDh = L * Dh, LL = L * L;
+    const T* last = in.ratio + static_cast<int64_t>(L - 1) * L;  // ρ
+    const T gamma_end = w.gamma[L - 1];
+    T dgamma_end = 0;
+    for (int i = 0; i < D * Dh; ++i) dgamma_end += w1[i] * dw1[i];
+    for (int i = 0; i < Dh * D; ++i) dgamma_end += w2[i] * dw2[i];
+    for (int i = 0; i < D * Dh; ++i) dw1_start[i] = gamma_end * dw1[i];
+    for (int i = 0; i < Dh * D; ++i) dw2_start[i] = gamma_end * dw2[i];
+    std::fill(dg.begin(), dg.end(), T(0));
+    std::fill(dgpe.begin(), dgpe.end(), T(0));
+    for (int t = 0; t < L; ++t) g.eta[t] = T(0);
+
+    // W1' = γ_L W1 + lr1ᵀ hid, lr1 = ρ r1.
+    gemm<T>(false, true, L, D, Dh, T(1), w.hid.data(), Dh, dw1, Dh, T(0), dlr1.data(), D);
+    gemm<T>(false, false, L, Dh, D, T(1), w.lr1.data(), D, dw1, Dh, T(0), dhid.data(), Dh);
+    for (int t = 0; t < L; ++t) {
+      T acc = 0;
+      for (int j = 0; j < D; ++j) {
+        dr1[t * D + j] = last[t] * dlr1[t * D + j];
+        acc += w.r1[t * D + j] * dlr1[t * D + j];
+      }
+      dlast[t] = acc;
+    }
+    // out = q + γ oq + rd r1, oq = hq W1ᵀ, rd = RA ⊙ (hq hidᵀ).
+    for (int t = 0; t < L; ++t) {
+      T acc = 0;
+      for (int j = 0; j < D; ++j) {
+        const int i = t * D + j;
+        g.q[i] = dout[i];
+        acc += w.oq[i] * dout[i];
+        doq[i] = w.gamma[t] * dout[i];
+      }
+      dg[t] += acc;
+    }
+    gemm<T>(false, true, L, L, D, T(1), dout, D, w.r1.data(), D, T(0), drd.data(), L);
+    gemm<T>(true, false, L, D, L, T(1), w.rd.data(), L, dout, D, T(1), dr1.data(), D);
+    gemm<T>(false, false, L, Dh, D, T(1), doq.data(), D, w1, Dh, T(0), dhq.data(), Dh);
+    gemm<T>(true, false, D, Dh, L, T(1), doq.data(), D, w.hq.data(), Dh, T(1), dw1_start.data(), Dh);
+    for (int i = 0; i < LL; ++i) {
+      g.ratio[i] = drd[i] * w.p[i];
+      dp[i] = drd[i] * in.ratio[i];
+    }
+    gemm<T>(false, false, L, Dh, L, T(1), dp.data(), L, w.hid.data(), Dh, T(1), dhq.data(), Dh);
+    gemm<T>(true, false, L, Dh, L, T(1), dp.data(), L, w.hq.data(), Dh, T(1), dhid.data(), Dh);
+    // r1 = S1⁻¹ rhs1, rhs1 = -η d1 - ηγ_prev hw1; dr1 becomes d(rhs1).
+    solve_lower_unit_transposed(L, D, w.s1.data(), dr1.data());
+    gemm<T>(false, true, L, L, D, T(-1), dr1.data(), D, w.r1.data(), D, T(0), ds.data(), L);
+    for (int t = 0; t < L; ++t) {
+      T de = 0, dgp = 0;
+      for (int j = 0; j < D; ++j) {
+        const int i = t * D + j;
+        de -= w.d1[i] * dr1[i];
+        dgp -= w.hw1[i] * dr1[i];
+        dd1[i] = -in.eta[t] * dr1[i];
+        dhw1[i] = -w.gamma_prev_eta[t] * dr1[i];
+      }
+      g.eta[t] += de;
+      dgpe[t] += dgp;
+    }
+    // S1 = I + η_t PR ⊙ gram (strictly lower): ds becomes d(gram), symmetric use in gram = hid hidᵀ.
+    for (int t = 0; t < L; ++t) {
+      T de = 0;
+      for (int i = 0; i < L; ++i) {
+        const int ti = t * L + i;
+        if (i < t) {
+          de += ds[ti] * in.prev_ratio[ti] * w.gram[ti];
+          g.prev_ratio[ti] = ds[ti] * in.eta[t] * w.gram[ti];
+          ds[ti] = ds[ti] * in.eta[t] * in.prev_ratio[ti];
+        } else {
+          g.prev_ratio[ti] = T(0);
+          ds[ti] = T(0);
+        }
+      }
+      g.eta[t] += de;
+    }
+    gemm<T>(false, false, L, Dh, L, T(1), ds.data(), L, w.hid.data(), Dh, T(1), dhid.data(), Dh);
+    gemm<T>(true, false, L, Dh, L, T(1), ds.data(), L, w.hid.data(), Dh, T(1), dhid.data(), Dh);
+    // hq = silu(z).
+    for (int i = 0; i < LDh; ++i) dz[i] = dhq[i] * silu_d1(w.z[i], w.s_z[i]);
+    // W2' = γ_L W2 + lr2ᵀ k, lr2 = ρ r2.
+    gemm<T>(false, true, L, Dh, D, T(1), in.k, D, dw2, D, T(0), dlr2.data(), Dh);
+    gemm<T>(false, false, L, D, Dh, T(1), w.lr2.data(), Dh, dw2, D, T(0), g.k, D);
+    for (int t = 0; t < L; ++t) {
+      T acc = 0;
+      for (int j = 0; j < Dh; ++j) {
+        dr2[t * Dh + j] = last[t] * dlr2[t * Dh + j];
+        acc += w.r2[t * Dh + j] * dlr2[t * Dh + j];
+      }
+      dlast[t] += acc;
+    }
+    // z = γ zq + KR r2, zq = q W2ᵀ.
+    for (int t = 0; t < L; ++t) {
+      T acc = 0;
+      for (int j = 0; j < Dh; ++j) {
+        const int i = t * Dh + j;
+        acc += w.zq[i] * dz[i];
+        dzq[i] = w.gamma[t] * dz[i];
+      }
+      dg[t] += acc;
+    }
+    gemm<T>(false, true, L, L, Dh, T(1), dz.data(), Dh, w.r2.data(), Dh, T(0), g.k_read, L);
+    gemm<T>(true, false, L, Dh, L, T(1), in.k_read, L, dz.data(), Dh, T(1), dr2.data(), Dh);
+    gemm<T>(false, false, L, D, Dh, T(1), dzq.data(), Dh, w2, D, T(1), g.q, D);
+    gemm<T>(true, false, Dh, D, L, T(1), dzq.data(), Dh, in.q, D, T(1), dw2_start.data(), D);
+    // r2 = KS⁻¹ rhs2, rhs2 = -η silu'(pre) m - ηγ_prev pre; dr2 becomes d(rhs2).
+    solve_lower_unit_transposed(L, Dh, in.k_system, dr2.data());
+    gemm<T>(false, true, L, L, Dh, T(-1), dr2.data(), Dh, w.r2.data(), Dh, T(0), g.k_system, L);
+    for (int t = 0; t < L; ++t)
+      for (int i = t; i < L; ++i) g.k_system[t * L + i] = T(0);  // unit diagonal and upper part: unused
+    for (int t = 0; t < L; ++t) {
+      T de = 0, dgp = 0;
+      for (int j = 0; j < Dh; ++j) {
+        const int i = t * Dh + j;
+        const T sg = silu_d1(w.pre[i], w.s_pre[i]);
+        de -= sg * w.m[i] * dr2[i];
+        dgp -= w.pre[i] * dr2[i];
+        const T dd2 = -in.eta[t] * dr2[i];
+        dm[i] = dd2 * sg;
+        dpre[i] = -w.gamma_prev_eta[t] * dr2[i] + dd2 * w.m[i] * silu_d2(w.pre[i], w.s_pre[i]);
+      }
+      g.eta[t] += de;
+      dgpe[t] += dgp;
+    }
+    // m = d1 W1.
+    gemm<T>(false, true, L, D, Dh, T(1), dm.data(), Dh, w1, Dh, T(1), dd1.data(), D);
+    gemm<T>(true, false, D, Dh, L, T(1), w.d1.data(), D, dm.data(), Dh, T(1), dw1_start.data(), Dh);
+    // d1 = 2 (k + hw1 - v - tgt), tgt = silu(a) W1ᵀ, a = v W2ᵀ. dd1 becomes 2 dd1 = -d(tgt).
+    for (int i = 0; i < LD; ++i) {
+      dd1[i] *= T(2);
+      g.k[i] += dd1[i];
+      dhw1[i] += dd1[i];
+      g.v[i] = -dd1[i];
+    }
+    gemm<T>(false, false, L, Dh, D, T(-1), dd1.data(), D, w1, Dh, T(0), dsa.data(), Dh);
+    gemm<T>(true, false, D, Dh, L, T(-1), dd1.data(), D, w.sa.data(), Dh, T(1), dw1_start.data(), Dh);
+    for (int i = 0; i < LDh; ++i) da[i] = dsa[i] * silu_d1(w.a[i], w.s_a[i]);
+    gemm<T>(false, false, L, D, Dh, T(1), da.data(), Dh, w2, D, T(1), g.v, D);
+    gemm<T>(true, false, Dh, D, L, T(1), da.data(), Dh, in.v, D, T(1), dw2_start.data(), D);
+    // hw1 = hid W1ᵀ; hid = silu(pre); pre = k W2ᵀ.
+    gemm<T>(false, false, L, Dh, D, T(1), dhw1.data(), D, w1, Dh, T(1), dhid.data(), Dh);
+    gemm<T>(true, false, D, Dh, L, T(1), dhw1.data(), D, w.hid.data(), Dh, T(1), dw1_start.data(), Dh);
+    for (int i = 0; i < LDh; ++i) dpre[i] += dhid[i] * silu_d1(w.pre[i], w.s_pre[i]);
+    gemm<T>(false, false, L, D, Dh, T(1), dpre.data(), Dh, w2, D, T(1), g.k, D);
+    gemm<T>(true, false, Dh, D, L, T(1), dpre.data(), Dh, in.k, D, T(1), dw2_start.data(), D);
+    // γ = exp(lg), γ_L = γ[L-1], ηγ_prev = η exp(lgp), ρ = RA[L-1, :].
+    dg[L - 1] += dgamma_end;
+    for (int t = 0; t < L; ++t) {
+      g.lg[t] = dg[t] * w.gamma[t];
+      g.lgp[t] = dgpe[t] * w.gamma_prev_eta[t];
+      g.eta[t] += dgpe[t] * std::exp(in.lgp[t]);
+      g.ratio[(L - 1) * L + t] += dlast[t];
+    }
+    std::copy(dw1_start.begin(), dw1_start.end(), dw1);
+    std::copy(dw2_start.begin(), dw2_start.end(), dw2);
+  }
+};
+
+void check_inputs(const std::vector<Tensor>& tensors) {
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), "dgd_mlp_chunks: CPU tensors only, got ", t.device());
+    TORCH_CHECK(t.is_contiguous(), "dgd_mlp_chunks: inputs must be contiguous");
+    TORCH_CHECK(t.scalar_type() == tensors[0].scalar_type(), "dgd_mlp_chunks: inputs must share one dtype");
+  }
+}
+
+template <typename T>
+ChunkInputs<T> chunk_inputs(const std::vector<Tensor>& x, int64_t item, int64_t chunk, int64_t n, int L, int D) {
+  const int64_t c = item * n + chunk;
+  const int64_t LD = static_cast<int64_t>(L) * D, LL = static_cast<int64_t>(L) * L;
+  return {x[0].data_ptr<T>() + c * LD, x[1].data_ptr<T>() + c * LD, x[2].data_ptr<T>() + c * LD,
+          x[3].data_ptr<T>() + c * L,  x[4].data_ptr<T>() + c * L,  x[5].data_ptr<T>() + c * L,
+          x[6].data_ptr<T>() + c * LL, x[7].data_ptr<T>() + c * LL, x[8].data_ptr<T>() + c * LL,
+          x[9].data_ptr<T>() + c * LL};
+}
+
+}  // namespace
+
+// Forward over all chunks. Inputs (N items, n chunks, L tokens, D dims, Dh hidden):
+//   q, k, v (N, n, L, D); eta, lg, lgp (N, n, L); prev_ratio, ratio, k_system, k_read (N, n, L, L);
+//   w1 (N, D, Dh), w2 (N, Dh, D).
+// Returns out (N, n, L, D) and the chunk-start states w1s (N, n + 1, D, Dh), w2s (N, n + 1, Dh, D)
+// (index n is the end state).
+std::vector<Tensor> mlp_chunks_forward(std::vector<Tensor> inputs, Tensor w1, Tensor w2) {
+  std::vector<Tensor> all(inputs);
+  all.push_back(w1);
+  all.push_back(w2);
+  check_inputs(all);
+  const auto& q = inputs[0];
+  const int64_t N = q.size(0), n = q.size(1);
+  const int L = q.size(2), D = q.size(3), Dh = w1.size(2);
+  auto out = at::empty_like(q);
+  auto w1s = at::empty({N, n + 1, D, Dh}, w1.options());
+  auto w2s = at::empty({N, n + 1, Dh, D}, w2.options());
+  w1s.select(1, 0).copy_(w1);
+  w2s.select(1, 0).copy_(w2);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dgd_mlp_chunks_forward", [&] {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      ChunkWork<scalar_t> work(L, D, Dh);
+      for (int64_t item = begin; item < end; ++item) {
+        for (int64_t c = 0; c < n; ++c) {
+          auto in = chunk_inputs<scalar_t>(inputs, item, c, n, L, D);
+          const int64_t s = item * (n + 1) + c;
+          work.forward(in, w1s.data_ptr<scalar_t>() + s * D * Dh, w2s.data_ptr<scalar_t>() + s * Dh * D,
+                       out.data_ptr<scalar_t>() + (item * n + c) * L * D,
+                       w1s.data_ptr<scalar_t>() + (s + 1) * D * Dh, w2s.data_ptr<scalar_t>() + (s + 1) * Dh * D);
+        }
+      }
+    });
+  });
+  return {out, w1s, w2s};
+}
+
+// Backward: gradients of every input of mlp_chunks_forward from d(out) and d(end state).
+// Returns dq, dk, dv, deta, dlg, dlgp, dprev_ratio, dratio, dk_system, dk_read, dw1, dw2.
+std::vector<Tensor> mlp_chunks_backward(std::vector<Tensor> inputs, Tensor w1s, Tensor w2s, Tensor dout,
+                                        Tensor dw1_end, Tensor dw2_end) {
+  std::vector<Tensor> all(inputs);
+  for (const auto& t : {w1s, w2s, dout, dw1_end, dw2_end}) all.push_back(t);
+  check_inputs(all);
+  const auto& q = inputs[0];
+  const int64_t N = q.size(0), n = q.size(1);
+  const int L = q.size(2), D = q.size(3), Dh = w1s.size(3);
+  std::vector<Tensor> grads;
+  for (const auto& t : inputs) grads.push_back(at::empty_like(t));
+  auto dw1 = dw1_end.clone(), dw2 = dw2_end.clone();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dgd_mlp_chunks_backward", [&] {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      ChunkWork<scalar_t> work(L, D, Dh);
+      ChunkBackward<scalar_t> back(L, D, Dh);
+      for (int64_t item = begin; item < end; ++item) {
+        scalar_t* dw1_item = dw1.data_ptr<scalar_t>() + item * D * Dh;
+        scalar_t* dw2_item = dw2.data_ptr<scalar_t>() + item * Dh * D;
+        for (int64_t c = n - 1; c >= 0; --c) {
+          auto in = chunk_inputs<scalar_t>(inputs, item, c, n, L, D);
+          auto gin = chunk_inputs<scalar_t>(grads, item, c, n, L, D);
+          ChunkGrads<scalar_t> g{const_cast<scalar_t*>(gin.q), const_cast<scalar_t*>(gin.k),
+                                 const_cast<scalar_t*>(gin.v), const_cast<scalar_t*>(gin.eta),
+                                 const_cast<scalar_t*>(gin.lg), const_cast<scalar_t*>(gin.lgp),
+                                 const_cast<scalar_t*>(gin.prev_ratio), const_cast<scalar_t*>(gin.ratio),
+                                 const_cast<scalar_t*>(gin.k_system), const_cast<scalar_t*>(gin.k_read)};
+          const int64_t s = item * (n + 1) + c;
+          const scalar_t* w1 = w1s.data_ptr<scalar_t>() + s * D * Dh;
+          const scalar_t* w2 = w2s.data_ptr<scalar_t>() + s * Dh * D;
+          work.forward(in, w1, w2, nullptr, nullptr, nullptr);
+          back.backward(in, w1, w2, work, dout.data_ptr<scalar_t>() + (item * n + c) * L * D, dw1_item, dw2_item,
+                        g);
+        }
+      }
+    });
+  });
+  grads.push_back(dw1);
+  grads.push_back(dw2);
+  return grads;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mlp_chunks_forward", &mlp_chunks_forward, "DGD MLP memory: fused chunk loop, forward");
+  m.def("mlp_chunks_backward", &mlp_chunks_backward, "DGD MLP memory: fused chunk loop, backward");
+  m.def("has_blas", [] { return sgemm_ != nullptr && dgemm_ != nullptr; });
+}
