@@ -151,6 +151,77 @@ def test_hope_stacked_projection_readout_matches_the_residual_mlp_per_memory():
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
+def _projection_run(mixer, x):
+    """The projection loop's read-outs and the gradients of a fixed projection of them w.r.t. the
+    input, the memories' initial weights and the two projection gate biases."""
+    p = mixer.project(x)
+    gen = torch.Generator().manual_seed(5)
+    loss = sum((out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum() for out in p.values())
+    inputs = [x, *mixer.projections, mixer.gate_bias["eta"], mixer.gate_bias["alpha"]]
+    # With a single chunk nothing is updated, so the gate biases get no gradient: zeros.
+    return [*p.values(), *torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)]
+
+
+@pytest.mark.parametrize(
+    ("length", "proj_chunk"), [(14, 4), (4, 4), (3, 8), (9, 1)], ids=["partial-last", "one-chunk", "short", "online"]
+)
+def test_hope_fused_projection_loop_matches_the_aten_loop_float64(length, proj_chunk):
+    """``shared_key_loop.cpp`` (reads, gates, key normalisation, decays, DGD updates, hand-written
+    backward) against ``project``'s ATen loop: read-outs and every gradient, float64."""
+    overrides = {"n_layer": 1, "d_model": 32, "n_head": 2, "proj_chunk_size": proj_chunk}
+    aten = small_model(Hope, **overrides, memory_impl="chunk").double().blocks[0].mixer
+    fused = small_model(Hope, **overrides, memory_impl="cpu_fused").double().blocks[0].mixer
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(3, length, 32, generator=gen, dtype=torch.float64), dim=-1)
+    x.requires_grad_()
+    names = ["k", "v", "eta", "alpha", "grad x", "grad W1", "grad W2", "grad eta bias", "grad alpha bias"]
+    for name, a, e in zip(names, _projection_run(fused, x), _projection_run(aten, x)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_hope_fused_projection_loop_matches_float32_at_tiny_size():
+    aten = Hope("tiny", overrides={"n_layer": 1, "memory_impl": "chunk"}).blocks[0].mixer
+    fused = Hope("tiny", overrides={"n_layer": 1, "memory_impl": "cpu_fused"}).blocks[0].mixer
+    fused.load_state_dict(aten.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(2, 150, 192, generator=gen), dim=-1).requires_grad_()
+    for a, e in zip(_projection_run(fused, x), _projection_run(aten, x)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+
+
+def test_hope_auto_runs_both_fused_kernels_on_cpu_and_aten_under_a_dispatch_mode(monkeypatch):
+    """memory_impl="auto" (the default) uses the C++ kernels on CPU, and the ATen path while a
+    dispatch mode must see every op (here the FLOP counter, which counts the same work either way)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nl_lightning.models import hope
+    from nl_lightning.ops.dgd import cpu_fused
+
+    calls = {"projection": 0, "memory": 0}
+
+    def counting(original, key):
+        def counted(*args, **kwargs):
+            calls[key] += 1
+            return original(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(hope, "cpu_fused_projection_loop", counting(hope.cpu_fused_projection_loop, "projection"))
+    monkeypatch.setattr(cpu_fused._MLPChunkLoop, "apply", counting(cpu_fused._MLPChunkLoop.apply, "memory"))
+    model = small_model(Hope)  # memory_impl defaults to "auto"
+    assert model.config.memory_impl == "auto"
+    tokens = torch.randint(0, 256, (2, 20))
+    model(tokens).sum().backward()
+    assert calls == {"projection": 2, "memory": 2}  # one of each per block
+    with FlopCounterMode(display=False) as counter:
+        model(tokens)
+    assert calls == {"projection": 2, "memory": 2}
+    reference = small_model(Hope, memory_impl="chunk")
+    with FlopCounterMode(display=False) as reference_counter:
+        reference(tokens)
+    assert counter.get_total_flops() == reference_counter.get_total_flops() > 0
+
+
 def test_hope_dgd_max_step_sets_the_memory_step_and_rejects_non_positive_values():
     from nl_lightning.models import ModelConfig
 

@@ -24,6 +24,7 @@ from nl_lightning.models.layers import RMSNorm
 from nl_lightning.models.titans import CausalDepthwiseConv, gate_bias, merge_heads, split_heads
 from nl_lightning.models.transformer import LanguageModelBackbone
 from nl_lightning.ops.dgd import dgd_memory, dgd_shared_key_update
+from nl_lightning.ops.dgd.cpu_fused import cpu_fused_projection_loop, use_fused_kernel
 
 PROJECTIONS = ("k", "v", "eta", "alpha")
 
@@ -98,6 +99,8 @@ class SelfModifyingMemory(nn.Module):
 
     def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the self-modifying projection memories over the sequence: k, v, η, α for every token."""
+        if self._fused_projections(x):
+            return self._project_fused(x)
         batch = x.shape[0]
         state = tuple(w.expand(batch, *w.shape) for w in self.projections)
         # split, not slicing chunk by chunk: the backward of one split concatenates the chunks'
@@ -113,6 +116,27 @@ class SelfModifyingMemory(nn.Module):
             eta, alpha = self._gate("eta", eta, heads=False), self._gate("alpha", alpha, heads=False)
             state = self._update_projections(state, F.normalize(k, dim=-1), v, eta, alpha)
         return dict(zip(PROJECTIONS, torch.cat(outputs, dim=2).unbind(1)))
+
+    def _fused_projections(self, x: torch.Tensor) -> bool:
+        """Whether ``project`` runs as one C++ kernel (``ops/dgd/cpu/shared_key_loop.cpp``): for
+        memory_impl "cpu_fused", and for "auto" where ``use_fused_kernel`` says so (CPU, kernel built)."""
+        impl = self.config.memory_impl
+        return impl == "cpu_fused" or (impl == "auto" and use_fused_kernel(x))
+
+    def _project_fused(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``project`` through the fused kernel: same read-outs, gates and updates as the loop below,
+        computed in float32 at least (a float32 operator under autocast, like the DGD kernels)."""
+        config, h = self.config, self.config.n_head
+        dtype = torch.promote_types(torch.promote_types(x.dtype, self.projections[0].dtype), torch.float32)
+        w1, w2 = (w.to(dtype).expand(x.shape[0], *w.shape) for w in self.projections)
+        bias = torch.stack([self.gate_bias["eta"][h], self.gate_bias["alpha"][h]]).to(dtype)
+        max_step = config.dgd_max_step if config.proj_dgd_max_step is None else config.proj_dgd_max_step
+        with torch.autocast(x.device.type, enabled=False):
+            out = cpu_fused_projection_loop(
+                x.to(dtype), w1, w2, bias, chunk_size=config.proj_chunk_size,
+                eta_scale=max_step / config.proj_chunk_size,
+            )
+        return dict(zip(PROJECTIONS, out.unbind(1)))
 
     @staticmethod
     def _read_projections(state, z: torch.Tensor) -> torch.Tensor:

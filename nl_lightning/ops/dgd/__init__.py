@@ -21,7 +21,7 @@ import torch
 from nl_lightning.ops.autocast import float32_under_autocast
 from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
 from nl_lightning.ops.dgd.common import KINDS
-from nl_lightning.ops.dgd.cpu_fused import cpu_fused_dgd_memory, fused_kernel_available
+from nl_lightning.ops.dgd.cpu_fused import cpu_fused_dgd_memory, use_fused_kernel
 from nl_lightning.ops.dgd.fused import compiled_dgd_memory
 from nl_lightning.ops.dgd.naive import naive_dgd_memory
 from nl_lightning.ops.dgd.shared_key import shared_key_mlp_update
@@ -67,8 +67,9 @@ def dgd_memory(
         impl: ``"chunk"`` (chunk-parallel), ``"naive"`` (token loop), ``"compiled"``
             (``torch.compile``d chunk steps), ``"cpu_fused"`` (the chunk loop as one C++ kernel,
             ``kind="mlp"`` on CPU; ``cpu_fused.py``) or ``"auto"``: ``"cpu_fused"`` where it applies
-            and its extension builds (not while ``torch.compile`` traces: dynamo cannot see into
-            it), else ``"chunk"``.
+            and its extension builds, except while the ATen ops must be visible (``torch.compile``
+            tracing, a dispatch mode such as the FLOP counter; ``cpu_fused.use_fused_kernel``),
+            else ``"chunk"``.
 
     Returns:
         o: (B, H, T, D) read-outs o_t = M_t(q_t); and the per-batch state after the last token.
@@ -99,8 +100,7 @@ def dgd_memory(
 
 
 def _auto_impl(q: torch.Tensor, kind: str) -> str:
-    fused = kind == "mlp" and q.device.type == "cpu" and not torch.compiler.is_compiling()
-    return "cpu_fused" if fused and fused_kernel_available() else "chunk"
+    return "cpu_fused" if kind == "mlp" and use_fused_kernel(q) else "chunk"
 
 
 @float32_under_autocast

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
 
-SOURCE = Path(__file__).with_name("cpu") / "mlp_chunks.cpp"
+SOURCE_DIR = Path(__file__).with_name("cpu")
+SOURCES = [SOURCE_DIR / name for name in ("bindings.cpp", "mlp_chunks.cpp", "shared_key_loop.cpp")]
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers (without it the items run on one
 # thread). -march=native: AVX2/FMA for the elementwise loops and substitutions, as inductor builds
 # its CPU kernels (the build is cached per machine). -fno-trapping-math lets GCC turn the exp's
@@ -48,15 +50,24 @@ def load_extension():
             os.environ["PATH"] = os.pathsep.join(filter(None, [os.environ.get("PATH"), bin_dir]))
         try:
             _extension = load(
-                name="nl_lightning_dgd_mlp_chunks", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                name="nl_lightning_dgd_cpu", sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS,
                 extra_ldflags=["-fopenmp"], verbose=False,
             )
         except Exception as error:  # compiler missing, headers missing, ...
             raise RuntimeError(
-                f"could not build the fused CPU DGD kernel ({SOURCE.name}): {error}. It needs a C++ compiler "
+                f"could not build the fused CPU DGD kernels ({SOURCE_DIR}): {error}. They need a C++ compiler "
                 "and ninja; use memory_impl='chunk' (the ATen kernel, same results) where they are missing."
             ) from error
     return _extension
+
+
+def use_fused_kernel(x: torch.Tensor) -> bool:
+    """What memory_impl="auto" decides: the fused kernels for CPU tensors, unless something must see
+    the individual ATen ops (``torch.compile`` tracing, or a dispatch mode such as the FLOP counter
+    or fake tensors), and only where the extension builds."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    return fused_kernel_available()
 
 
 def fused_kernel_available() -> bool:
@@ -113,3 +124,42 @@ def cpu_fused_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: i
     if q.device.type != "cpu":
         raise ValueError(f"impl='cpu_fused' runs on CPU tensors, got {q.device}; use impl='chunk' (or 'compiled').")
     return chunk_dgd_memory(q, k, v, eta, alpha, state, kind=kind, chunk_size=chunk_size, chunk_loop=_fused_loop)
+
+
+class _ProjectionLoop(torch.autograd.Function):
+    """HOPE's projection loop for B batch elements; see ``shared_key_loop.cpp`` for the layouts."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, gate_bias, chunk, eta_scale):
+        x, w1, w2, gate_bias = (t.contiguous() for t in (x, w1, w2, gate_bias))
+        out, w1s, w2s = load_extension().shared_key_loop_forward(x, w1, w2, gate_bias, chunk, eta_scale)
+        ctx.save_for_backward(x, gate_bias, out, w1s, w2s)
+        ctx.chunk, ctx.eta_scale = chunk, eta_scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out):
+        x, gate_bias, out, w1s, w2s = ctx.saved_tensors
+        dx, dw1, dw2, dbias = load_extension().shared_key_loop_backward(
+            x, gate_bias, out, w1s, w2s, d_out.contiguous(), ctx.chunk, ctx.eta_scale
+        )
+        return dx, dw1, dw2, dbias, None, None
+
+
+def cpu_fused_projection_loop(x, w1, w2, gate_bias, *, chunk_size: int, eta_scale: float) -> torch.Tensor:
+    """HOPE's self-modifying projection loop (``SelfModifyingMemory.project``) as one C++ kernel.
+
+    Args:
+        x: (B, T, D) the mixer's normalised input.
+        w1, w2: (B, 4, D, Dh), (B, 4, Dh, D) the k, v, η, α memories' initial state per batch element.
+        gate_bias: (2,) the projection memories' η and α gate biases.
+        chunk_size: tokens per chunk; every chunk but the last updates the memories.
+        eta_scale: η_t = eta_scale · σ(mean(read-out of M_η) + b_η).
+
+    Returns:
+        (B, 4, T, D) the four memories' read-outs M_{m, chunk start}(x_t).
+    """
+    if x.device.type != "cpu":
+        raise ValueError(f"the fused projection loop runs on CPU tensors, got {x.device}; use memory_impl='chunk'.")
+    return _ProjectionLoop.apply(x, w1, w2, gate_bias, chunk_size, eta_scale)

@@ -1,0 +1,23 @@
+// Python bindings of the fused CPU DGD kernels (loaded by nl_lightning/ops/dgd/cpu_fused.py).
+
+#include "common.h"
+
+namespace nl_dgd_cpu {
+std::vector<Tensor> mlp_chunks_forward(std::vector<Tensor> inputs, Tensor w1, Tensor w2);
+std::vector<Tensor> mlp_chunks_backward(std::vector<Tensor> inputs, Tensor w1s, Tensor w2s, Tensor dout,
+                                        Tensor dw1_end, Tensor dw2_end);
+std::vector<Tensor> shared_key_loop_forward(Tensor x, Tensor w1, Tensor w2, Tensor gate_bias, int64_t chunk,
+                                            double eta_scale);
+std::vector<Tensor> shared_key_loop_backward(Tensor x, Tensor gate_bias, Tensor out, Tensor w1s, Tensor w2s,
+                                             Tensor dout, int64_t chunk, double eta_scale);
+}  // namespace nl_dgd_cpu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mlp_chunks_forward", &nl_dgd_cpu::mlp_chunks_forward, "DGD MLP memory: fused chunk loop, forward");
+  m.def("mlp_chunks_backward", &nl_dgd_cpu::mlp_chunks_backward, "DGD MLP memory: fused chunk loop, backward");
+  m.def("shared_key_loop_forward", &nl_dgd_cpu::shared_key_loop_forward,
+        "HOPE's self-modifying projection memories: fused read/gate/update loop, forward");
+  m.def("shared_key_loop_backward", &nl_dgd_cpu::shared_key_loop_backward,
+        "HOPE's self-modifying projection memories: fused read/gate/update loop, backward");
+  m.def("has_blas", [] { return sgemm_ != nullptr && dgemm_ != nullptr; });
+}

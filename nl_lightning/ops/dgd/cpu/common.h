@@ -1,0 +1,161 @@
+// Helpers shared by the fused CPU DGD kernels (mlp_chunks.cpp, shared_key_loop.cpp): row-major
+// GEMM through the BLAS torch links, unit-triangular substitutions, a vectorisable exp and SiLU.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+// BLAS from the library torch itself links (MKL in the x86 wheels). Weak, so the extension still
+// loads where torch carries no Fortran BLAS; `gemm` then falls back to a plain loop.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+            const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+namespace nl_dgd_cpu {
+
+using at::Tensor;
+
+// Row-major C (M x N) = alpha op(A) op(B) + beta C. BLAS is column-major, so it computes
+// Cᵀ = op(B)ᵀ op(A)ᵀ with the operands swapped.
+template <typename T>
+void blas_gemm(char ta, char tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta,
+               T* c, int ldc);
+
+template <>
+inline void blas_gemm<float>(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
+                      int ldb, float beta, float* c, int ldc) {
+  sgemm_(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+template <>
+inline void blas_gemm<double>(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
+                       const double* b, int ldb, double beta, double* c, int ldc) {
+  dgemm_(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+template <typename T>
+bool have_blas() {
+  return std::is_same<T, float>::value ? sgemm_ != nullptr : dgemm_ != nullptr;
+}
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
+          T beta, T* c, int ldc) {
+  if (have_blas<T>()) {
+    blas_gemm<T>(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  for (int i = 0; i < m; ++i) {
+    T* row = c + static_cast<int64_t>(i) * ldc;
+    for (int j = 0; j < n; ++j) row[j] = beta == T(0) ? T(0) : beta * row[j];
+    for (int p = 0; p < k; ++p) {
+      const T aip = alpha * (trans_a ? a[static_cast<int64_t>(p) * lda + i] : a[static_cast<int64_t>(i) * lda + p]);
+      if (trans_b) {
+        for (int j = 0; j < n; ++j) row[j] += aip * b[static_cast<int64_t>(j) * ldb + p];
+      } else {
+        const T* brow = b + static_cast<int64_t>(p) * ldb;
+        for (int j = 0; j < n; ++j) row[j] += aip * brow[j];
+      }
+    }
+  }
+}
+
+// Substitution for a block of W columns [j0, j0 + W) of R: row t's block is kept in a local
+// accumulator (registers for W = 16 or 8) while the earlier rows are subtracted from it.
+// `transposed` solves Sᵀ X = R (back substitution) instead of S X = R.
+template <typename T, int W, bool transposed>
+void solve_columns(int L, int cols, int j0, const T* s, T* r) {
+  for (int step = 1; step < L; ++step) {
+    const int t = transposed ? L - 1 - step : step;
+    T acc[W];
+    T* rt = r + static_cast<int64_t>(t) * cols + j0;
+    for (int j = 0; j < W; ++j) acc[j] = rt[j];
+    const int first = transposed ? t + 1 : 0, stop = transposed ? L : t;
+    for (int i = first; i < stop; ++i) {
+      const T coefficient = transposed ? s[static_cast<int64_t>(i) * L + t] : s[static_cast<int64_t>(t) * L + i];
+      const T* ri = r + static_cast<int64_t>(i) * cols + j0;
+      for (int j = 0; j < W; ++j) acc[j] -= coefficient * ri[j];
+    }
+    for (int j = 0; j < W; ++j) rt[j] = acc[j];
+  }
+}
+
+// S X = R in place (or Sᵀ X = R) for S (L x L, row-major) unit lower triangular: only the strictly
+// lower part of S is read. For these small L this is faster than BLAS trsm.
+template <typename T, bool transposed = false>
+void solve_lower_unit(int L, int cols, const T* s, T* r) {
+  int j0 = 0;
+  for (; j0 + 16 <= cols; j0 += 16) solve_columns<T, 16, transposed>(L, cols, j0, s, r);
+  for (; j0 + 8 <= cols; j0 += 8) solve_columns<T, 8, transposed>(L, cols, j0, s, r);
+  for (; j0 < cols; ++j0) solve_columns<T, 1, transposed>(L, cols, j0, s, r);
+}
+
+template <typename T>
+void solve_lower_unit_transposed(int L, int cols, const T* s, T* r) {
+  solve_lower_unit<T, true>(L, cols, s, r);
+}
+
+// exp without libm calls so that loops over it vectorise: Cody-Waite range reduction and the
+// Cephes expf polynomial (about 1 ulp on the clamped range). Used for float only; double keeps
+// std::exp (the float64 tests compare against ATen to ~1e-12).
+inline float exp_poly(float x) {
+  x = x > -87.0f ? x : -87.0f;  // selects, not branches (vectorise with -fno-trapping-math)
+  x = x < 88.0f ? x : 88.0f;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  return p * __builtin_bit_cast(float, bits);
+}
+
+inline float exp_fast(float x) { return exp_poly(x); }
+inline double exp_fast(double x) { return std::exp(x); }
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + exp_fast(-x));
+}
+
+// y = silu(x) = x sigmoid(x), keeping s = sigmoid(x) for the derivatives. Restrict pointers and
+// `omp simd` so that the loop vectorises (with the polynomial exp).
+template <typename T>
+void silu(int n, const T* __restrict__ x, T* __restrict__ s, T* __restrict__ y) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    s[i] = sigmoid(x[i]);
+    y[i] = x[i] * s[i];
+  }
+}
+
+// silu'(x) and silu''(x) from s = sigmoid(x).
+template <typename T>
+inline T silu_d1(T x, T s) {
+  return s * (T(1) + x * (T(1) - s));
+}
+template <typename T>
+inline T silu_d2(T x, T s) {
+  return s * (T(1) - s) * (T(2) + x * (T(1) - T(2) * s));
+}
+
+inline void check_inputs(const std::vector<Tensor>& tensors, const char* name) {
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), name, ": CPU tensors only, got ", t.device());
+    TORCH_CHECK(t.is_contiguous(), name, ": inputs must be contiguous");
+    TORCH_CHECK(t.scalar_type() == tensors[0].scalar_type(), name, ": inputs must share one dtype");
+  }
+}
+
+}  // namespace nl_dgd_cpu
