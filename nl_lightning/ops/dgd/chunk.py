@@ -174,8 +174,8 @@ def chunk_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, 
     """Chunk-parallel DGD memory; arguments and returns as in ``naive_dgd_memory``.
 
     ``step`` replaces the per-chunk function (``fused.py`` passes a compiled one). ``chunk_loop``
-    replaces the whole loop over chunks: ``chunk_loop(state, q, k, v, eta, terms)`` with inputs
-    (B, H, N, C, ...) and every chunk's ``KeyTerms`` returns (read-outs (B, H, N, C, D), end state)
+    replaces everything after the padding: ``chunk_loop(state, q, k, v, eta, alpha)`` with inputs
+    split into chunks, (B, H, N, C, ...), returns (read-outs (B, H, N, C, D), end state)
     (``cpu_fused.py`` passes its C++ loop).
     """
     step = CHUNK_STEPS[kind] if step is None else step
@@ -200,10 +200,10 @@ def chunk_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, 
     q, k, v, eta, alpha = (x.contiguous() for x in (q, k, v, eta, alpha))
     q, k, v = (x.unflatten(2, (n_chunks, chunk_size)) for x in (q, k, v))
     eta, alpha = (x.unflatten(2, (n_chunks, chunk_size)) for x in (eta, alpha))
-    terms = key_terms(q, k, eta, alpha)  # every chunk at once
     if chunk_loop is not None:
-        o, state = chunk_loop(state, q, k, v, eta, terms)
+        o, state = chunk_loop(state, q, k, v, eta, alpha)
         return o.flatten(2, 3)[:, :, :length], state
+    terms = key_terms(q, k, eta, alpha)  # every chunk at once
     # unbind, not slicing chunk by chunk: the backward of one unbind stacks all chunk gradients
     # once, whereas each slice's backward writes into a zero tensor of the full size, which makes
     # the backward quadratic in the number of chunks.

@@ -1,17 +1,22 @@
-"""Fused CPU DGD memory: the chunk loop of ``chunk.py``'s MLP memory as one C++ kernel.
+"""Fused CPU kernels for HOPE's DGD memories: each chunk loop as one C++ kernel.
 
 ``chunk.py`` runs each chunk as ~50 ATen ops over every (batch, head) pair at once; on a CPU each
-op streams its operands through memory and synchronises the thread pool, so a HOPE block spends
-most of its time between kernels (benchmarks/RESULTS.md, "Kernel bound"). ``cpu/mlp_chunks.cpp``
-gives each thread whole (batch, head) items instead: the item's chunk loop runs start to end with
-its few small matrices in cache, through BLAS calls and plain loops, and its backward is written
-out by hand (recomputing each chunk from its saved chunk-start state). The chunk-local terms that
-need no state (decays, the key system, the key read matrix) are still built for all chunks at once
-by ``chunk.py``'s batched code, and autograd differentiates them.
+op streams its operands through memory and synchronises the thread pool, so a HOPE block spent
+most of its time between kernels (benchmarks/RESULTS.md, "Kernel bound"). The kernels in ``cpu/``
+give each thread whole items instead: an item's chunk loop runs start to end with its few small
+matrices in cache, through BLAS calls and plain loops, and the backward is written out by hand
+(recomputing each chunk from its saved chunk-start state).
+
+* ``cpu/mlp_chunks.cpp``: the DGD MLP memory, one (batch, head) item per thread; same semantics
+  as ``chunk_dgd_memory(kind="mlp")`` (``cpu_fused_dgd_memory``, ``dgd_memory(impl="cpu_fused")``).
+* ``cpu/shared_key_loop.cpp``: HOPE's self-modifying projection loop (reads, gates, key
+  normalisation and the four memories' shared-key update), one batch element per thread
+  (``cpu_fused_projection_loop``; ``SelfModifyingMemory.project``).
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler
-and ninja are needed; about half a minute, cached afterwards under ``TORCH_EXTENSIONS_DIR``).
-Same semantics as ``chunk_dgd_memory`` with ``kind="mlp"``; float32 and float64, CPU tensors.
+and ninja are needed; about a minute, cached afterwards under ``TORCH_EXTENSIONS_DIR``). float32
+and float64 CPU tensors. ``memory_impl="auto"`` (the models' default) uses the kernels where
+``use_fused_kernel`` allows and the ATen kernels elsewhere.
 """
 
 from __future__ import annotations
@@ -89,8 +94,8 @@ class _MLPChunkLoop(torch.autograd.Function):
     """All chunks of a DGD MLP memory for N = B·H items; see ``mlp_chunks.cpp`` for the layouts."""
 
     @staticmethod
-    def forward(ctx, q, k, v, eta, lg, lgp, prev_ratio, ratio, k_system, k_read, w1, w2):
-        inputs = [x.contiguous() for x in (q, k, v, eta, lg, lgp, prev_ratio, ratio, k_system, k_read)]
+    def forward(ctx, q, k, v, eta, alpha, w1, w2):
+        inputs = [x.contiguous() for x in (q, k, v, eta, alpha)]
         out, w1s, w2s = load_extension().mlp_chunks_forward(inputs, w1.contiguous(), w2.contiguous())
         ctx.save_for_backward(*inputs, w1s, w2s)
         return out, w1s[:, -1].clone(), w2s[:, -1].clone()
@@ -105,14 +110,12 @@ class _MLPChunkLoop(torch.autograd.Function):
         return tuple(load_extension().mlp_chunks_backward(inputs, w1s, w2s, d_out, d_w1, d_w2))
 
 
-def _fused_loop(state, q, k, v, eta, terms):
+def _fused_loop(state, q, k, v, eta, alpha):
     """``chunk_loop`` for ``chunk_dgd_memory``: (B, H, N, C, ...) inputs -> C++ kernel on B·H items."""
     w1, w2 = state
     batch, heads = q.shape[:2]
     items = lambda x: x.flatten(0, 1)  # noqa: E731 - (B, H, ...) -> (B·H, ...)
-    out, w1, w2 = _MLPChunkLoop.apply(
-        *(items(x) for x in (q, k, v, eta, *terms.decays, terms.k_system, terms.k_read)), items(w1), items(w2)
-    )
+    out, w1, w2 = _MLPChunkLoop.apply(*(items(x) for x in (q, k, v, eta, alpha, w1, w2)))
     unflat = lambda x: x.unflatten(0, (batch, heads))  # noqa: E731
     return unflat(out), (unflat(w1), unflat(w2))
 

@@ -4,8 +4,10 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -149,6 +151,62 @@ template <typename T>
 inline T silu_d2(T x, T s) {
   return s * (T(1) - s) * (T(2) + x * (T(1) - T(2) * s));
 }
+
+// The decays of one chunk from its retention gates α (chunk.py's _chunk_decays): log α (α clamped
+// to the smallest normal), lg_t = Σ_{j<=t} log α_j, lgp_t = lg_{t-1} (0 at t = 0), the ratio
+// RA[t, i] = exp(Σ_{i<j<=t} log α_j) for i <= t (segment sums, never differences of cumulative
+// sums) and PR[t, i] = RA[t-1, i] for i < t; both 0 elsewhere.
+template <typename T>
+struct Decays {
+  int L;
+  std::vector<T> log_alpha, lg, lgp, ra, pr;
+
+  explicit Decays(int L) : L(L), log_alpha(L), lg(L), lgp(L), ra(L * L), pr(L * L) {}
+
+  void forward(const T* alpha) {
+    T acc = 0;
+    for (int t = 0; t < L; ++t) {
+      log_alpha[t] = std::log(std::max(alpha[t], std::numeric_limits<T>::min()));
+      lgp[t] = acc;
+      acc += log_alpha[t];
+      lg[t] = acc;
+    }
+    std::fill(ra.begin(), ra.end(), T(0));
+    for (int i = 0; i < L; ++i) {
+      T segment = 0;
+      ra[i * L + i] = 1;
+      for (int t = i + 1; t < L; ++t) {
+        segment += log_alpha[t];
+        ra[t * L + i] = std::exp(segment);
+      }
+    }
+    std::fill(pr.begin(), pr.end(), T(0));
+    for (int t = 1; t < L; ++t)
+      for (int i = 0; i < t; ++i) pr[t * L + i] = ra[(t - 1) * L + i];
+  }
+
+  // dL/dα from dL/d lg, dL/d lgp, dL/dRA (modified: PR's gradient is added in) and dL/dPR.
+  void backward(const T* alpha, const T* dlg, const T* dlgp, T* dra, const T* dpr, T* dalpha) const {
+    for (int t = 1; t < L; ++t)
+      for (int i = 0; i < t; ++i) dra[(t - 1) * L + i] += dpr[t * L + i];
+    // d log α_j = Σ_{t>=j} dlg_t + Σ_{t>j} dlgp_t + Σ_{i<j} Σ_{t>=j} dRA[t, i] RA[t, i].
+    T through_lg = 0, through_lgp = 0;
+    for (int j = L - 1; j >= 0; --j) {
+      through_lg += dlg[j];
+      dalpha[j] = through_lg + through_lgp;
+      through_lgp += dlgp[j];
+    }
+    for (int i = 0; i < L; ++i) {
+      T acc = 0;
+      for (int j = L - 1; j > i; --j) {
+        acc += dra[j * L + i] * ra[j * L + i];
+        dalpha[j] += acc;
+      }
+    }
+    for (int t = 0; t < L; ++t)  // log(max(α, tiny)): no gradient where the clamp holds
+      dalpha[t] = alpha[t] >= std::numeric_limits<T>::min() ? dalpha[t] / alpha[t] : T(0);
+  }
+};
 
 inline void check_inputs(const std::vector<Tensor>& tensors, const char* name) {
   for (const auto& t : tensors) {

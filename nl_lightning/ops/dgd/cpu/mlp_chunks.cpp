@@ -6,9 +6,10 @@
 // thread runs the whole chunk loop of one (batch, head) item with its working set (a few 64 x 48
 // matrices) in cache: small BLAS calls and plain loops, no dispatcher, no autograd graph.
 //
-// Inputs are the chunk-local terms chunk.py builds for every chunk at once (decays, the key UT
-// system, the key read matrix); the backward returns their gradients and autograd carries them
-// back through that batched code. Equations and the forward's names follow chunk.py:
+// Each chunk also builds its own decays (common.h, Decays), key system KS = I + η_t PR (k kᵀ) and
+// key read matrix KR = RA ⊙ (q kᵀ), which chunk.py builds for all chunks at once in ATen: in
+// ATen those (B, H, n, L, L) tensors and their backward cost about as much as the loop itself.
+// Equations and the forward's names follow chunk.py:
 //
 //   pre = k W2ᵀ, hid = silu(pre), hw1 = hid W1ᵀ, a = v W2ᵀ, d1 = 2 (k + hw1 - v - silu(a) W1ᵀ)
 //   m = d1 W1, r2 = KS⁻¹ (-η silu'(pre) m - η γ_prev pre)
@@ -32,19 +33,22 @@ namespace {
 // One chunk's inputs for one item.
 template <typename T>
 struct ChunkInputs {
-  const T *q, *k, *v, *eta, *lg, *lgp, *prev_ratio, *ratio, *k_system, *k_read;
+  const T *q, *k, *v, *eta, *alpha;
 };
 
 // Everything one chunk's forward computes; the backward recomputes it and reads it.
 template <typename T>
 struct ChunkWork {
   int L, D, Dh;
+  Decays<T> decays;
+  // key Gram k kᵀ, key system KS, q kᵀ and the key read matrix KR = RA ⊙ (q kᵀ)
+  std::vector<T> gram_k, ks, qk, kr;
   std::vector<T> pre, s_pre, hid, hw1, a, s_a, sa, d1, m, r2, lr2, zq, z, s_z, hq, gram, s1, r1, lr1, p, rd, oq,
       gamma, gamma_prev_eta;
-  ChunkWork(int L, int D, int Dh) : L(L), D(D), Dh(Dh) {
+  ChunkWork(int L, int D, int Dh) : L(L), D(D), Dh(Dh), decays(L) {
     for (auto* x : {&pre, &s_pre, &hid, &a, &s_a, &sa, &m, &r2, &lr2, &zq, &z, &s_z, &hq}) x->resize(L * Dh);
     for (auto* x : {&hw1, &d1, &r1, &lr1, &oq}) x->resize(L * D);
-    for (auto* x : {&gram, &s1, &p, &rd}) x->resize(L * L);
+    for (auto* x : {&gram, &s1, &p, &rd, &gram_k, &ks, &qk, &kr}) x->resize(L * L);
     gamma.resize(L);
     gamma_prev_eta.resize(L);
   }
@@ -53,10 +57,17 @@ struct ChunkWork {
   // and the end state into (w1_end, w2_end) when they are given.
   void forward(const ChunkInputs<T>& in, const T* w1, const T* w2, T* out, T* w1_end, T* w2_end) {
     const int LD = L * D, LDh = L * Dh;
+    decays.forward(in.alpha);
     for (int t = 0; t < L; ++t) {
-      gamma[t] = std::exp(in.lg[t]);
-      gamma_prev_eta[t] = in.eta[t] * std::exp(in.lgp[t]);
+      gamma[t] = std::exp(decays.lg[t]);
+      gamma_prev_eta[t] = in.eta[t] * std::exp(decays.lgp[t]);
     }
+    const T* pr = decays.pr.data();
+    gemm<T>(false, true, L, L, D, T(1), in.k, D, in.k, D, T(0), gram_k.data(), L);
+    for (int t = 0; t < L; ++t)
+      for (int i = 0; i < L; ++i) ks[t * L + i] = i < t ? in.eta[t] * pr[t * L + i] * gram_k[t * L + i] : T(0);
+    gemm<T>(false, true, L, L, D, T(1), in.q, D, in.k, D, T(0), qk.data(), L);
+    for (int i = 0; i < L * L; ++i) kr[i] = decays.ra[i] * qk[i];
     gemm<T>(false, true, L, Dh, D, T(1), in.k, D, w2, D, T(0), pre.data(), Dh);
     gemm<T>(false, true, L, Dh, D, T(1), in.v, D, w2, D, T(0), a.data(), Dh);
     silu(LDh, pre.data(), s_pre.data(), hid.data());
@@ -72,24 +83,24 @@ struct ChunkWork {
         r2[i] = -in.eta[t] * silu_d1(pre[i], s_pre[i]) * m[i] - gamma_prev_eta[t] * pre[i];
       }
     }
-    solve_lower_unit(L, Dh, in.k_system, r2.data());
+    solve_lower_unit(L, Dh, ks.data(), r2.data());
     gemm<T>(false, true, L, Dh, D, T(1), in.q, D, w2, D, T(0), zq.data(), Dh);
     for (int t = 0; t < L; ++t)
       for (int j = 0; j < Dh; ++j) z[t * Dh + j] = gamma[t] * zq[t * Dh + j];
-    gemm<T>(false, false, L, Dh, L, T(1), in.k_read, L, r2.data(), Dh, T(1), z.data(), Dh);
+    gemm<T>(false, false, L, Dh, L, T(1), kr.data(), L, r2.data(), Dh, T(1), z.data(), Dh);
     silu(LDh, z.data(), s_z.data(), hq.data());
     // Layer W1 (inputs hid).
     gemm<T>(false, true, L, L, Dh, T(1), hid.data(), Dh, hid.data(), Dh, T(0), gram.data(), L);
     for (int t = 0; t < L; ++t)
       for (int i = 0; i < L; ++i)
-        s1[t * L + i] = i < t ? in.eta[t] * in.prev_ratio[t * L + i] * gram[t * L + i] : T(0);
+        s1[t * L + i] = i < t ? in.eta[t] * pr[t * L + i] * gram[t * L + i] : T(0);
     for (int t = 0; t < L; ++t)
       for (int j = 0; j < D; ++j) r1[t * D + j] = -in.eta[t] * d1[t * D + j] - gamma_prev_eta[t] * hw1[t * D + j];
     solve_lower_unit(L, D, s1.data(), r1.data());
     gemm<T>(false, true, L, L, Dh, T(1), hq.data(), Dh, hid.data(), Dh, T(0), p.data(), L);
-    for (int i = 0; i < L * L; ++i) rd[i] = in.ratio[i] * p[i];
+    for (int i = 0; i < L * L; ++i) rd[i] = decays.ra[i] * p[i];
     gemm<T>(false, true, L, D, Dh, T(1), hq.data(), Dh, w1, Dh, T(0), oq.data(), D);
-    const T* last = in.ratio + static_cast<int64_t>(L - 1) * L;  // ρ_i = γ_L / γ_i
+    const T* last = decays.ra.data() + static_cast<int64_t>(L - 1) * L;  // ρ_i = γ_L / γ_i
     for (int t = 0; t < L; ++t) {
       for (int j = 0; j < Dh; ++j) lr2[t * Dh + j] = last[t] * r2[t * Dh + j];
       for (int j = 0; j < D; ++j) lr1[t * D + j] = last[t] * r1[t * D + j];
@@ -112,19 +123,19 @@ struct ChunkWork {
 // One chunk's input gradients for one item.
 template <typename T>
 struct ChunkGrads {
-  T *q, *k, *v, *eta, *lg, *lgp, *prev_ratio, *ratio, *k_system, *k_read;
+  T *q, *k, *v, *eta, *alpha;
 };
 
 template <typename T>
 struct ChunkBackward {
   int L, D, Dh;
   std::vector<T> dlr1, dhid, dr1, doq, drd, dhq, dp, ds, dhw1, dd1, dz, dlr2, dr2, dzq, dpre, dm, dsa, da, dg, dgpe,
-      dlast, dw1_start, dw2_start;
+      dlast, dw1_start, dw2_start, dlg, dlgp, dpr, dra, dks, dkr;
   ChunkBackward(int L, int D, int Dh) : L(L), D(D), Dh(Dh) {
     for (auto* x : {&dlr1, &dr1, &doq, &dhw1, &dd1}) x->resize(L * D);
     for (auto* x : {&dhid, &dhq, &dz, &dlr2, &dr2, &dzq, &dpre, &dm, &dsa, &da}) x->resize(L * Dh);
-    for (auto* x : {&drd, &dp, &ds}) x->resize(L * L);
-    for (auto* x : {&dg, &dgpe, &dlast}) x->resize(L);
+    for (auto* x : {&drd, &dp, &ds, &dpr, &dra, &dks, &dkr}) x->resize(L * L);
+    for (auto* x : {&dg, &dgpe, &dlast, &dlg, &dlgp}) x->resize(L);
     dw1_start.resize(D * Dh);
     dw2_start.resize(Dh * D);
   }
@@ -134,7 +145,9 @@ struct ChunkBackward {
   void backward(const ChunkInputs<T>& in, const T* w1, const T* w2, const ChunkWork<T>& w, const T* dout, T* dw1,
                 T* dw2, const ChunkGrads<T>& g) {
     const int LD = L * D, LDh = L * Dh, LL = L * L;
-    const T* last = in.ratio + static_cast<int64_t>(L - 1) * L;  // ρ
+    const T* last = w.decays.ra.data() + static_cast<int64_t>(L - 1) * L;  // ρ
+    const T* ra = w.decays.ra.data();
+    const T* pr = w.decays.pr.data();
     const T gamma_end = w.gamma[L - 1];
     T dgamma_end = 0;
     for (int i = 0; i < D * Dh; ++i) dgamma_end += w1[i] * dw1[i];
@@ -172,8 +185,8 @@ struct ChunkBackward {
     gemm<T>(false, false, L, Dh, D, T(1), doq.data(), D, w1, Dh, T(0), dhq.data(), Dh);
     gemm<T>(true, false, D, Dh, L, T(1), doq.data(), D, w.hq.data(), Dh, T(1), dw1_start.data(), Dh);
     for (int i = 0; i < LL; ++i) {
-      g.ratio[i] = drd[i] * w.p[i];
-      dp[i] = drd[i] * in.ratio[i];
+      dra[i] = drd[i] * w.p[i];
+      dp[i] = drd[i] * ra[i];
     }
     gemm<T>(false, false, L, Dh, L, T(1), dp.data(), L, w.hid.data(), Dh, T(1), dhq.data(), Dh);
     gemm<T>(true, false, L, Dh, L, T(1), dp.data(), L, w.hq.data(), Dh, T(1), dhid.data(), Dh);
@@ -198,11 +211,11 @@ struct ChunkBackward {
       for (int i = 0; i < L; ++i) {
         const int ti = t * L + i;
         if (i < t) {
-          de += ds[ti] * in.prev_ratio[ti] * w.gram[ti];
-          g.prev_ratio[ti] = ds[ti] * in.eta[t] * w.gram[ti];
-          ds[ti] = ds[ti] * in.eta[t] * in.prev_ratio[ti];
+          de += ds[ti] * pr[ti] * w.gram[ti];
+          dpr[ti] = ds[ti] * in.eta[t] * w.gram[ti];
+          ds[ti] = ds[ti] * in.eta[t] * pr[ti];
         } else {
-          g.prev_ratio[ti] = T(0);
+          dpr[ti] = T(0);
           ds[ti] = T(0);
         }
       }
@@ -233,15 +246,13 @@ struct ChunkBackward {
       }
       dg[t] += acc;
     }
-    gemm<T>(false, true, L, L, Dh, T(1), dz.data(), Dh, w.r2.data(), Dh, T(0), g.k_read, L);
-    gemm<T>(true, false, L, Dh, L, T(1), in.k_read, L, dz.data(), Dh, T(1), dr2.data(), Dh);
+    gemm<T>(false, true, L, L, Dh, T(1), dz.data(), Dh, w.r2.data(), Dh, T(0), dkr.data(), L);
+    gemm<T>(true, false, L, Dh, L, T(1), w.kr.data(), L, dz.data(), Dh, T(1), dr2.data(), Dh);
     gemm<T>(false, false, L, D, Dh, T(1), dzq.data(), Dh, w2, D, T(1), g.q, D);
     gemm<T>(true, false, Dh, D, L, T(1), dzq.data(), Dh, in.q, D, T(1), dw2_start.data(), D);
     // r2 = KS⁻¹ rhs2, rhs2 = -η silu'(pre) m - ηγ_prev pre; dr2 becomes d(rhs2).
-    solve_lower_unit_transposed(L, Dh, in.k_system, dr2.data());
-    gemm<T>(false, true, L, L, Dh, T(-1), dr2.data(), Dh, w.r2.data(), Dh, T(0), g.k_system, L);
-    for (int t = 0; t < L; ++t)
-      for (int i = t; i < L; ++i) g.k_system[t * L + i] = T(0);  // unit diagonal and upper part: unused
+    solve_lower_unit_transposed(L, Dh, w.ks.data(), dr2.data());
+    gemm<T>(false, true, L, L, Dh, T(-1), dr2.data(), Dh, w.r2.data(), Dh, T(0), dks.data(), L);
     for (int t = 0; t < L; ++t) {
       T de = 0, dgp = 0;
       for (int j = 0; j < Dh; ++j) {
@@ -278,34 +289,63 @@ struct ChunkBackward {
     gemm<T>(false, false, L, D, Dh, T(1), dpre.data(), Dh, w2, D, T(1), g.k, D);
     gemm<T>(true, false, Dh, D, L, T(1), dpre.data(), Dh, in.k, D, T(1), dw2_start.data(), D);
     // γ = exp(lg), γ_L = γ[L-1], ηγ_prev = η exp(lgp), ρ = RA[L-1, :].
+    // KS = I + η_t PR ⊙ (k kᵀ) (strictly lower), KR = RA ⊙ (q kᵀ).
+    for (int t = 0; t < L; ++t) {
+      T de = 0;
+      for (int i = 0; i < L; ++i) {
+        const int ti = t * L + i;
+        if (i < t) {
+          de += dks[ti] * pr[ti] * w.gram_k[ti];
+          dpr[ti] += dks[ti] * in.eta[t] * w.gram_k[ti];
+          dks[ti] *= in.eta[t] * pr[ti];  // now dL/d(k kᵀ)
+        } else {
+          dks[ti] = T(0);
+        }
+      }
+      g.eta[t] += de;
+    }
+    gemm<T>(false, false, L, D, L, T(1), dks.data(), L, in.k, D, T(1), g.k, D);
+    gemm<T>(true, false, L, D, L, T(1), dks.data(), L, in.k, D, T(1), g.k, D);
+    for (int i = 0; i < LL; ++i) {
+      dra[i] += dkr[i] * w.qk[i];
+      dkr[i] *= ra[i];  // now dL/d(q kᵀ)
+    }
+    gemm<T>(false, false, L, D, L, T(1), dkr.data(), L, in.k, D, T(1), g.q, D);
+    gemm<T>(true, false, L, D, L, T(1), dkr.data(), L, in.q, D, T(1), g.k, D);
+    // γ = exp(lg), γ_L = γ[L-1], ηγ_prev = η exp(lgp), ρ = RA[L-1, :].
     dg[L - 1] += dgamma_end;
     for (int t = 0; t < L; ++t) {
-      g.lg[t] = dg[t] * w.gamma[t];
-      g.lgp[t] = dgpe[t] * w.gamma_prev_eta[t];
-      g.eta[t] += dgpe[t] * std::exp(in.lgp[t]);
-      g.ratio[(L - 1) * L + t] += dlast[t];
+      dlg[t] = dg[t] * w.gamma[t];
+      dlgp[t] = dgpe[t] * w.gamma_prev_eta[t];
+      g.eta[t] += dgpe[t] * std::exp(w.decays.lgp[t]);
+      dra[(L - 1) * L + t] += dlast[t];
     }
+    w.decays.backward(in.alpha, dlg.data(), dlgp.data(), dra.data(), dpr.data(), g.alpha);
     std::copy(dw1_start.begin(), dw1_start.end(), dw1);
     std::copy(dw2_start.begin(), dw2_start.end(), dw2);
   }
 };
 
+// Chunk `chunk` of item `item` in (q, k, v, eta, alpha) laid out (N, n, L, D) and (N, n, L).
 template <typename T>
 ChunkInputs<T> chunk_inputs(const std::vector<Tensor>& x, int64_t item, int64_t chunk, int64_t n, int L, int D) {
-  const int64_t c = item * n + chunk;
-  const int64_t LD = static_cast<int64_t>(L) * D, LL = static_cast<int64_t>(L) * L;
+  const int64_t c = item * n + chunk, LD = static_cast<int64_t>(L) * D;
   return {x[0].data_ptr<T>() + c * LD, x[1].data_ptr<T>() + c * LD, x[2].data_ptr<T>() + c * LD,
-          x[3].data_ptr<T>() + c * L,  x[4].data_ptr<T>() + c * L,  x[5].data_ptr<T>() + c * L,
-          x[6].data_ptr<T>() + c * LL, x[7].data_ptr<T>() + c * LL, x[8].data_ptr<T>() + c * LL,
-          x[9].data_ptr<T>() + c * LL};
+          x[3].data_ptr<T>() + c * L, x[4].data_ptr<T>() + c * L};
+}
+
+template <typename T>
+ChunkGrads<T> chunk_grads(std::vector<Tensor>& x, int64_t item, int64_t chunk, int64_t n, int L, int D) {
+  const int64_t c = item * n + chunk, LD = static_cast<int64_t>(L) * D;
+  return {x[0].data_ptr<T>() + c * LD, x[1].data_ptr<T>() + c * LD, x[2].data_ptr<T>() + c * LD,
+          x[3].data_ptr<T>() + c * L, x[4].data_ptr<T>() + c * L};
 }
 
 }  // namespace
 
 
 // Forward over all chunks. Inputs (N items, n chunks, L tokens, D dims, Dh hidden):
-//   q, k, v (N, n, L, D); eta, lg, lgp (N, n, L); prev_ratio, ratio, k_system, k_read (N, n, L, L);
-//   w1 (N, D, Dh), w2 (N, Dh, D).
+//   q, k, v (N, n, L, D); eta, alpha (N, n, L); w1 (N, D, Dh), w2 (N, Dh, D).
 // Returns out (N, n, L, D) and the chunk-start states w1s (N, n + 1, D, Dh), w2s (N, n + 1, Dh, D)
 // (index n is the end state).
 std::vector<Tensor> mlp_chunks_forward(std::vector<Tensor> inputs, Tensor w1, Tensor w2) {
@@ -339,7 +379,7 @@ std::vector<Tensor> mlp_chunks_forward(std::vector<Tensor> inputs, Tensor w1, Te
 }
 
 // Backward: gradients of every input of mlp_chunks_forward from d(out) and d(end state).
-// Returns dq, dk, dv, deta, dlg, dlgp, dprev_ratio, dratio, dk_system, dk_read, dw1, dw2.
+// Returns dq, dk, dv, deta, dalpha, dw1, dw2.
 std::vector<Tensor> mlp_chunks_backward(std::vector<Tensor> inputs, Tensor w1s, Tensor w2s, Tensor dout,
                                         Tensor dw1_end, Tensor dw2_end) {
   std::vector<Tensor> all(inputs);
@@ -360,12 +400,7 @@ std::vector<Tensor> mlp_chunks_backward(std::vector<Tensor> inputs, Tensor w1s, 
         scalar_t* dw2_item = dw2.data_ptr<scalar_t>() + item * Dh * D;
         for (int64_t c = n - 1; c >= 0; --c) {
           auto in = chunk_inputs<scalar_t>(inputs, item, c, n, L, D);
-          auto gin = chunk_inputs<scalar_t>(grads, item, c, n, L, D);
-          ChunkGrads<scalar_t> g{const_cast<scalar_t*>(gin.q), const_cast<scalar_t*>(gin.k),
-                                 const_cast<scalar_t*>(gin.v), const_cast<scalar_t*>(gin.eta),
-                                 const_cast<scalar_t*>(gin.lg), const_cast<scalar_t*>(gin.lgp),
-                                 const_cast<scalar_t*>(gin.prev_ratio), const_cast<scalar_t*>(gin.ratio),
-                                 const_cast<scalar_t*>(gin.k_system), const_cast<scalar_t*>(gin.k_read)};
+          auto g = chunk_grads<scalar_t>(grads, item, c, n, L, D);
           const int64_t s = item * (n + 1) + c;
           const scalar_t* w1 = w1s.data_ptr<scalar_t>() + s * D * Dh;
           const scalar_t* w2 = w2s.data_ptr<scalar_t>() + s * Dh * D;

@@ -23,8 +23,6 @@
 
 #include <ATen/Parallel.h>
 
-#include <algorithm>
-#include <limits>
 
 namespace nl_dgd_cpu {
 namespace {
@@ -40,18 +38,19 @@ struct ProjectionWork {
   std::vector<T> hz, s_hz, sz;
   // gates and key
   std::vector<T> norm, key, sig_eta, sig_alpha, eta, alpha;
-  // decays: log α, ratio RA, prev_ratio PR, ηγ_prev; γ_L
-  std::vector<T> log_alpha, ra, pr, log_gamma_prev, gpe;
+  // decays of α, ηγ_prev = η exp(lgp), γ_L
+  Decays<T> decays;
+  std::vector<T> gpe;
   T gamma_end = 1;
   // update
   std::vector<T> gram_k, ks, pre, s_pre, hid, a, s_a, sa, hw1, d1, m, r2, lr2, gram, s1, r1, lr1;
 
-  ProjectionWork(int L, int D, int Dh) : L(L), D(D), Dh(Dh), MDh(kMemories * Dh) {
+  ProjectionWork(int L, int D, int Dh) : L(L), D(D), Dh(Dh), MDh(kMemories * Dh), decays(L) {
     for (auto* x : {&hz, &s_hz, &sz, &pre, &s_pre, &hid, &a, &s_a, &sa, &m, &r2, &lr2}) x->resize(L * MDh);
     for (auto* x : {&hw1, &d1, &r1, &lr1}) x->resize(kMemories * L * D);
     for (auto* x : {&gram, &s1}) x->resize(kMemories * L * L);
-    for (auto* x : {&ra, &pr, &gram_k, &ks}) x->resize(L * L);
-    for (auto* x : {&norm, &sig_eta, &sig_alpha, &eta, &alpha, &log_alpha, &log_gamma_prev, &gpe}) x->resize(L);
+    for (auto* x : {&gram_k, &ks}) x->resize(L * L);
+    for (auto* x : {&norm, &sig_eta, &sig_alpha, &eta, &alpha, &gpe}) x->resize(L);
     key.resize(L * D);
   }
 
@@ -90,34 +89,16 @@ struct ProjectionWork {
       sig_alpha[t] = T(1) / (T(1) + std::exp(-(al / D + bias[1])));
       eta[t] = eta_scale * sig_eta[t];
       alpha[t] = sig_alpha[t];
-      log_alpha[t] = std::log(std::max(alpha[t], std::numeric_limits<T>::min()));
     }
-    // RA[t, i] = exp(sum_{i<j<=t} log α_j) for i <= t (segment sums, as chunk._chunk_decays).
-    std::fill(ra.begin(), ra.end(), T(0));
-    for (int i = 0; i < L; ++i) {
-      T acc = 0;
-      ra[i * L + i] = 1;
-      for (int t = i + 1; t < L; ++t) {
-        acc += log_alpha[t];
-        ra[t * L + i] = std::exp(acc);
-      }
-    }
-    std::fill(pr.begin(), pr.end(), T(0));
-    for (int t = 1; t < L; ++t)
-      for (int i = 0; i < t; ++i) pr[t * L + i] = ra[(t - 1) * L + i];
-    T lg = 0;
-    for (int t = 0; t < L; ++t) {
-      log_gamma_prev[t] = lg;
-      gpe[t] = eta[t] * std::exp(lg);
-      lg += log_alpha[t];
-    }
-    gamma_end = std::exp(lg);
+    decays.forward(alpha.data());
+    for (int t = 0; t < L; ++t) gpe[t] = eta[t] * std::exp(decays.lgp[t]);
+    gamma_end = std::exp(decays.lg[L - 1]);
   }
 
   // strictly lower I + η_t PR ⊙ gram (the unit diagonal is implied by the solver).
   void system(const T* g, T* s) const {
     for (int t = 0; t < L; ++t)
-      for (int i = 0; i < L; ++i) s[t * L + i] = i < t ? eta[t] * pr[t * L + i] * g[t * L + i] : T(0);
+      for (int i = 0; i < L; ++i) s[t * L + i] = i < t ? eta[t] * decays.pr[t * L + i] * g[t * L + i] : T(0);
   }
 
   // One chunk's update from state (w1, w2) with value v; writes the end state when given.
@@ -144,7 +125,7 @@ struct ProjectionWork {
         r2[i] = -eta[t] * silu_d1(pre[i], s_pre[i]) * m[i] - gpe[t] * pre[i];
       }
     solve_lower_unit(L, MDh, ks.data(), r2.data());
-    const T* rho = ra.data() + (L - 1) * L;
+    const T* rho = decays.ra.data() + (L - 1) * L;  // ρ_i = γ_L / γ_i
     for (int t = 0; t < L; ++t)
       for (int j = 0; j < MDh; ++j) lr2[t * MDh + j] = rho[t] * r2[t * MDh + j];
     // W1 per memory (inputs hid_m).
@@ -176,8 +157,8 @@ struct ProjectionWork {
 template <typename T>
 struct ProjectionBackward {
   int L, D, Dh, MDh;
-  std::vector<T> dw1_start, dw2_start, dkey, dv, deta, dalpha, dgpe, drho, dlr2, dr2, dlr1, dr1, dhid, dhw1, dd1, dm,
-      dpre, dsa, da, ds, dpr, dra, dlog_alpha, dsz, dhz;
+  std::vector<T> dw1_start, dw2_start, dkey, dv, deta, dalpha, dgpe, drho, dlg, dlgp, dlr2, dr2, dlr1, dr1, dhid,
+      dhw1, dd1, dm, dpre, dsa, da, ds, dpr, dra, dsz, dhz;
 
   ProjectionBackward(int L, int D, int Dh) : L(L), D(D), Dh(Dh), MDh(kMemories * Dh) {
     dw1_start.resize(kMemories * D * Dh);
@@ -186,7 +167,7 @@ struct ProjectionBackward {
     for (auto* x : {&dlr1, &dr1, &dhw1, &dd1}) x->resize(kMemories * L * D);
     for (auto* x : {&dlr2, &dr2, &dhid, &dm, &dpre, &dsa, &da, &dsz, &dhz}) x->resize(L * MDh);
     for (auto* x : {&ds, &dpr, &dra}) x->resize(L * L);
-    for (auto* x : {&deta, &dalpha, &dgpe, &drho, &dlog_alpha}) x->resize(L);
+    for (auto* x : {&deta, &dalpha, &dgpe, &drho, &dlg, &dlgp}) x->resize(L);
   }
 
   // dL/d(strictly lower system entries) ds (overwritten) -> η, PR and the Gram matrix's inputs x.
@@ -196,9 +177,9 @@ struct ProjectionBackward {
       for (int i = 0; i < L; ++i) {
         const int ti = t * L + i;
         if (i < t) {
-          de += ds[ti] * w.pr[ti] * gram[ti];
+          de += ds[ti] * w.decays.pr[ti] * gram[ti];
           dpr[ti] += ds[ti] * w.eta[t] * gram[ti];
-          ds[ti] *= w.eta[t] * w.pr[ti];
+          ds[ti] *= w.eta[t] * w.decays.pr[ti];
         } else {
           ds[ti] = T(0);
         }
@@ -212,7 +193,7 @@ struct ProjectionBackward {
   // Backward of ProjectionWork::update. dw1, dw2: dL/d(end state) in, dL/d(start state) out.
   // Leaves dL/d(key), dL/d(v), dL/dη, dL/dα in dkey, dv, deta, dalpha.
   void update(const ProjectionWork<T>& w, const T* v, const T* w1, const T* w2, T* dw1, T* dw2) {
-    const T* rho = w.ra.data() + (L - 1) * L;
+    const T* rho = w.decays.ra.data() + (L - 1) * L;
     T dgamma_end = 0;
     for (int i = 0; i < kMemories * D * Dh; ++i) dgamma_end += w1[i] * dw1[i];
     for (int i = 0; i < MDh * D; ++i) dgamma_end += w2[i] * dw2[i];
@@ -311,30 +292,16 @@ struct ProjectionBackward {
     gemm<T>(true, false, MDh, D, L, T(1), da.data(), MDh, v, D, T(1), dw2_start.data(), D);
     gemm<T>(false, false, L, D, MDh, T(1), dpre.data(), MDh, w2, D, T(1), dkey.data(), D);
     gemm<T>(true, false, MDh, D, L, T(1), dpre.data(), MDh, w.key.data(), D, T(1), dw2_start.data(), D);
-    // Decays: ηγ_prev = η exp(lgp), lgp_t = sum_{j<t} log α_j, γ_L = exp(sum_j log α_j),
-    // ρ = RA[L-1, :], PR[t, i] = RA[t-1, i], RA[t, i] = exp(sum_{i<j<=t} log α_j).
+    // Decays: ηγ_prev = η exp(lgp), γ_L = exp(lg_{L-1}), ρ = RA[L-1, :].
     std::fill(dra.begin(), dra.end(), T(0));
+    std::fill(dlg.begin(), dlg.end(), T(0));
     for (int t = 0; t < L; ++t) {
-      deta[t] += dgpe[t] * std::exp(w.log_gamma_prev[t]);
+      deta[t] += dgpe[t] * std::exp(w.decays.lgp[t]);
+      dlgp[t] = dgpe[t] * w.gpe[t];
       dra[(L - 1) * L + t] += drho[t];
     }
-    for (int t = 1; t < L; ++t)
-      for (int i = 0; i < t; ++i) dra[(t - 1) * L + i] += dpr[t * L + i];
-    // d(log α_j) = sum_{t > j} d(lgp_t) + d(log γ_L) + sum_{i < j <= t} dRA[t, i] RA[t, i].
-    T suffix = dgamma_end * w.gamma_end;  // d(log γ_L) reaches every log α_j
-    for (int j = L - 1; j >= 0; --j) {
-      dlog_alpha[j] = suffix;
-      suffix += dgpe[j] * w.gpe[j];  // lgp_j covers log α_0 .. log α_{j-1}
-    }
-    for (int i = 0; i < L; ++i) {
-      T acc = 0;  // sum over t >= j of dRA[t, i] RA[t, i], for j from L-1 down to i+1
-      for (int j = L - 1; j > i; --j) {
-        acc += dra[j * L + i] * w.ra[j * L + i];
-        dlog_alpha[j] += acc;
-      }
-    }
-    for (int t = 0; t < L; ++t)
-      dalpha[t] = w.alpha[t] >= std::numeric_limits<T>::min() ? dlog_alpha[t] / w.alpha[t] : T(0);
+    dlg[L - 1] = dgamma_end * w.gamma_end;
+    w.decays.backward(w.alpha.data(), dlg.data(), dlgp.data(), dra.data(), dpr.data(), dalpha.data());
     std::copy(dw1_start.begin(), dw1_start.end(), dw1);
     std::copy(dw2_start.begin(), dw2_start.end(), dw2);
   }
