@@ -135,17 +135,17 @@ class _ProjectionLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2, gate_bias, chunk, eta_scale):
         x, w1, w2, gate_bias = (t.contiguous() for t in (x, w1, w2, gate_bias))
-        out, w1s, w2s = load_extension().shared_key_loop_forward(x, w1, w2, gate_bias, chunk, eta_scale)
-        ctx.save_for_backward(x, gate_bias, out, w1s, w2s)
+        out, w1s, w2s, saved = load_extension().shared_key_loop_forward(x, w1, w2, gate_bias, chunk, eta_scale)
+        ctx.save_for_backward(x, gate_bias, out, w1s, w2s, saved)
         ctx.chunk, ctx.eta_scale = chunk, eta_scale
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
-        x, gate_bias, out, w1s, w2s = ctx.saved_tensors
+        x, gate_bias, out, w1s, w2s, saved = ctx.saved_tensors
         dx, dw1, dw2, dbias = load_extension().shared_key_loop_backward(
-            x, gate_bias, out, w1s, w2s, d_out.contiguous(), ctx.chunk, ctx.eta_scale
+            x, gate_bias, out, w1s, w2s, saved, d_out.contiguous(), ctx.chunk, ctx.eta_scale
         )
         return dx, dw1, dw2, dbias, None, None
 

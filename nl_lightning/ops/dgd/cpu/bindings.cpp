@@ -9,7 +9,7 @@ std::vector<Tensor> mlp_chunks_backward(std::vector<Tensor> inputs, Tensor w1s, 
 std::vector<Tensor> shared_key_loop_forward(Tensor x, Tensor w1, Tensor w2, Tensor gate_bias, int64_t chunk,
                                             double eta_scale);
 std::vector<Tensor> shared_key_loop_backward(Tensor x, Tensor gate_bias, Tensor out, Tensor w1s, Tensor w2s,
-                                             Tensor dout, int64_t chunk, double eta_scale);
+                                             Tensor saved, Tensor dout, int64_t chunk, double eta_scale);
 }  // namespace nl_dgd_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

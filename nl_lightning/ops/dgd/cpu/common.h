@@ -152,6 +152,16 @@ inline T silu_d2(T x, T s) {
   return s * (T(1) - s) * (T(2) + x * (T(1) - T(2) * s));
 }
 
+// dx += (G + Gᵀ) x for the backward of a Gram matrix x xᵀ whose gradient G (L x L) is strictly
+// lower triangular (zero on and above the diagonal): G is mirrored into its upper half in place,
+// so one GEMM does both terms.
+template <typename T>
+void gram_backward(int L, int cols, T* g, const T* x, int ldx, T* dx, int lddx) {
+  for (int t = 1; t < L; ++t)
+    for (int i = 0; i < t; ++i) g[i * L + t] = g[t * L + i];
+  gemm<T>(false, false, L, cols, L, T(1), g, L, x, ldx, T(1), dx, lddx);
+}
+
 // The decays of one chunk from its retention gates α (chunk.py's _chunk_decays): log α (α clamped
 // to the smallest normal), lg_t = Σ_{j<=t} log α_j, lgp_t = lg_{t-1} (0 at t = 0), the ratio
 // RA[t, i] = exp(Σ_{i<j<=t} log α_j) for i <= t (segment sums, never differences of cumulative

@@ -221,8 +221,7 @@ struct ChunkBackward {
       }
       g.eta[t] += de;
     }
-    gemm<T>(false, false, L, Dh, L, T(1), ds.data(), L, w.hid.data(), Dh, T(1), dhid.data(), Dh);
-    gemm<T>(true, false, L, Dh, L, T(1), ds.data(), L, w.hid.data(), Dh, T(1), dhid.data(), Dh);
+    gram_backward(L, Dh, ds.data(), w.hid.data(), Dh, dhid.data(), Dh);
     // hq = silu(z).
     for (int i = 0; i < LDh; ++i) dz[i] = dhq[i] * silu_d1(w.z[i], w.s_z[i]);
     // W2' = γ_L W2 + lr2ᵀ k, lr2 = ρ r2.
@@ -304,8 +303,7 @@ struct ChunkBackward {
       }
       g.eta[t] += de;
     }
-    gemm<T>(false, false, L, D, L, T(1), dks.data(), L, in.k, D, T(1), g.k, D);
-    gemm<T>(true, false, L, D, L, T(1), dks.data(), L, in.k, D, T(1), g.k, D);
+    gram_backward(L, D, dks.data(), in.k, D, g.k, D);
     for (int i = 0; i < LL; ++i) {
       dra[i] += dkr[i] * w.qk[i];
       dkr[i] *= ra[i];  // now dL/d(q kᵀ)

@@ -54,9 +54,26 @@ struct ProjectionWork {
     key.resize(L * D);
   }
 
-  // The memories' hidden layer silu(z W2ᵀ) for the `rows` tokens of z (all four stacked).
-  void hidden(const T* z, int rows, const T* w2) {
-    gemm<T>(false, true, rows, MDh, D, T(1), z, D, w2, D, T(0), hz.data(), MDh);
+  // GEMM outputs the forward keeps for the backward, which would otherwise recompute them: the
+  // products with the largest inner dimension (D) per value stored. hz, pre, a, m (L x 4Dh) and
+  // the key Gram matrix (L x L) per chunk; the backward recomputes the rest of the chunk.
+  static int64_t saved_size(int L, int Dh) { return 4LL * L * kMemories * Dh + static_cast<int64_t>(L) * L; }
+
+  void save(T* dst) const {
+    for (const auto* x : {&hz, &pre, &a, &m, &gram_k}) dst = std::copy(x->begin(), x->end(), dst);
+  }
+
+  void load(const T* src) {
+    for (auto* x : {&hz, &pre, &a, &m, &gram_k}) {
+      std::copy(src, src + x->size(), x->begin());
+      src += x->size();
+    }
+  }
+
+  // The memories' hidden layer silu(z W2ᵀ) for the `rows` tokens of z (all four stacked); with
+  // `loaded`, hz = z W2ᵀ is already in place (``load``).
+  void hidden(const T* z, int rows, const T* w2, bool loaded = false) {
+    if (!loaded) gemm<T>(false, true, rows, MDh, D, T(1), z, D, w2, D, T(0), hz.data(), MDh);
     silu(rows * MDh, hz.data(), s_hz.data(), sz.data());
   }
 
@@ -102,11 +119,14 @@ struct ProjectionWork {
   }
 
   // One chunk's update from state (w1, w2) with value v; writes the end state when given.
-  void update(const T* v, const T* w1, const T* w2, T* w1_end, T* w2_end) {
-    gemm<T>(false, true, L, L, D, T(1), key.data(), D, key.data(), D, T(0), gram_k.data(), L);
+  // With `loaded`, the GEMM outputs ``save`` keeps are already in place.
+  void update(const T* v, const T* w1, const T* w2, T* w1_end, T* w2_end, bool loaded = false) {
+    if (!loaded) {
+      gemm<T>(false, true, L, L, D, T(1), key.data(), D, key.data(), D, T(0), gram_k.data(), L);
+      gemm<T>(false, true, L, MDh, D, T(1), key.data(), D, w2, D, T(0), pre.data(), MDh);
+      gemm<T>(false, true, L, MDh, D, T(1), v, D, w2, D, T(0), a.data(), MDh);
+    }
     system(gram_k.data(), ks.data());
-    gemm<T>(false, true, L, MDh, D, T(1), key.data(), D, w2, D, T(0), pre.data(), MDh);
-    gemm<T>(false, true, L, MDh, D, T(1), v, D, w2, D, T(0), a.data(), MDh);
     silu(L * MDh, pre.data(), s_pre.data(), hid.data());
     silu(L * MDh, a.data(), s_a.data(), sa.data());
     for (int mem = 0; mem < kMemories; ++mem) {
@@ -116,7 +136,7 @@ struct ProjectionWork {
       gemm<T>(false, true, L, D, Dh, T(1), hid.data() + mem * Dh, MDh, w1m, Dh, T(0), hw1m, D);
       gemm<T>(false, true, L, D, Dh, T(1), sa.data() + mem * Dh, MDh, w1m, Dh, T(0), d1m, D);
       for (int i = 0; i < L * D; ++i) d1m[i] = T(2) * (key[i] + hw1m[i] - v[i] - d1m[i]);
-      gemm<T>(false, false, L, Dh, D, T(1), d1m, D, w1m, Dh, T(0), m.data() + mem * Dh, MDh);
+      if (!loaded) gemm<T>(false, false, L, Dh, D, T(1), d1m, D, w1m, Dh, T(0), m.data() + mem * Dh, MDh);
     }
     // W2 (all memories stacked; inputs key).
     for (int t = 0; t < L; ++t)
@@ -186,8 +206,7 @@ struct ProjectionBackward {
       }
       deta[t] += de;
     }
-    gemm<T>(false, false, L, cols, L, T(1), ds.data(), L, x, ldx, T(1), dx, lddx);
-    gemm<T>(true, false, L, cols, L, T(1), ds.data(), L, x, ldx, T(1), dx, lddx);
+    gram_backward(L, cols, ds.data(), x, ldx, dx, lddx);
   }
 
   // Backward of ProjectionWork::update. dw1, dw2: dL/d(end state) in, dL/d(start state) out.
@@ -361,8 +380,9 @@ void check_loop(const Tensor& x, const Tensor& w1, const Tensor& w2, int64_t chu
 }  // namespace
 
 // Forward of the projection loop. x (B, T, D); initial states w1 (B, 4, D, Dh), w2 (B, 4, Dh, D);
-// gate_bias (2,) = (b_η, b_α). Returns the read-outs out (B, 4, T, D) and every chunk's start
-// state w1s (B, n, 4, D, Dh), w2s (B, n, 4, Dh, D), n = ceil(T / chunk).
+// gate_bias (2,) = (b_η, b_α). Returns the read-outs out (B, 4, T, D), every chunk's start
+// state w1s (B, n, 4, D, Dh), w2s (B, n, 4, Dh, D), n = ceil(T / chunk), and the GEMM outputs
+// the backward reuses, saved (B, n, ProjectionWork::saved_size).
 std::vector<Tensor> shared_key_loop_forward(Tensor x, Tensor w1, Tensor w2, Tensor gate_bias, int64_t chunk,
                                             double eta_scale) {
   check_inputs({x, w1, w2, gate_bias}, "shared_key_loop");
@@ -373,7 +393,8 @@ std::vector<Tensor> shared_key_loop_forward(Tensor x, Tensor w1, Tensor w2, Tens
   auto out = at::empty({B, kMemories, T_len, D}, x.options());
   auto w1s = at::empty({B, n, kMemories, D, Dh}, x.options());
   auto w2s = at::empty({B, n, kMemories, Dh, D}, x.options());
-  if (n == 0) return {out, w1s, w2s};
+  auto saved = at::empty({B, n, ProjectionWork<float>::saved_size(chunk, Dh)}, x.options());
+  if (n == 0) return {out, w1s, w2s, saved};
   w1s.select(1, 0).copy_(w1);
   w2s.select(1, 0).copy_(w2);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shared_key_loop_forward", [&] {
@@ -389,21 +410,23 @@ std::vector<Tensor> shared_key_loop_forward(Tensor x, Tensor w1, Tensor w2, Tens
           scalar_t* w1c = w1s.data_ptr<scalar_t>() + (b * n + c) * state1;
           scalar_t* w2c = w2s.data_ptr<scalar_t>() + (b * n + c) * state2;
           work.read(z, rows, w1c, w2c, o, T_len * D);
-          if (c == n - 1) break;
-          work.gates(o, T_len * D, bias, static_cast<scalar_t>(eta_scale));
-          work.update(o + kValue * T_len * D, w1c, w2c, w1c + state1, w2c + state2);  // chunk c+1's start
+          if (c < n - 1) {
+            work.gates(o, T_len * D, bias, static_cast<scalar_t>(eta_scale));
+            work.update(o + kValue * T_len * D, w1c, w2c, w1c + state1, w2c + state2);  // chunk c+1's start
+          }
+          work.save(saved.data_ptr<scalar_t>() + (b * n + c) * saved.size(2));
         }
       }
     });
   });
-  return {out, w1s, w2s};
+  return {out, w1s, w2s, saved};
 }
 
 // Backward: dL/dx (B, T, D), dL/d(initial state) per batch element (B, 4, D, Dh), (B, 4, Dh, D),
 // and dL/d(gate_bias) (2,), from dL/d(out) (B, 4, T, D).
 std::vector<Tensor> shared_key_loop_backward(Tensor x, Tensor gate_bias, Tensor out, Tensor w1s, Tensor w2s,
-                                             Tensor dout, int64_t chunk, double eta_scale) {
-  check_inputs({x, gate_bias, out, w1s, w2s, dout}, "shared_key_loop");
+                                             Tensor saved, Tensor dout, int64_t chunk, double eta_scale) {
+  check_inputs({x, gate_bias, out, w1s, w2s, saved, dout}, "shared_key_loop");
   const int64_t B = x.size(0), T_len = x.size(1), n = w1s.size(1);
   const int D = x.size(2), Dh = w1s.size(4);
   auto dx = at::empty_like(x);
@@ -428,13 +451,14 @@ std::vector<Tensor> shared_key_loop_backward(Tensor x, Tensor gate_bias, Tensor 
           scalar_t* dr = dread.data_ptr<scalar_t>() + (b * kMemories * T_len + c * chunk) * D;
           const scalar_t* w1c = w1s.data_ptr<scalar_t>() + (b * n + c) * state1;
           const scalar_t* w2c = w2s.data_ptr<scalar_t>() + (b * n + c) * state2;
+          work.load(saved.data_ptr<scalar_t>() + (b * n + c) * saved.size(2));
           if (c < n - 1) {  // the update of chunk c: its end state is chunk c+1's start state
             work.gates(o, T_len * D, bias, static_cast<scalar_t>(eta_scale));
-            work.update(o + kValue * T_len * D, w1c, w2c, nullptr, nullptr);
+            work.update(o + kValue * T_len * D, w1c, w2c, nullptr, nullptr, /*loaded=*/true);
             back.update(work, o + kValue * T_len * D, w1c, w2c, dw1b, dw2b);
             back.gates(work, static_cast<scalar_t>(eta_scale), dr, T_len * D, dbias.data_ptr<scalar_t>() + 2 * b);
           }
-          work.hidden(z, rows, w2c);
+          work.hidden(z, rows, w2c, /*loaded=*/true);
           back.read(work, z, rows, w1c, w2c, dr, T_len * D, dz.data(), dw1b, dw2b);
           std::copy(dz.begin(), dz.begin() + rows * D, dx.data_ptr<scalar_t>() + (b * T_len + c * chunk) * D);
         }
