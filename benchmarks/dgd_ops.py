@@ -4,6 +4,9 @@
     PYTHONPATH=. python benchmarks/dgd_ops.py --kind linear --impls naive chunk
     PYTHONPATH=. python benchmarks/dgd_ops.py --device cuda        # on a GPU (synchronized timing)
 
+The default implementations are naive, chunk, compiled and, for the mlp memory on CPU, the fused
+C++ kernel (cpu_fused; its first call builds the extension, reported like the compile time).
+
 Every implementation runs on the same inputs in the same process, interleaved per length, so the
 ratios compare like with like; absolute times depend on the machine. The compiled kernel is warmed
 up (compiled) before timing, and its compile time is reported separately.
@@ -73,8 +76,8 @@ def time_impl(seq, weights, args, impl):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kind", choices=["linear", "mlp"], default="mlp")
-    impls = ["naive", "chunk", "compiled"]
-    parser.add_argument("--impls", nargs="+", choices=impls, default=impls)
+    impls = ["naive", "chunk", "compiled", "cpu_fused"]
+    parser.add_argument("--impls", nargs="+", choices=impls, help="default: every one that applies")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    if args.impls is None:
+        fused = args.kind == "mlp" and device.type == "cpu"
+        args.impls = ["naive", "chunk", "compiled"] + (["cpu_fused"] if fused else [])
     torch.set_num_threads(args.threads)
     if "naive" not in args.impls:
         parser.error("--impls must include naive: ratios are naive time / other time")
@@ -103,12 +109,13 @@ def main(argv: list[str] | None = None) -> None:
         + f" C={args.chunk_size} {args.dtype}, torch {torch.__version__}, "
         + (torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads={torch.get_num_threads()}")
     )
-    if "compiled" in args.impls:
-        seq, weights = make_inputs(args, args.chunk_size * 2, device)
-        start = time.perf_counter()
-        forward_backward(seq, weights, args, "compiled")
-        synchronize(device)
-        print(f"compiled warm-up (compile) time: {time.perf_counter() - start:.1f} s")
+    for impl, what in (("compiled", "compile"), ("cpu_fused", "extension build, cached per machine")):
+        if impl in args.impls:
+            seq, weights = make_inputs(args, args.chunk_size * 2, device)
+            start = time.perf_counter()
+            forward_backward(seq, weights, args, impl)
+            synchronize(device)
+            print(f"{impl} warm-up ({what}) time: {time.perf_counter() - start:.1f} s")
 
     others = [impl for impl in args.impls if impl != "naive"]
     header = ["T"] + [f"{impl} ms" for impl in args.impls] + [f"naive/{impl}" for impl in others]

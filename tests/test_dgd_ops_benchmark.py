@@ -34,3 +34,16 @@ def test_inputs_are_reproducible_leaf_tensors():
     assert all(x.is_leaf and x.requires_grad for x in (*seq.values(), *weights))
     for name in seq:
         torch.testing.assert_close(seq[name], again[name], atol=0, rtol=0)
+
+
+def test_fused_cpu_kernel_column_matches_the_token_loop(capsys):
+    threads = torch.get_num_threads()
+    try:
+        load_dgd_ops().main(["--lengths", "20", "--dim", "8", "--hidden", "8", "--chunk-size", "8", "--repeats", "1",
+                             "--impls", "naive", "cpu_fused"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 20 |")]
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[3].endswith("x") and float(cells[3][:-1]) > 0  # naive/cpu_fused
+    assert float(cells[4]) < 1e-4
