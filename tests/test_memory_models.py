@@ -189,6 +189,23 @@ def test_hope_fused_projection_loop_matches_float32_at_tiny_size():
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
 
 
+@pytest.mark.parametrize("setting", ["bfloat16 model", "autocast"])
+def test_hope_fused_kernels_in_half_precision_match_the_aten_path(setting):
+    """The fused kernels compute in float32 and hand back the dtype the ATen path would."""
+    aten = small_model(Hope, memory_impl="chunk")
+    fused = small_model(Hope, memory_impl="cpu_fused")
+    tokens = torch.randint(0, 256, (2, 20))
+    logits = []
+    for model in (aten, fused):
+        if setting == "bfloat16 model":
+            logits.append(model.bfloat16()(tokens))
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits.append(model(tokens))
+    assert logits[1].dtype == logits[0].dtype and torch.isfinite(logits[1]).all()
+    torch.testing.assert_close(logits[1].float(), logits[0].float(), atol=0.1, rtol=0.05)
+
+
 def test_hope_auto_runs_both_fused_kernels_on_cpu_and_aten_under_a_dispatch_mode(monkeypatch):
     """memory_impl="auto" (the default) uses the C++ kernels on CPU, and the ATen path while a
     dispatch mode must see every op (here the FLOP counter, which counts the same work either way)."""

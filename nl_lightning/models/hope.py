@@ -125,7 +125,8 @@ class SelfModifyingMemory(nn.Module):
 
     def _project_fused(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``project`` through the fused kernel: same read-outs, gates and updates as the loop below,
-        computed in float32 at least (a float32 operator under autocast, like the DGD kernels)."""
+        computed in float32 at least (autocast off, like the DGD kernels) and returned in x's dtype,
+        the dtype the loop's read-outs have."""
         config, h = self.config, self.config.n_head
         dtype = torch.promote_types(torch.promote_types(x.dtype, self.projections[0].dtype), torch.float32)
         w1, w2 = (w.to(dtype).expand(x.shape[0], *w.shape) for w in self.projections)
@@ -136,7 +137,7 @@ class SelfModifyingMemory(nn.Module):
                 x.to(dtype), w1, w2, bias, chunk_size=config.proj_chunk_size,
                 eta_scale=max_step / config.proj_chunk_size,
             )
-        return dict(zip(PROJECTIONS, out.unbind(1)))
+        return dict(zip(PROJECTIONS, out.to(x.dtype).unbind(1)))
 
     @staticmethod
     def _read_projections(state, z: torch.Tensor) -> torch.Tensor:
