@@ -31,8 +31,8 @@ void blas_gemm(char ta, char tb, int m, int n, int k, T alpha, const T* a, int l
                T* c, int ldc);
 
 template <>
-inline void blas_gemm<float>(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
-                      int ldb, float beta, float* c, int ldc) {
+inline void blas_gemm<float>(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
+                             const float* b, int ldb, float beta, float* c, int ldc) {
   sgemm_(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
 }
 
@@ -150,6 +150,56 @@ inline T silu_d1(T x, T s) {
 template <typename T>
 inline T silu_d2(T x, T s) {
   return s * (T(1) - s) * (T(2) + x * (T(1) - T(2) * s));
+}
+
+// Backward of r = S⁻¹ rhs (S unit lower triangular, r: L x cols): dr (in: dL/dr) becomes dL/d(rhs)
+// and ds (L x L) gets dL/dS on its strictly lower part, -d(rhs) rᵀ (the rest is unused).
+template <typename T>
+void solve_backward(int L, int cols, const T* s, const T* r, T* dr, T* ds) {
+  solve_lower_unit_transposed(L, cols, s, dr);
+  gemm<T>(false, true, L, L, cols, T(-1), dr, cols, r, cols, T(0), ds, L);
+}
+
+// Backward of the W2 layer's right-hand side rhs = -η_t silu'(pre) ⊙ m - (ηγ_prev)_t pre
+// (rows t of width cols): from drhs, adds to deta and dgpe, writes dm and dpre (the latter
+// including the silu'' term of silu'(pre)).
+template <typename T>
+void w2_rhs_backward(int L, int cols, const T* drhs, const T* pre, const T* s_pre, const T* m, const T* eta,
+                     const T* gpe, T* deta, T* dgpe, T* dm, T* dpre) {
+  for (int t = 0; t < L; ++t) {
+    T de = 0, dg = 0;
+    for (int j = 0; j < cols; ++j) {
+      const int i = t * cols + j;
+      const T sg = silu_d1(pre[i], s_pre[i]);
+      de -= sg * m[i] * drhs[i];
+      dg -= pre[i] * drhs[i];
+      const T dd2 = -eta[t] * drhs[i];
+      dm[i] = dd2 * sg;
+      dpre[i] = -gpe[t] * drhs[i] + dd2 * m[i] * silu_d2(pre[i], s_pre[i]);
+    }
+    deta[t] += de;
+    dgpe[t] += dg;
+  }
+}
+
+// Backward of a UT system's strictly lower part S = η_t PR ⊙ G (the unit diagonal is implied):
+// ds (in: dL/dS) becomes dL/dG, zero on and above the diagonal; adds to deta and dpr.
+template <typename T>
+void system_backward(int L, const T* eta, const T* pr, const T* gram, T* ds, T* deta, T* dpr) {
+  for (int t = 0; t < L; ++t) {
+    T de = 0;
+    for (int i = 0; i < L; ++i) {
+      const int ti = t * L + i;
+      if (i < t) {
+        de += ds[ti] * pr[ti] * gram[ti];
+        dpr[ti] += ds[ti] * eta[t] * gram[ti];
+        ds[ti] *= eta[t] * pr[ti];
+      } else {
+        ds[ti] = T(0);
+      }
+    }
+    deta[t] += de;
+  }
 }
 
 // dx += (G + Gᵀ) x for the backward of a Gram matrix x xᵀ whose gradient G (L x L) is strictly

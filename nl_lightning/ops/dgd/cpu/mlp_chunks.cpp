@@ -191,8 +191,7 @@ struct ChunkBackward {
     gemm<T>(false, false, L, Dh, L, T(1), dp.data(), L, w.hid.data(), Dh, T(1), dhq.data(), Dh);
     gemm<T>(true, false, L, Dh, L, T(1), dp.data(), L, w.hq.data(), Dh, T(1), dhid.data(), Dh);
     // r1 = S1⁻¹ rhs1, rhs1 = -η d1 - ηγ_prev hw1; dr1 becomes d(rhs1).
-    solve_lower_unit_transposed(L, D, w.s1.data(), dr1.data());
-    gemm<T>(false, true, L, L, D, T(-1), dr1.data(), D, w.r1.data(), D, T(0), ds.data(), L);
+    solve_backward(L, D, w.s1.data(), w.r1.data(), dr1.data(), ds.data());
     for (int t = 0; t < L; ++t) {
       T de = 0, dgp = 0;
       for (int j = 0; j < D; ++j) {
@@ -205,22 +204,9 @@ struct ChunkBackward {
       g.eta[t] += de;
       dgpe[t] += dgp;
     }
-    // S1 = I + η_t PR ⊙ gram (strictly lower): ds becomes d(gram), symmetric use in gram = hid hidᵀ.
-    for (int t = 0; t < L; ++t) {
-      T de = 0;
-      for (int i = 0; i < L; ++i) {
-        const int ti = t * L + i;
-        if (i < t) {
-          de += ds[ti] * pr[ti] * w.gram[ti];
-          dpr[ti] = ds[ti] * in.eta[t] * w.gram[ti];
-          ds[ti] = ds[ti] * in.eta[t] * pr[ti];
-        } else {
-          dpr[ti] = T(0);
-          ds[ti] = T(0);
-        }
-      }
-      g.eta[t] += de;
-    }
+    // S1 = I + η_t PR ⊙ gram (strictly lower): ds becomes d(gram), gram = hid hidᵀ.
+    std::fill(dpr.begin(), dpr.end(), T(0));
+    system_backward(L, in.eta, pr, w.gram.data(), ds.data(), g.eta, dpr.data());
     gram_backward(L, Dh, ds.data(), w.hid.data(), Dh, dhid.data(), Dh);
     // hq = silu(z).
     for (int i = 0; i < LDh; ++i) dz[i] = dhq[i] * silu_d1(w.z[i], w.s_z[i]);
@@ -250,22 +236,9 @@ struct ChunkBackward {
     gemm<T>(false, false, L, D, Dh, T(1), dzq.data(), Dh, w2, D, T(1), g.q, D);
     gemm<T>(true, false, Dh, D, L, T(1), dzq.data(), Dh, in.q, D, T(1), dw2_start.data(), D);
     // r2 = KS⁻¹ rhs2, rhs2 = -η silu'(pre) m - ηγ_prev pre; dr2 becomes d(rhs2).
-    solve_lower_unit_transposed(L, Dh, w.ks.data(), dr2.data());
-    gemm<T>(false, true, L, L, Dh, T(-1), dr2.data(), Dh, w.r2.data(), Dh, T(0), dks.data(), L);
-    for (int t = 0; t < L; ++t) {
-      T de = 0, dgp = 0;
-      for (int j = 0; j < Dh; ++j) {
-        const int i = t * Dh + j;
-        const T sg = silu_d1(w.pre[i], w.s_pre[i]);
-        de -= sg * w.m[i] * dr2[i];
-        dgp -= w.pre[i] * dr2[i];
-        const T dd2 = -in.eta[t] * dr2[i];
-        dm[i] = dd2 * sg;
-        dpre[i] = -w.gamma_prev_eta[t] * dr2[i] + dd2 * w.m[i] * silu_d2(w.pre[i], w.s_pre[i]);
-      }
-      g.eta[t] += de;
-      dgpe[t] += dgp;
-    }
+    solve_backward(L, Dh, w.ks.data(), w.r2.data(), dr2.data(), dks.data());
+    w2_rhs_backward(L, Dh, dr2.data(), w.pre.data(), w.s_pre.data(), w.m.data(), in.eta, w.gamma_prev_eta.data(),
+                    g.eta, dgpe.data(), dm.data(), dpre.data());
     // m = d1 W1.
     gemm<T>(false, true, L, D, Dh, T(1), dm.data(), Dh, w1, Dh, T(1), dd1.data(), D);
     gemm<T>(true, false, D, Dh, L, T(1), w.d1.data(), D, dm.data(), Dh, T(1), dw1_start.data(), Dh);
@@ -287,22 +260,8 @@ struct ChunkBackward {
     for (int i = 0; i < LDh; ++i) dpre[i] += dhid[i] * silu_d1(w.pre[i], w.s_pre[i]);
     gemm<T>(false, false, L, D, Dh, T(1), dpre.data(), Dh, w2, D, T(1), g.k, D);
     gemm<T>(true, false, Dh, D, L, T(1), dpre.data(), Dh, in.k, D, T(1), dw2_start.data(), D);
-    // γ = exp(lg), γ_L = γ[L-1], ηγ_prev = η exp(lgp), ρ = RA[L-1, :].
     // KS = I + η_t PR ⊙ (k kᵀ) (strictly lower), KR = RA ⊙ (q kᵀ).
-    for (int t = 0; t < L; ++t) {
-      T de = 0;
-      for (int i = 0; i < L; ++i) {
-        const int ti = t * L + i;
-        if (i < t) {
-          de += dks[ti] * pr[ti] * w.gram_k[ti];
-          dpr[ti] += dks[ti] * in.eta[t] * w.gram_k[ti];
-          dks[ti] *= in.eta[t] * pr[ti];  // now dL/d(k kᵀ)
-        } else {
-          dks[ti] = T(0);
-        }
-      }
-      g.eta[t] += de;
-    }
+    system_backward(L, in.eta, pr, w.gram_k.data(), dks.data(), g.eta, dpr.data());  // dks: now dL/d(k kᵀ)
     gram_backward(L, D, dks.data(), in.k, D, g.k, D);
     for (int i = 0; i < LL; ++i) {
       dra[i] += dkr[i] * w.qk[i];
@@ -310,6 +269,7 @@ struct ChunkBackward {
     }
     gemm<T>(false, false, L, D, L, T(1), dkr.data(), L, in.k, D, T(1), g.q, D);
     gemm<T>(true, false, L, D, L, T(1), dkr.data(), L, in.q, D, T(1), g.k, D);
+    // γ = exp(lg), γ_L = γ[L-1], ηγ_prev = η exp(lgp), ρ = RA[L-1, :].
     // γ = exp(lg), γ_L = γ[L-1], ηγ_prev = η exp(lgp), ρ = RA[L-1, :].
     dg[L - 1] += dgamma_end;
     for (int t = 0; t < L; ++t) {

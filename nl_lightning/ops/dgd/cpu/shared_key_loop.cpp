@@ -192,20 +192,7 @@ struct ProjectionBackward {
 
   // dL/d(strictly lower system entries) ds (overwritten) -> η, PR and the Gram matrix's inputs x.
   void system_backward(const ProjectionWork<T>& w, const T* gram, const T* x, int ldx, int cols, T* dx, int lddx) {
-    for (int t = 0; t < L; ++t) {
-      T de = 0;
-      for (int i = 0; i < L; ++i) {
-        const int ti = t * L + i;
-        if (i < t) {
-          de += ds[ti] * w.decays.pr[ti] * gram[ti];
-          dpr[ti] += ds[ti] * w.eta[t] * gram[ti];
-          ds[ti] *= w.eta[t] * w.decays.pr[ti];
-        } else {
-          ds[ti] = T(0);
-        }
-      }
-      deta[t] += de;
-    }
+    nl_dgd_cpu::system_backward(L, w.eta.data(), w.decays.pr.data(), gram, ds.data(), deta.data(), dpr.data());
     gram_backward(L, cols, ds.data(), x, ldx, dx, lddx);
   }
 
@@ -245,8 +232,7 @@ struct ProjectionBackward {
           dr[t * D + j] = rho[t] * dlr[t * D + j];
           drho[t] += r[t * D + j] * dlr[t * D + j];
         }
-      solve_lower_unit_transposed(L, D, w.s1.data() + mem * L * L, dr);  // dr = d(rhs1_m)
-      gemm<T>(false, true, L, L, D, T(-1), dr, D, r, D, T(0), ds.data(), L);
+      solve_backward(L, D, w.s1.data() + mem * L * L, r, dr, ds.data());  // dr = d(rhs1_m)
       const T* d1m = w.d1.data() + mem * L * D;
       const T* hw1m = w.hw1.data() + mem * L * D;
       T* dd1m = dd1.data() + mem * L * D;
@@ -266,22 +252,9 @@ struct ProjectionBackward {
       system_backward(w, w.gram.data() + mem * L * L, hidm, MDh, Dh, dhid.data() + mem * Dh, MDh);
     }
     // r2 = KS⁻¹ rhs2, rhs2 = -η silu'(pre) m - ηγ_prev pre.
-    solve_lower_unit_transposed(L, MDh, w.ks.data(), dr2.data());
-    gemm<T>(false, true, L, L, MDh, T(-1), dr2.data(), MDh, w.r2.data(), MDh, T(0), ds.data(), L);
-    for (int t = 0; t < L; ++t) {
-      T de = 0, dg = 0;
-      for (int j = 0; j < MDh; ++j) {
-        const int i = t * MDh + j;
-        const T sg = silu_d1(w.pre[i], w.s_pre[i]);
-        de -= sg * w.m[i] * dr2[i];
-        dg -= w.pre[i] * dr2[i];
-        const T dd2 = -w.eta[t] * dr2[i];
-        dm[i] = dd2 * sg;
-        dpre[i] = -w.gpe[t] * dr2[i] + dd2 * w.m[i] * silu_d2(w.pre[i], w.s_pre[i]);
-      }
-      deta[t] += de;
-      dgpe[t] += dg;
-    }
+    solve_backward(L, MDh, w.ks.data(), w.r2.data(), dr2.data(), ds.data());
+    w2_rhs_backward(L, MDh, dr2.data(), w.pre.data(), w.s_pre.data(), w.m.data(), w.eta.data(), w.gpe.data(),
+                    deta.data(), dgpe.data(), dm.data(), dpre.data());
     system_backward(w, w.gram_k.data(), w.key.data(), D, D, dkey.data(), D);
     // d1_m = 2 (key + hw1_m - v - sa_m W1_mᵀ), m_m = d1_m W1_m, hw1_m = hid_m W1_mᵀ.
     std::fill(dv.begin(), dv.end(), T(0));
