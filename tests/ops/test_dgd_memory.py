@@ -411,3 +411,13 @@ def test_shared_key_update_rejects_bad_inputs_naming_them(change, message):
     shared, state = change({n: x.detach() for n, x in shared.items()}, tuple(s.detach() for s in state))
     with pytest.raises(ValueError, match=message):
         dgd_shared_key_update(*shared.values(), state)
+
+
+def test_fused_kernel_build_name_depends_on_the_cpu_features(monkeypatch):
+    # -march=native binaries must not be shared between machines with different instruction sets.
+    tags = []
+    for flags in ("fpu sse2 avx2 fma", "fpu sse2 avx2 fma avx512f"):
+        monkeypatch.setattr(cpu_fused.Path, "read_text", lambda self, flags=flags: f"model name : X\nflags : {flags}\n")
+        tags.append(cpu_fused._cpu_tag())
+    assert tags[0] != tags[1]
+    assert all(len(tag) == 10 and int(tag, 16) >= 0 for tag in tags)

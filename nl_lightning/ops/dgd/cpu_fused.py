@@ -36,11 +36,27 @@ SOURCE_DIR = Path(__file__).with_name("cpu")
 SOURCES = [SOURCE_DIR / name for name in ("bindings.cpp", "mlp_chunks.cpp", "shared_key_loop.cpp")]
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers (without it the items run on one
 # thread). -march=native: AVX2/FMA for the elementwise loops and substitutions, as inductor builds
-# its CPU kernels (the build is cached per machine). -fno-trapping-math lets GCC turn the exp's
-# clamps into selects so that the activation loops vectorise.
+# its CPU kernels; the build's name carries a hash of the CPU's feature flags (``_cpu_tag``), so a
+# cache directory shared by different machines never hands one a binary built for another's
+# instructions. -fno-trapping-math lets GCC turn the exp's clamps into selects so that the
+# activation loops vectorise.
 CFLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-trapping-math"]
 _extension = None
 _unavailable: str | None = None
+
+
+def _cpu_tag() -> str:
+    """Short hash of this CPU's model and feature flags (Linux /proc/cpuinfo; else the platform)."""
+    import hashlib
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        signature = "\n".join(sorted({line for line in info if line.startswith(("flags", "model name"))}))
+    except OSError:
+        signature = ""
+    signature = signature or f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha1(signature.encode()).hexdigest()[:10]
 
 
 def load_extension():
@@ -55,7 +71,7 @@ def load_extension():
             os.environ["PATH"] = os.pathsep.join(filter(None, [os.environ.get("PATH"), bin_dir]))
         try:
             _extension = load(
-                name="nl_lightning_dgd_cpu", sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS,
+                name=f"nl_lightning_dgd_cpu_{_cpu_tag()}", sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS,
                 extra_ldflags=["-fopenmp"], verbose=False,
             )
         except Exception as error:  # compiler missing, headers missing, ...
