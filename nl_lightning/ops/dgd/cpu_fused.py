@@ -5,7 +5,8 @@ op streams its operands through memory and synchronises the thread pool, so a HO
 most of its time between kernels (benchmarks/RESULTS.md, "Kernel bound"). The kernels in ``cpu/``
 give each thread whole items instead: an item's chunk loop runs start to end with its few small
 matrices in cache, through BLAS calls and plain loops, and the backward is written out by hand
-(recomputing each chunk from its saved chunk-start state).
+(recomputing each chunk from its saved chunk-start state; the projection loop also keeps its
+largest GEMM outputs).
 
 * ``cpu/mlp_chunks.cpp``: the DGD MLP memory, one (batch, head) item per thread; same semantics
   as ``chunk_dgd_memory(kind="mlp")`` (``cpu_fused_dgd_memory``, ``dgd_memory(impl="cpu_fused")``).

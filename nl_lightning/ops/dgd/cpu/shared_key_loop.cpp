@@ -16,7 +16,8 @@
 //   W1_m' = γ_L W1_m + (ρ r1_m)ᵀ hid_m
 //
 // The last chunk is only read (its update would never be read). One thread runs one batch
-// element's whole loop; the backward recomputes each chunk from its saved chunk-start state.
+// element's whole loop; the backward recomputes each chunk from its saved chunk-start state and
+// the GEMM outputs the forward kept (ProjectionWork::save).
 // tests/test_memory_models.py checks it against the ATen loop (float64, forward and gradients).
 
 #include "common.h"
