@@ -14,6 +14,11 @@ The last column divides the first recipe's measured step time by each recipe's k
 best tokens/s ratio against the first recipe that any amount of overhead removal could reach
 while keeping the model's kernel shapes. When it is below a throughput goal, that goal needs
 different kernels (fusion, other shapes, other hardware), not less overhead.
+
+The recorder is a dispatch mode, and under one HOPE's default ``memory_impl="auto"`` runs the ATen
+chunk kernels (a fused C++ kernel's insides are invisible to it; ``nl_lightning.ops.dgd.cpu_fused``).
+So the bound is that of the ATen path: time the real steps on the same path with
+``"--override=--model.init_args.network.init_args.overrides={memory_impl: chunk}"``.
 """
 
 from __future__ import annotations
