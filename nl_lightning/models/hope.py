@@ -86,16 +86,21 @@ class SelfModifyingMemory(nn.Module):
         keeps that chunk step below the stability limit of the residual-MLP memories' inner loss
         at their initial scale.
         """
-        config = self.config
-        h, bias = config.n_head, self.gate_bias[name]
+        h, bias = self.config.n_head, self.gate_bias[name]
         if heads:
             gate = torch.sigmoid(raw.unflatten(-1, (h, -1)).mean(-1).transpose(1, 2) + bias[:h, None])
-            max_step, chunk = config.dgd_max_step, config.chunk_size
         else:
             gate = torch.sigmoid(raw.mean(-1) + bias[h])
-            max_step = config.dgd_max_step if config.proj_dgd_max_step is None else config.proj_dgd_max_step
-            chunk = config.proj_chunk_size
-        return max_step * gate / chunk if name == "eta" else gate
+        return self._eta_scale(heads) * gate if name == "eta" else gate
+
+    def _eta_scale(self, heads: bool) -> float:
+        """η = this · σ(·): the DGD step cap over the chunk size, of the main memory (``heads``) or
+        of the projection memories."""
+        config = self.config
+        if heads:
+            return config.dgd_max_step / config.chunk_size
+        max_step = config.dgd_max_step if config.proj_dgd_max_step is None else config.proj_dgd_max_step
+        return max_step / config.proj_chunk_size
 
     def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the self-modifying projection memories over the sequence: k, v, η, α for every token."""
@@ -131,11 +136,9 @@ class SelfModifyingMemory(nn.Module):
         dtype = torch.promote_types(torch.promote_types(x.dtype, self.projections[0].dtype), torch.float32)
         w1, w2 = (w.to(dtype).expand(x.shape[0], *w.shape) for w in self.projections)
         bias = torch.stack([self.gate_bias["eta"][h], self.gate_bias["alpha"][h]]).to(dtype)
-        max_step = config.dgd_max_step if config.proj_dgd_max_step is None else config.proj_dgd_max_step
         with torch.autocast(x.device.type, enabled=False):
             out = cpu_fused_projection_loop(
-                x.to(dtype), w1, w2, bias, chunk_size=config.proj_chunk_size,
-                eta_scale=max_step / config.proj_chunk_size,
+                x.to(dtype), w1, w2, bias, chunk_size=config.proj_chunk_size, eta_scale=self._eta_scale(heads=False)
             )
         return dict(zip(PROJECTIONS, out.to(x.dtype).unbind(1)))
 

@@ -160,6 +160,69 @@ void solve_backward(int L, int cols, const T* s, const T* r, T* dr, T* ds) {
   gemm<T>(false, true, L, L, cols, T(-1), dr, cols, r, cols, T(0), ds, L);
 }
 
+// The strictly lower part of a UT system, S[t, i] = η_t PR[t, i] G[t, i] for i < t, zero elsewhere
+// (the unit diagonal is implied by the solver).
+template <typename T>
+void build_system(int L, const T* eta, const T* pr, const T* gram, T* s) {
+  for (int t = 0; t < L; ++t)
+    for (int i = 0; i < L; ++i) s[t * L + i] = i < t ? eta[t] * pr[t * L + i] * gram[t * L + i] : T(0);
+}
+
+// y_t = ρ_t x_t for rows t of width cols (the update vectors' share left at the chunk end).
+template <typename T>
+void scale_rows(int L, int cols, const T* rho, const T* x, T* y) {
+  for (int t = 0; t < L; ++t)
+    for (int j = 0; j < cols; ++j) y[t * cols + j] = rho[t] * x[t * cols + j];
+}
+
+// Backward of scale_rows: dx = ρ ⊙ dy (written), dρ_t += Σ_j x_tj dy_tj.
+template <typename T>
+void scale_rows_backward(int L, int cols, const T* rho, const T* x, const T* dy, T* dx, T* drho) {
+  for (int t = 0; t < L; ++t) {
+    T acc = 0;
+    for (int j = 0; j < cols; ++j) {
+      dx[t * cols + j] = rho[t] * dy[t * cols + j];
+      acc += x[t * cols + j] * dy[t * cols + j];
+    }
+    drho[t] += acc;
+  }
+}
+
+// The W2 layer's right-hand side rhs = -η_t silu'(pre) ⊙ m - (ηγ_prev)_t pre (rows of width cols).
+template <typename T>
+void w2_rhs(int L, int cols, const T* pre, const T* s_pre, const T* m, const T* eta, const T* gpe, T* rhs) {
+  for (int t = 0; t < L; ++t)
+    for (int j = 0; j < cols; ++j) {
+      const int i = t * cols + j;
+      rhs[i] = -eta[t] * silu_d1(pre[i], s_pre[i]) * m[i] - gpe[t] * pre[i];
+    }
+}
+
+// The W1 layer's right-hand side rhs = -η_t d1 - (ηγ_prev)_t hw1 (rows of width cols).
+template <typename T>
+void w1_rhs(int L, int cols, const T* d1, const T* hw1, const T* eta, const T* gpe, T* rhs) {
+  for (int t = 0; t < L; ++t)
+    for (int j = 0; j < cols; ++j) rhs[t * cols + j] = -eta[t] * d1[t * cols + j] - gpe[t] * hw1[t * cols + j];
+}
+
+// Backward of w1_rhs: writes dd1 and dhw1, adds to deta and dgpe.
+template <typename T>
+void w1_rhs_backward(int L, int cols, const T* drhs, const T* d1, const T* hw1, const T* eta, const T* gpe,
+                     T* deta, T* dgpe, T* dd1, T* dhw1) {
+  for (int t = 0; t < L; ++t) {
+    T de = 0, dg = 0;
+    for (int j = 0; j < cols; ++j) {
+      const int i = t * cols + j;
+      de -= d1[i] * drhs[i];
+      dg -= hw1[i] * drhs[i];
+      dd1[i] = -eta[t] * drhs[i];
+      dhw1[i] = -gpe[t] * drhs[i];
+    }
+    deta[t] += de;
+    dgpe[t] += dg;
+  }
+}
+
 // Backward of the W2 layer's right-hand side rhs = -η_t silu'(pre) ⊙ m - (ηγ_prev)_t pre
 // (rows t of width cols): from drhs, adds to deta and dgpe, writes dm and dpre (the latter
 // including the silu'' term of silu'(pre)).

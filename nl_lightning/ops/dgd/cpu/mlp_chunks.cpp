@@ -64,8 +64,7 @@ struct ChunkWork {
     }
     const T* pr = decays.pr.data();
     gemm<T>(false, true, L, L, D, T(1), in.k, D, in.k, D, T(0), gram_k.data(), L);
-    for (int t = 0; t < L; ++t)
-      for (int i = 0; i < L; ++i) ks[t * L + i] = i < t ? in.eta[t] * pr[t * L + i] * gram_k[t * L + i] : T(0);
+    build_system(L, in.eta, pr, gram_k.data(), ks.data());
     gemm<T>(false, true, L, L, D, T(1), in.q, D, in.k, D, T(0), qk.data(), L);
     for (int i = 0; i < L * L; ++i) kr[i] = decays.ra[i] * qk[i];
     gemm<T>(false, true, L, Dh, D, T(1), in.k, D, w2, D, T(0), pre.data(), Dh);
@@ -77,12 +76,7 @@ struct ChunkWork {
     for (int i = 0; i < LD; ++i) d1[i] = T(2) * (in.k[i] + hw1[i] - in.v[i] - d1[i]);
     gemm<T>(false, false, L, Dh, D, T(1), d1.data(), D, w1, Dh, T(0), m.data(), Dh);
     // Layer W2 (inputs k).
-    for (int t = 0; t < L; ++t) {
-      for (int j = 0; j < Dh; ++j) {
-        const int i = t * Dh + j;
-        r2[i] = -in.eta[t] * silu_d1(pre[i], s_pre[i]) * m[i] - gamma_prev_eta[t] * pre[i];
-      }
-    }
+    w2_rhs(L, Dh, pre.data(), s_pre.data(), m.data(), in.eta, gamma_prev_eta.data(), r2.data());
     solve_lower_unit(L, Dh, ks.data(), r2.data());
     gemm<T>(false, true, L, Dh, D, T(1), in.q, D, w2, D, T(0), zq.data(), Dh);
     for (int t = 0; t < L; ++t)
@@ -91,20 +85,15 @@ struct ChunkWork {
     silu(LDh, z.data(), s_z.data(), hq.data());
     // Layer W1 (inputs hid).
     gemm<T>(false, true, L, L, Dh, T(1), hid.data(), Dh, hid.data(), Dh, T(0), gram.data(), L);
-    for (int t = 0; t < L; ++t)
-      for (int i = 0; i < L; ++i)
-        s1[t * L + i] = i < t ? in.eta[t] * pr[t * L + i] * gram[t * L + i] : T(0);
-    for (int t = 0; t < L; ++t)
-      for (int j = 0; j < D; ++j) r1[t * D + j] = -in.eta[t] * d1[t * D + j] - gamma_prev_eta[t] * hw1[t * D + j];
+    build_system(L, in.eta, pr, gram.data(), s1.data());
+    w1_rhs(L, D, d1.data(), hw1.data(), in.eta, gamma_prev_eta.data(), r1.data());
     solve_lower_unit(L, D, s1.data(), r1.data());
     gemm<T>(false, true, L, L, Dh, T(1), hq.data(), Dh, hid.data(), Dh, T(0), p.data(), L);
     for (int i = 0; i < L * L; ++i) rd[i] = decays.ra[i] * p[i];
     gemm<T>(false, true, L, D, Dh, T(1), hq.data(), Dh, w1, Dh, T(0), oq.data(), D);
     const T* last = decays.ra.data() + static_cast<int64_t>(L - 1) * L;  // ρ_i = γ_L / γ_i
-    for (int t = 0; t < L; ++t) {
-      for (int j = 0; j < Dh; ++j) lr2[t * Dh + j] = last[t] * r2[t * Dh + j];
-      for (int j = 0; j < D; ++j) lr1[t * D + j] = last[t] * r1[t * D + j];
-    }
+    scale_rows(L, Dh, last, r2.data(), lr2.data());
+    scale_rows(L, D, last, r1.data(), lr1.data());
     if (out != nullptr) {
       for (int t = 0; t < L; ++t)
         for (int j = 0; j < D; ++j) out[t * D + j] = in.q[t * D + j] + gamma[t] * oq[t * D + j];
@@ -161,14 +150,8 @@ struct ChunkBackward {
     // W1' = γ_L W1 + lr1ᵀ hid, lr1 = ρ r1.
     gemm<T>(false, true, L, D, Dh, T(1), w.hid.data(), Dh, dw1, Dh, T(0), dlr1.data(), D);
     gemm<T>(false, false, L, Dh, D, T(1), w.lr1.data(), D, dw1, Dh, T(0), dhid.data(), Dh);
-    for (int t = 0; t < L; ++t) {
-      T acc = 0;
-      for (int j = 0; j < D; ++j) {
-        dr1[t * D + j] = last[t] * dlr1[t * D + j];
-        acc += w.r1[t * D + j] * dlr1[t * D + j];
-      }
-      dlast[t] = acc;
-    }
+    std::fill(dlast.begin(), dlast.end(), T(0));
+    scale_rows_backward(L, D, last, w.r1.data(), dlr1.data(), dr1.data(), dlast.data());
     // out = q + γ oq + rd r1, oq = hq W1ᵀ, rd = RA ⊙ (hq hidᵀ).
     for (int t = 0; t < L; ++t) {
       T acc = 0;
@@ -192,18 +175,8 @@ struct ChunkBackward {
     gemm<T>(true, false, L, Dh, L, T(1), dp.data(), L, w.hq.data(), Dh, T(1), dhid.data(), Dh);
     // r1 = S1⁻¹ rhs1, rhs1 = -η d1 - ηγ_prev hw1; dr1 becomes d(rhs1).
     solve_backward(L, D, w.s1.data(), w.r1.data(), dr1.data(), ds.data());
-    for (int t = 0; t < L; ++t) {
-      T de = 0, dgp = 0;
-      for (int j = 0; j < D; ++j) {
-        const int i = t * D + j;
-        de -= w.d1[i] * dr1[i];
-        dgp -= w.hw1[i] * dr1[i];
-        dd1[i] = -in.eta[t] * dr1[i];
-        dhw1[i] = -w.gamma_prev_eta[t] * dr1[i];
-      }
-      g.eta[t] += de;
-      dgpe[t] += dgp;
-    }
+    w1_rhs_backward(L, D, dr1.data(), w.d1.data(), w.hw1.data(), in.eta, w.gamma_prev_eta.data(), g.eta, dgpe.data(),
+                    dd1.data(), dhw1.data());
     // S1 = I + η_t PR ⊙ gram (strictly lower): ds becomes d(gram), gram = hid hidᵀ.
     std::fill(dpr.begin(), dpr.end(), T(0));
     system_backward(L, in.eta, pr, w.gram.data(), ds.data(), g.eta, dpr.data());
@@ -213,14 +186,7 @@ struct ChunkBackward {
     // W2' = γ_L W2 + lr2ᵀ k, lr2 = ρ r2.
     gemm<T>(false, true, L, Dh, D, T(1), in.k, D, dw2, D, T(0), dlr2.data(), Dh);
     gemm<T>(false, false, L, D, Dh, T(1), w.lr2.data(), Dh, dw2, D, T(0), g.k, D);
-    for (int t = 0; t < L; ++t) {
-      T acc = 0;
-      for (int j = 0; j < Dh; ++j) {
-        dr2[t * Dh + j] = last[t] * dlr2[t * Dh + j];
-        acc += w.r2[t * Dh + j] * dlr2[t * Dh + j];
-      }
-      dlast[t] += acc;
-    }
+    scale_rows_backward(L, Dh, last, w.r2.data(), dlr2.data(), dr2.data(), dlast.data());
     // z = γ zq + KR r2, zq = q W2ᵀ.
     for (int t = 0; t < L; ++t) {
       T acc = 0;

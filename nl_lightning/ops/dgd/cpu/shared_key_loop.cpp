@@ -113,12 +113,6 @@ struct ProjectionWork {
     gamma_end = std::exp(decays.lg[L - 1]);
   }
 
-  // strictly lower I + η_t PR ⊙ gram (the unit diagonal is implied by the solver).
-  void system(const T* g, T* s) const {
-    for (int t = 0; t < L; ++t)
-      for (int i = 0; i < L; ++i) s[t * L + i] = i < t ? eta[t] * decays.pr[t * L + i] * g[t * L + i] : T(0);
-  }
-
   // One chunk's update from state (w1, w2) with value v; writes the end state when given.
   // With `loaded`, the GEMM outputs ``save`` keeps are already in place.
   void update(const T* v, const T* w1, const T* w2, T* w1_end, T* w2_end, bool loaded = false) {
@@ -127,7 +121,7 @@ struct ProjectionWork {
       gemm<T>(false, true, L, MDh, D, T(1), key.data(), D, w2, D, T(0), pre.data(), MDh);
       gemm<T>(false, true, L, MDh, D, T(1), v, D, w2, D, T(0), a.data(), MDh);
     }
-    system(gram_k.data(), ks.data());
+    build_system(L, eta.data(), decays.pr.data(), gram_k.data(), ks.data());
     silu(L * MDh, pre.data(), s_pre.data(), hid.data());
     silu(L * MDh, a.data(), s_a.data(), sa.data());
     for (int mem = 0; mem < kMemories; ++mem) {
@@ -140,15 +134,10 @@ struct ProjectionWork {
       if (!loaded) gemm<T>(false, false, L, Dh, D, T(1), d1m, D, w1m, Dh, T(0), m.data() + mem * Dh, MDh);
     }
     // W2 (all memories stacked; inputs key).
-    for (int t = 0; t < L; ++t)
-      for (int j = 0; j < MDh; ++j) {
-        const int i = t * MDh + j;
-        r2[i] = -eta[t] * silu_d1(pre[i], s_pre[i]) * m[i] - gpe[t] * pre[i];
-      }
+    w2_rhs(L, MDh, pre.data(), s_pre.data(), m.data(), eta.data(), gpe.data(), r2.data());
     solve_lower_unit(L, MDh, ks.data(), r2.data());
     const T* rho = decays.ra.data() + (L - 1) * L;  // ρ_i = γ_L / γ_i
-    for (int t = 0; t < L; ++t)
-      for (int j = 0; j < MDh; ++j) lr2[t * MDh + j] = rho[t] * r2[t * MDh + j];
+    scale_rows(L, MDh, rho, r2.data(), lr2.data());
     // W1 per memory (inputs hid_m).
     for (int mem = 0; mem < kMemories; ++mem) {
       T* g = gram.data() + mem * L * L;
@@ -157,13 +146,11 @@ struct ProjectionWork {
       const T* d1m = d1.data() + mem * L * D;
       const T* hw1m = hw1.data() + mem * L * D;
       gemm<T>(false, true, L, L, Dh, T(1), hid.data() + mem * Dh, MDh, hid.data() + mem * Dh, MDh, T(0), g, L);
-      system(g, s);
-      for (int t = 0; t < L; ++t)
-        for (int j = 0; j < D; ++j) r[t * D + j] = -eta[t] * d1m[t * D + j] - gpe[t] * hw1m[t * D + j];
+      build_system(L, eta.data(), decays.pr.data(), g, s);
+      w1_rhs(L, D, d1m, hw1m, eta.data(), gpe.data(), r);
       solve_lower_unit(L, D, s, r);
       T* lr = lr1.data() + mem * L * D;
-      for (int t = 0; t < L; ++t)
-        for (int j = 0; j < D; ++j) lr[t * D + j] = rho[t] * r[t * D + j];
+      scale_rows(L, D, rho, r, lr);
     }
     if (w1_end == nullptr) return;
     for (int i = 0; i < kMemories * D * Dh; ++i) w1_end[i] = gamma_end * w1[i];
@@ -214,11 +201,7 @@ struct ProjectionBackward {
     // W2' = γ_L W2 + lr2ᵀ key.
     gemm<T>(false, true, L, MDh, D, T(1), w.key.data(), D, dw2, D, T(0), dlr2.data(), MDh);
     gemm<T>(false, false, L, D, MDh, T(1), w.lr2.data(), MDh, dw2, D, T(0), dkey.data(), D);
-    for (int t = 0; t < L; ++t)
-      for (int j = 0; j < MDh; ++j) {
-        dr2[t * MDh + j] = rho[t] * dlr2[t * MDh + j];
-        drho[t] += w.r2[t * MDh + j] * dlr2[t * MDh + j];
-      }
+    scale_rows_backward(L, MDh, rho, w.r2.data(), dlr2.data(), dr2.data(), drho.data());
     // W1_m' = γ_L W1_m + lr1_mᵀ hid_m, r1_m = S1_m⁻¹ rhs1_m.
     for (int mem = 0; mem < kMemories; ++mem) {
       const T* dw1m = dw1 + mem * D * Dh;
@@ -228,28 +211,13 @@ struct ProjectionBackward {
       const T* r = w.r1.data() + mem * L * D;
       gemm<T>(false, true, L, D, Dh, T(1), hidm, MDh, dw1m, Dh, T(0), dlr, D);
       gemm<T>(false, false, L, Dh, D, T(1), w.lr1.data() + mem * L * D, D, dw1m, Dh, T(1), dhid.data() + mem * Dh, MDh);
-      for (int t = 0; t < L; ++t)
-        for (int j = 0; j < D; ++j) {
-          dr[t * D + j] = rho[t] * dlr[t * D + j];
-          drho[t] += r[t * D + j] * dlr[t * D + j];
-        }
+      scale_rows_backward(L, D, rho, r, dlr, dr, drho.data());
       solve_backward(L, D, w.s1.data() + mem * L * L, r, dr, ds.data());  // dr = d(rhs1_m)
       const T* d1m = w.d1.data() + mem * L * D;
       const T* hw1m = w.hw1.data() + mem * L * D;
       T* dd1m = dd1.data() + mem * L * D;
       T* dhw1m = dhw1.data() + mem * L * D;
-      for (int t = 0; t < L; ++t) {
-        T de = 0, dg = 0;
-        for (int j = 0; j < D; ++j) {
-          const int i = t * D + j;
-          de -= d1m[i] * dr[i];
-          dg -= hw1m[i] * dr[i];
-          dd1m[i] = -w.eta[t] * dr[i];
-          dhw1m[i] = -w.gpe[t] * dr[i];
-        }
-        deta[t] += de;
-        dgpe[t] += dg;
-      }
+      w1_rhs_backward(L, D, dr, d1m, hw1m, w.eta.data(), w.gpe.data(), deta.data(), dgpe.data(), dd1m, dhw1m);
       system_backward(w, w.gram.data() + mem * L * L, hidm, MDh, Dh, dhid.data() + mem * Dh, MDh);
     }
     // r2 = KS⁻¹ rhs2, rhs2 = -η silu'(pre) m - ηγ_prev pre.
