@@ -24,7 +24,8 @@ from nl_lightning.models.layers import RMSNorm
 from nl_lightning.models.titans import CausalDepthwiseConv, gate_bias, merge_heads, split_heads
 from nl_lightning.models.transformer import LanguageModelBackbone
 from nl_lightning.ops.dgd import dgd_memory, dgd_shared_key_update
-from nl_lightning.ops.dgd.cpu_fused import cpu_fused_projection_loop, use_fused_kernel
+from nl_lightning.ops.cpu_extension import use_fused_kernel
+from nl_lightning.ops.dgd.cpu_fused import cpu_fused_projection_loop
 
 PROJECTIONS = ("k", "v", "eta", "alpha")
 
@@ -123,7 +124,7 @@ class SelfModifyingMemory(nn.Module):
         return dict(zip(PROJECTIONS, torch.cat(outputs, dim=2).unbind(1)))
 
     def _fused_projections(self, x: torch.Tensor) -> bool:
-        """Whether ``project`` runs as one C++ kernel (``ops/dgd/cpu/shared_key_loop.cpp``): for
+        """Whether ``project`` runs as one C++ kernel (``ops/cpu/dgd_shared_key_loop.cpp``): for
         memory_impl "cpu_fused", and for "auto" where ``use_fused_kernel`` says so (CPU, kernel built)."""
         impl = self.config.memory_impl
         return impl == "cpu_fused" or (impl == "auto" and use_fused_kernel(x))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import ON_DEVICES
 
 import nl_lightning.ops.dgd as dgd_ops
+from nl_lightning.ops import cpu_extension
 from nl_lightning.ops.dgd import cpu_fused, dgd_memory, dgd_shared_key_update
 
 B, H, T, D, DH = 2, 2, 10, 4, 6
@@ -165,9 +166,9 @@ def test_auto_falls_back_to_chunk_with_one_warning_when_the_kernel_cannot_build(
     def no_compiler():
         raise RuntimeError("could not build the fused CPU DGD kernel (mlp_chunks.cpp): no compiler.")
 
-    monkeypatch.setattr(cpu_fused, "_extension", None)
-    monkeypatch.setattr(cpu_fused, "_unavailable", None)
-    monkeypatch.setattr(cpu_fused, "load_extension", no_compiler)
+    monkeypatch.setattr(cpu_extension, "_extension", None)
+    monkeypatch.setattr(cpu_extension, "_unavailable", None)
+    monkeypatch.setattr(cpu_extension, "load_extension", no_compiler)
     calls = _count_calls(monkeypatch)
     seq, weights = make_inputs("mlp")
     with pytest.warns(RuntimeWarning, match="no compiler.*falls back to 'chunk'"):
@@ -417,7 +418,7 @@ def test_fused_kernel_build_name_depends_on_the_cpu_features(monkeypatch):
     # -march=native binaries must not be shared between machines with different instruction sets.
     tags = []
     for flags in ("fpu sse2 avx2 fma", "fpu sse2 avx2 fma avx512f"):
-        monkeypatch.setattr(cpu_fused.Path, "read_text", lambda self, flags=flags: f"model name : X\nflags : {flags}\n")
-        tags.append(cpu_fused._cpu_tag())
+        monkeypatch.setattr(cpu_extension.Path, "read_text", lambda self, flags=flags: f"model name : X\nflags : {flags}\n")
+        tags.append(cpu_extension._cpu_tag())
     assert tags[0] != tags[1]
     assert all(len(tag) == 10 and int(tag, 16) >= 0 for tag in tags)

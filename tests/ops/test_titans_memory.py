@@ -1,4 +1,5 @@
-"""Titans memory (SPEC §2): chunk, compiled and Triton kernels against the token-by-token reference."""
+"""Titans memory (SPEC §2): chunk, compiled, fused CPU and Triton kernels against the token-by-token
+reference."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import torch.nn.functional as F
 
 from conftest import ON_DEVICES
 
+from nl_lightning.ops import cpu_extension
 from nl_lightning.ops.titans import (
     MemoryState,
     chunk_titans_memory,
     compiled_titans_memory,
+    cpu_fused_titans_memory,
     naive_titans_memory,
     titans_memory,
 )
@@ -29,6 +32,11 @@ B, H, T, D, DH = 2, 2, 11, 4, 6
 F64 = dict(atol=1e-10, rtol=1e-10)
 CHUNKS = pytest.mark.parametrize("chunk_size", [1, 4, T], ids=["online", "C4-not-dividing-T", "C=T"])
 KINDS = pytest.mark.parametrize("kind", ["linear", "mlp"])
+# Every implementation that runs on the CPU without Triton, with the memory kinds it supports.
+KIND_IMPLS = pytest.mark.parametrize(
+    ("kind", "impl"),
+    [("linear", "naive"), ("linear", "chunk"), ("mlp", "naive"), ("mlp", "chunk"), ("mlp", "cpu_fused")],
+)
 GATES = ("theta", "eta", "alpha")
 
 
@@ -219,6 +227,154 @@ def test_compiled_matches_chunk_float32(kind, device):
     assert_same_run(actual, expected, atol=1e-5, rtol=1e-4)
 
 
+# --- the fused CPU kernel (ops/cpu/titans_chunks.cpp), MLP memory ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "chunk_size", [1, 4, 3, T, 16], ids=["online", "C4-not-dividing-T", "C3-not-dividing-T", "C=T", "C>T"]
+)
+def test_cpu_fused_matches_naive_forward_and_grads_float64(chunk_size):
+    seq, weights = make_inputs("mlp")  # hidden width 6 != head size 4
+    expected = run_with_grads(naive_titans_memory, seq, weights, kind="mlp", chunk_size=chunk_size)
+    actual = run_with_grads(cpu_fused_titans_memory, seq, weights, kind="mlp", chunk_size=chunk_size)
+    assert_same_run(actual, expected, **F64)
+
+
+def test_cpu_fused_matches_chunk_float32_at_layer_size():
+    # The Titans-tiny layer's head size (48) and chunk (64), a partial last chunk, the layer's gate
+    # ranges (small θ, strong momentum); float32 against the float64 ATen chunk kernel.
+    gen = torch.Generator().manual_seed(3)
+    Bl, Hl, Tl, Dl = 2, 2, 150, 48
+    seq = {
+        "q": F.normalize(torch.randn(Bl, Hl, Tl, Dl, generator=gen, dtype=torch.float64), dim=-1),
+        "k": F.normalize(torch.randn(Bl, Hl, Tl, Dl, generator=gen, dtype=torch.float64), dim=-1),
+        "v": torch.randn(Bl, Hl, Tl, Dl, generator=gen, dtype=torch.float64),
+        "theta": 0.01 * torch.rand(Bl, Hl, Tl, generator=gen, dtype=torch.float64),
+        "eta": 0.8 + 0.19 * torch.rand(Bl, Hl, Tl, generator=gen, dtype=torch.float64),
+        "alpha": 0.02 * torch.rand(Bl, Hl, Tl, generator=gen, dtype=torch.float64),
+    }
+    weights = (
+        0.02 * torch.randn(Hl, Dl, Dl, generator=gen, dtype=torch.float64),
+        torch.randn(Hl, Dl, Dl, generator=gen, dtype=torch.float64) / Dl**0.5,
+    )
+
+    def leaves(dtype):
+        return (
+            {n: x.to(dtype).requires_grad_() for n, x in seq.items()},
+            tuple(w.to(dtype).requires_grad_() for w in weights),
+        )
+
+    expected = run_with_grads(chunk_titans_memory, *leaves(torch.float64), kind="mlp", chunk_size=64)
+    actual = run_with_grads(cpu_fused_titans_memory, *leaves(torch.float32), kind="mlp", chunk_size=64)
+    for a, e in zip((*actual[0], *actual[1]), (*expected[0], *expected[1])):
+        scale = e.abs().max().item()
+        assert (a.double() - e).abs().max().item() <= 1e-4 * max(scale, 1e-3)
+
+
+def test_cpu_fused_backward_matches_finite_differences():
+    seq, weights = make_inputs("mlp", batch=1, length=7)
+    names = list(seq)
+
+    def fn(*xs):
+        y, state = cpu_fused_titans_memory(
+            **dict(zip(names, xs[:6])), weights=xs[6:], kind="mlp", chunk_size=3
+        )
+        return (y, *state.weights, *state.momentum)
+
+    assert torch.autograd.gradcheck(fn, (*seq.values(), *weights))
+
+
+def test_cpu_fused_gradients_when_only_the_read_outs_are_used():
+    # The end state gets no gradient (None into the backward); the read-outs' gradients still match.
+    seq, weights = make_inputs("mlp")
+    grads = {}
+    for impl in ("chunk", "cpu_fused"):
+        y, _ = titans_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl=impl)
+        grads[impl] = torch.autograd.grad((y * y).sum(), [*seq.values(), *weights])
+    for a, e in zip(grads["cpu_fused"], grads["chunk"]):
+        torch.testing.assert_close(a, e, **F64)
+
+
+def test_cpu_fused_saturated_gates_match_naive_in_float32():
+    seq, weights = make_inputs("mlp", length=70, dtype=torch.float32)
+    with torch.no_grad():
+        seq["eta"][:, :, ::3] = 0.0
+        seq["eta"][:, :, 1::5] = 1.0
+        seq["alpha"][:, :, ::7] = 1.0
+        seq["alpha"][:, :, 2::4] = 0.0
+        seq["theta"][:, :, ::11] = 0.0
+    expected = run_with_grads(naive_titans_memory, seq, weights, kind="mlp", chunk_size=64)
+    outputs, grads = run_with_grads(cpu_fused_titans_memory, seq, weights, kind="mlp", chunk_size=64)
+    assert all(torch.isfinite(x).all() for x in (*outputs, *grads))
+    assert_same_run((outputs, grads), expected, atol=1e-4, rtol=1e-3)
+
+
+def test_cpu_fused_computes_half_precision_inputs_in_float32():
+    seq, weights = make_inputs("mlp", dtype=torch.float32)
+    half = {n: x.detach().bfloat16().requires_grad_() for n, x in seq.items()}
+    half_weights = tuple(w.detach().bfloat16().requires_grad_() for w in weights)
+    y, state = cpu_fused_titans_memory(**half, weights=half_weights, kind="mlp", chunk_size=4)
+    assert y.dtype == torch.bfloat16 and all(w.dtype == torch.bfloat16 for w in state.weights)
+    y32, _ = cpu_fused_titans_memory(
+        **{n: x.detach().bfloat16().float() for n, x in seq.items()},
+        weights=tuple(w.detach().bfloat16().float() for w in weights), kind="mlp", chunk_size=4,
+    )
+    torch.testing.assert_close(y.float(), y32, atol=2e-2, rtol=2e-2)
+    y.float().sum().backward()
+    assert all(x.grad is not None and x.grad.dtype == torch.bfloat16 for x in (*half.values(), *half_weights))
+
+
+def test_cpu_fused_refuses_the_linear_kind_naming_the_fix():
+    seq, weights = make_inputs("linear")
+    with pytest.raises(ValueError, match="kind='mlp' only.*impl='chunk'"):
+        titans_memory(**seq, weights=weights, kind="linear", chunk_size=4, impl="cpu_fused")
+
+
+def _count_impls(monkeypatch):
+    from nl_lightning.ops import titans
+
+    calls = {"cpu_fused": 0, "chunk": 0}
+    for impl, name in (("cpu_fused", "cpu_fused_titans_memory"), ("chunk", "chunk_titans_memory")):
+        def counted(*args, _original=getattr(titans, name), _impl=impl, **kwargs):
+            calls[_impl] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(titans, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize(("kind", "expected"), [("mlp", "cpu_fused"), ("linear", "chunk")])
+def test_auto_uses_the_fused_kernel_for_the_mlp_memory_on_cpu(monkeypatch, kind, expected):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls = _count_impls(monkeypatch)
+    seq, weights = make_inputs(kind)
+    titans_memory(**seq, weights=weights, kind=kind, chunk_size=4, impl="auto")
+    assert calls == {"cpu_fused": int(expected == "cpu_fused"), "chunk": int(expected == "chunk")}
+    with FlopCounterMode(display=False):  # a dispatch mode must see the ATen ops
+        titans_memory(**seq, weights=weights, kind=kind, chunk_size=4, impl="auto")
+    assert calls["chunk"] == 1 + int(expected == "chunk")
+
+
+def test_auto_falls_back_to_chunk_with_one_warning_when_the_kernels_cannot_build(monkeypatch):
+    import warnings
+
+    def no_compiler():
+        raise RuntimeError("could not build the fused CPU memory kernels: no compiler.")
+
+    monkeypatch.setattr(cpu_extension, "_extension", None)
+    monkeypatch.setattr(cpu_extension, "_unavailable", None)
+    monkeypatch.setattr(cpu_extension, "load_extension", no_compiler)
+    calls = _count_impls(monkeypatch)
+    seq, weights = make_inputs("mlp")
+    with pytest.warns(RuntimeWarning, match="no compiler.*falls back to 'chunk'"):
+        titans_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        titans_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl="auto")
+    assert calls == {"cpu_fused": 0, "chunk": 2}
+
+
 @CHUNKS
 def test_triton_linear_matches_chunk_forward_and_grads(triton_linear, chunk_size):
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -307,21 +463,20 @@ def test_triton_kernels_compile_for_cuda_within_a100_shared_memory():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@KINDS
-def test_batch_elements_do_not_share_state(kind):
+@KIND_IMPLS
+def test_batch_elements_do_not_share_state(kind, impl):
     seq, weights = make_inputs(kind)
-    y, _ = chunk_titans_memory(**seq, weights=weights, kind=kind, chunk_size=4)
+    y, _ = titans_memory(**seq, weights=weights, kind=kind, chunk_size=4, impl=impl)
     changed = {n: x.detach().clone() for n, x in seq.items()}
     changed["k"][1] = F.normalize(torch.randn_like(changed["k"][1]), dim=-1)
     changed["v"][1] += 1.0
     changed["theta"][1] = 0.5
-    y_changed, _ = chunk_titans_memory(**changed, weights=weights, kind=kind, chunk_size=4)
+    y_changed, _ = titans_memory(**changed, weights=weights, kind=kind, chunk_size=4, impl=impl)
     torch.testing.assert_close(y_changed[0], y[0], atol=0, rtol=0)
     assert not torch.allclose(y_changed[1], y[1])
 
 
-@KINDS
-@pytest.mark.parametrize("impl", ["naive", "chunk"])
+@KIND_IMPLS
 def test_read_out_is_causal(kind, impl):
     seq, weights = make_inputs(kind)
     t = 5  # inside the second chunk of 4, so a later token of the same chunk is perturbed
@@ -334,8 +489,7 @@ def test_read_out_is_causal(kind, impl):
     assert not torch.allclose(y_changed[:, :, t + 1 :], y[:, :, t + 1 :])
 
 
-@KINDS
-@pytest.mark.parametrize("impl", ["naive", "chunk"])
+@KIND_IMPLS
 def test_sequence_shorter_than_chunk_updates_memory(kind, impl):
     seq, weights = make_inputs(kind, length=3)
     _, state = titans_memory(**seq, weights=weights, kind=kind, chunk_size=64, impl=impl)
@@ -344,8 +498,7 @@ def test_sequence_shorter_than_chunk_updates_memory(kind, impl):
     assert all(s.abs().max() > 0 for s in state.momentum)
 
 
-@KINDS
-@pytest.mark.parametrize("impl", ["naive", "chunk"])
+@KIND_IMPLS
 def test_two_calls_with_state_passing_equal_one_call(kind, impl):
     seq, weights = make_inputs(kind, length=12)
     run = dict(weights=weights, kind=kind, chunk_size=4, impl=impl)

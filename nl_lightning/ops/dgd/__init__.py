@@ -21,7 +21,8 @@ import torch
 from nl_lightning.ops.autocast import float32_under_autocast
 from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
 from nl_lightning.ops.dgd.common import KINDS
-from nl_lightning.ops.dgd.cpu_fused import cpu_fused_dgd_memory, use_fused_kernel
+from nl_lightning.ops.cpu_extension import use_fused_kernel
+from nl_lightning.ops.dgd.cpu_fused import cpu_fused_dgd_memory
 from nl_lightning.ops.dgd.fused import compiled_dgd_memory
 from nl_lightning.ops.dgd.naive import naive_dgd_memory
 from nl_lightning.ops.dgd.shared_key import shared_key_mlp_update
@@ -68,7 +69,7 @@ def dgd_memory(
             (``torch.compile``d chunk steps), ``"cpu_fused"`` (the chunk loop as one C++ kernel,
             ``kind="mlp"`` on CPU; ``cpu_fused.py``) or ``"auto"``: ``"cpu_fused"`` where it applies
             and its extension builds, except while the ATen ops must be visible (``torch.compile``
-            tracing, a dispatch mode such as the FLOP counter; ``cpu_fused.use_fused_kernel``),
+            tracing, a dispatch mode such as the FLOP counter; ``cpu_extension.use_fused_kernel``),
             else ``"chunk"``.
 
     Returns:

@@ -1,114 +1,29 @@
 """Fused CPU kernels for HOPE's DGD memories: each chunk loop as one C++ kernel.
 
-``chunk.py`` runs each chunk as ~50 ATen ops over every (batch, head) pair at once; on a CPU each
-op streams its operands through memory and synchronises the thread pool, so a HOPE block spent
-most of its time between kernels (benchmarks/RESULTS.md, "Kernel bound"). The kernels in ``cpu/``
-give each thread whole items instead: an item's chunk loop runs start to end with its few small
-matrices in cache, through BLAS calls and plain loops, and the backward is written out by hand
-(recomputing each chunk from its saved chunk-start state; the projection loop also keeps its
-largest GEMM outputs).
+``chunk.py`` runs each chunk as ~50 ATen ops over every (batch, head) pair at once; the kernels
+in ``ops/cpu/`` run each item's whole loop on one thread (why: ``ops/cpu_extension.py``), with
+the backward written out by hand (recomputing each chunk from its saved chunk-start state; the
+projection loop also keeps its largest GEMM outputs).
 
-* ``cpu/mlp_chunks.cpp``: the DGD MLP memory, one (batch, head) item per thread; same semantics
-  as ``chunk_dgd_memory(kind="mlp")`` (``cpu_fused_dgd_memory``, ``dgd_memory(impl="cpu_fused")``).
-* ``cpu/shared_key_loop.cpp``: HOPE's self-modifying projection loop (reads, gates, key
+* ``cpu/dgd_mlp_chunks.cpp``: the DGD MLP memory, one (batch, head) item per thread; same
+  semantics as ``chunk_dgd_memory(kind="mlp")`` (``cpu_fused_dgd_memory``,
+  ``dgd_memory(impl="cpu_fused")``).
+* ``cpu/dgd_shared_key_loop.cpp``: HOPE's self-modifying projection loop (reads, gates, key
   normalisation and the four memories' shared-key update), one batch element per thread
   (``cpu_fused_projection_loop``; ``SelfModifyingMemory.project``).
-
-The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler
-and ninja are needed; about a minute, cached afterwards under ``TORCH_EXTENSIONS_DIR``). float32
-and float64 CPU tensors. ``memory_impl="auto"`` (the models' default) uses the kernels where
-``use_fused_kernel`` allows and the ATen kernels elsewhere.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
-from pathlib import Path
-
 import torch
 from torch.autograd.function import once_differentiable
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from nl_lightning.ops.cpu_extension import load_extension
 from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
-
-SOURCE_DIR = Path(__file__).with_name("cpu")
-SOURCES = [SOURCE_DIR / name for name in ("bindings.cpp", "mlp_chunks.cpp", "shared_key_loop.cpp")]
-# -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers (without it the items run on one
-# thread). -march=native: AVX2/FMA for the elementwise loops and substitutions, as inductor builds
-# its CPU kernels; the build's name carries a hash of the CPU's feature flags (``_cpu_tag``), so a
-# cache directory shared by different machines never hands one a binary built for another's
-# instructions. -fno-trapping-math lets GCC turn the exp's clamps into selects so that the
-# activation loops vectorise.
-CFLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-trapping-math"]
-_extension = None
-_unavailable: str | None = None
-
-
-def _cpu_tag() -> str:
-    """Short hash of this CPU's model and feature flags (Linux /proc/cpuinfo; else the platform)."""
-    import hashlib
-    import platform
-
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        signature = "\n".join(sorted({line for line in info if line.startswith(("flags", "model name"))}))
-    except OSError:
-        signature = ""
-    signature = signature or f"{platform.machine()} {platform.processor()}"
-    return hashlib.sha1(signature.encode()).hexdigest()[:10]
-
-
-def load_extension():
-    """Compile (first call on a machine) and import the C++ kernel."""
-    global _extension
-    if _extension is None:
-        from torch.utils.cpp_extension import load
-
-        # pip installs ninja next to the interpreter; a venv's python run by path has it off PATH.
-        bin_dir = str(Path(sys.executable).parent)
-        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-            os.environ["PATH"] = os.pathsep.join(filter(None, [os.environ.get("PATH"), bin_dir]))
-        try:
-            _extension = load(
-                name=f"nl_lightning_dgd_cpu_{_cpu_tag()}", sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS,
-                extra_ldflags=["-fopenmp"], verbose=False,
-            )
-        except Exception as error:  # compiler missing, headers missing, ...
-            raise RuntimeError(
-                f"could not build the fused CPU DGD kernels ({SOURCE_DIR}): {error}. They need a C++ compiler "
-                "and ninja; use memory_impl='chunk' (the ATen kernel, same results) where they are missing."
-            ) from error
-    return _extension
-
-
-def use_fused_kernel(x: torch.Tensor) -> bool:
-    """What memory_impl="auto" decides: the fused kernels for CPU tensors, unless something must see
-    the individual ATen ops (``torch.compile`` tracing, or a dispatch mode such as the FLOP counter
-    or fake tensors), and only where the extension builds."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    return fused_kernel_available()
-
-
-def fused_kernel_available() -> bool:
-    """Whether the kernel builds here; the first failure is reported once as a warning."""
-    global _unavailable
-    if _extension is not None:
-        return True
-    if _unavailable is None:
-        try:
-            load_extension()
-            return True
-        except RuntimeError as error:
-            _unavailable = str(error)
-            warnings.warn(f"{error} memory_impl='auto' falls back to 'chunk'.", RuntimeWarning, stacklevel=3)
-    return False
 
 
 class _MLPChunkLoop(torch.autograd.Function):
-    """All chunks of a DGD MLP memory for N = B·H items; see ``mlp_chunks.cpp`` for the layouts."""
+    """All chunks of a DGD MLP memory for N = B·H items; see ``ops/cpu/dgd_mlp_chunks.cpp`` for the layouts."""
 
     @staticmethod
     def forward(ctx, q, k, v, eta, alpha, w1, w2):
@@ -147,7 +62,7 @@ def cpu_fused_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: i
 
 
 class _ProjectionLoop(torch.autograd.Function):
-    """HOPE's projection loop for B batch elements; see ``shared_key_loop.cpp`` for the layouts."""
+    """HOPE's projection loop for B batch elements; see ``ops/cpu/dgd_shared_key_loop.cpp`` for the layouts."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, gate_bias, chunk, eta_scale):

@@ -3,10 +3,12 @@
 Implementations, all with one contract and the chunked semantics of ``naive.py``:
 
 * ``naive``    - token-by-token reference (``naive_titans_memory``);
-* ``chunk``    - chunk-parallel PyTorch (``chunk_titans_memory``), the default;
+* ``chunk``    - chunk-parallel PyTorch (``chunk_titans_memory``);
+* ``cpu_fused`` - the chunk loop as one C++ kernel, MLP memory on CPU (``cpu_fused_titans_memory``);
 * ``compiled`` - the chunk step through ``torch.compile`` (``compiled_titans_memory``);
 * ``triton``   - Triton kernels, linear memory only (``triton_linear_titans_memory``; needs
-  CUDA, or ``TRITON_INTERPRET=1`` on CPU). Imported lazily so the package works without Triton.
+  CUDA, or ``TRITON_INTERPRET=1`` on CPU). Imported lazily so the package works without Triton;
+* ``auto``     - ``cpu_fused`` where it applies (``cpu_extension.use_fused_kernel``), else ``chunk``.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ from __future__ import annotations
 from torch import Tensor
 
 from nl_lightning.ops.autocast import float32_under_autocast
+from nl_lightning.ops.cpu_extension import use_fused_kernel
 
 from .chunk import chunk_titans_memory
 from .common import KINDS, MemoryState, Weights
+from .cpu_fused import cpu_fused_titans_memory
 from .fused import compiled_titans_memory
 from .naive import naive_titans_memory
 
-IMPLS = ("chunk", "naive", "compiled", "triton", "auto")
+IMPLS = ("chunk", "naive", "compiled", "cpu_fused", "triton", "auto")
 
 __all__ = [
     "IMPLS",
@@ -28,6 +32,7 @@ __all__ = [
     "MemoryState",
     "chunk_titans_memory",
     "compiled_titans_memory",
+    "cpu_fused_titans_memory",
     "naive_titans_memory",
     "titans_memory",
     "triton_linear_titans_memory",
@@ -70,16 +75,23 @@ def titans_memory(
         state: per-batch state from a previous call; the memory continues from it instead of
             from ``weights``. Splitting a sequence on a chunk boundary gives the same result as
             one call.
-        impl: ``"chunk"`` (default), ``"naive"``, ``"compiled"`` or ``"triton"``; ``"auto"`` (the
-            models' default) is ``"chunk"``, the fastest that runs everywhere.
+        impl: ``"chunk"`` (default), ``"naive"``, ``"compiled"``, ``"cpu_fused"`` (``kind="mlp"``
+            on CPU) or ``"triton"`` (``kind="linear"``); ``"auto"`` (the models' default) is
+            ``"cpu_fused"`` where ``cpu_extension.use_fused_kernel`` allows it for an MLP memory
+            (CPU tensors, not traced, no dispatch mode, the extension builds) and ``"chunk"``
+            elsewhere.
 
     Returns:
         ``y: (B, H, T, Dv)`` read-outs ``y_t = M_t(q_t)`` and the final :class:`MemoryState`.
         Under ``torch.autocast`` the memory is a float32 operator: inputs of mixed or half
         precision are upcast and the outputs are float32 (``nl_lightning.ops.autocast``).
     """
-    if impl in ("chunk", "auto"):
+    if impl == "auto":
+        impl = "cpu_fused" if kind == "mlp" and use_fused_kernel(q) else "chunk"
+    if impl == "chunk":
         fn = chunk_titans_memory
+    elif impl == "cpu_fused":
+        fn = cpu_fused_titans_memory
     elif impl == "naive":
         fn = naive_titans_memory
     elif impl == "compiled":

@@ -1,5 +1,6 @@
-// Helpers shared by the fused CPU DGD kernels (mlp_chunks.cpp, shared_key_loop.cpp): row-major
-// GEMM through the BLAS torch links, unit-triangular substitutions, a vectorisable exp and SiLU.
+// Helpers shared by the fused CPU memory kernels (dgd_mlp_chunks.cpp, dgd_shared_key_loop.cpp,
+// titans_chunks.cpp): row-major GEMM through the BLAS torch links, unit-triangular substitutions,
+// a vectorisable exp and SiLU.
 #pragma once
 
 #include <torch/extension.h>
@@ -20,7 +21,7 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
 }
 
-namespace nl_dgd_cpu {
+namespace nl_cpu {
 
 using at::Tensor;
 
@@ -339,4 +340,4 @@ inline void check_inputs(const std::vector<Tensor>& tensors, const char* name) {
   }
 }
 
-}  // namespace nl_dgd_cpu
+}  // namespace nl_cpu

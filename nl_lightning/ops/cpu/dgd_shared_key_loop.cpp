@@ -25,7 +25,7 @@
 #include <ATen/Parallel.h>
 
 
-namespace nl_dgd_cpu {
+namespace nl_cpu {
 namespace {
 
 constexpr int kMemories = 4;  // k, v, η, α, in this order (hope.PROJECTIONS)
@@ -180,7 +180,7 @@ struct ProjectionBackward {
 
   // dL/d(strictly lower system entries) ds (overwritten) -> η, PR and the Gram matrix's inputs x.
   void system_backward(const ProjectionWork<T>& w, const T* gram, const T* x, int ldx, int cols, T* dx, int lddx) {
-    nl_dgd_cpu::system_backward(L, w.eta.data(), w.decays.pr.data(), gram, ds.data(), deta.data(), dpr.data());
+    nl_cpu::system_backward(L, w.eta.data(), w.decays.pr.data(), gram, ds.data(), deta.data(), dpr.data());
     gram_backward(L, cols, ds.data(), x, ldx, dx, lddx);
   }
 
@@ -410,4 +410,4 @@ std::vector<Tensor> shared_key_loop_backward(Tensor x, Tensor gate_bias, Tensor 
   return {dx, dw1, dw2, dbias.sum(0)};
 }
 
-}  // namespace nl_dgd_cpu
+}  // namespace nl_cpu

@@ -27,7 +27,7 @@
 
 #include <algorithm>
 
-namespace nl_dgd_cpu {
+namespace nl_cpu {
 namespace {
 
 // One chunk's inputs for one item.
@@ -340,4 +340,4 @@ std::vector<Tensor> mlp_chunks_backward(std::vector<Tensor> inputs, Tensor w1s, 
   return grads;
 }
 
-}  // namespace nl_dgd_cpu
+}  // namespace nl_cpu
