@@ -21,7 +21,10 @@ memory comes from the caching allocator's counter instead of the profiler's CPU 
 
 Columns (``ms`` per forward+backward):
 
-* ``ours`` - ``TitansMemoryLayer`` with ``memory_impl="chunk"``;
+* ``ours`` - ``TitansMemoryLayer`` with the default ``memory_impl="auto"``: on a CPU the fused C++
+  kernel (``nl_lightning/ops/cpu/titans_chunks.cpp``), elsewhere the ATen chunk kernel;
+* ``ours-chunk`` - the same with ``memory_impl="chunk"`` (the ATen chunk kernel; CPU only, on a GPU
+  it is what ``ours`` runs);
 * ``ours-c`` - the same with ``memory_impl="compiled"`` (first-call compile time reported apart);
 * ``tp-seq`` - ``NeuralMemory(batch_size=chunk_size)``: gradients of every chunk taken at that
   chunk's start state, the same chunked online gradient descent as ours (the fair comparison);
@@ -59,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant and length")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument(
+        "--ours-threads", type=int, default=None,
+        help="threads for our layers only (default: --threads); titans-pytorch keeps --threads. For "
+        "a side-by-side comparison of each side at its own best thread count.",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--no-compiled", action="store_true", help="skip memory_impl='compiled'")
     parser.add_argument("--theirs", nargs="+", default=list(THEIRS), choices=THEIRS)
@@ -77,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.threads > 1:
+if ARGS is not None and max(ARGS.threads, ARGS.ours_threads or 0) > 1:
     # With more threads than idle cores (e.g. another job on a 2-core box) OpenMP's default
     # spin-waiting makes every small op ~100x slower; passive waiting costs nothing when idle.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -187,21 +195,29 @@ def forward_backward(layer: nn.Module, x: torch.Tensor) -> tuple[bool, bool]:
 # measurements
 
 
-def time_side_by_side(layers: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int):
-    """Median ms per forward+backward of every layer, repeats interleaved; and finiteness."""
+def time_side_by_side(
+    layers: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int, threads: dict[str, int] | None = None
+):
+    """Median ms per forward+backward of every layer, repeats interleaved; and finiteness.
+    ``threads`` sets torch's thread count per layer (default: leave it as it is)."""
+    threads = threads or {}
+    default_threads = torch.get_num_threads()
     finite = {}
     for _ in range(warmup):
         for name, layer in layers.items():
+            torch.set_num_threads(threads.get(name, default_threads))
             finite[name] = forward_backward(layer, x)
     times: dict[str, list[float]] = {name: [] for name in layers}
     for _ in range(repeats):
         for name, layer in layers.items():
+            torch.set_num_threads(threads.get(name, default_threads))
             synchronize(x.device)
             start = time.perf_counter()
             ok = forward_backward(layer, x)
             synchronize(x.device)
             times[name].append(time.perf_counter() - start)
             finite[name] = tuple(a and b for a, b in zip(finite.get(name, (True, True)), ok))
+    torch.set_num_threads(default_threads)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}, finite
 
 
@@ -277,14 +293,18 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     version = importlib.metadata.version("titans-pytorch")
+    ours_threads = args.ours_threads or args.threads
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"threads={args.threads} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
+             else f"threads={args.threads}, ours {ours_threads} "
+             f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
     print(f"torch {torch.__version__}, titans-pytorch {version}, {where}")
     print(f"B={args.batch} dim={args.dim} heads={args.heads} head_dim={args.dim // args.heads} "
           f"chunk={args.chunk_size} memory=2-layer residual MLP, float32, fwd+bwd, "
           f"median of {args.repeats} (after {args.warmup} warm-up)")
 
-    layers: dict[str, nn.Module] = {"ours": build_ours(args, "chunk")}
+    layers: dict[str, nn.Module] = {"ours": build_ours(args, "auto")}
+    if device.type == "cpu":
+        layers["ours-chunk"] = build_ours(args, "chunk")
     if not args.no_compiled:
         layers["ours-c"] = build_ours(args, "compiled")
     for variant in args.theirs:
@@ -309,17 +329,21 @@ def main(args: argparse.Namespace) -> int:
               f"{first:.1f} s (steady state at T={2 * args.chunk_size}: {time.perf_counter() - start:.3f} s)")
 
     names = list(layers)
-    base = [n for n in ("ours", "ours-c") if n in layers]
-    header = f"{'T':>6}" + "".join(f"{n + ' ms':>12}" for n in names)
+    base = [n for n in ("ours", "ours-chunk", "ours-c") if n in layers]
+    threads = {n: ours_threads for n in base}
+    # Columns as wide as their names (plus a gap), so that the long ones stay apart.
     ratios = [(t, o) for t in names if t.startswith("tp-") for o in base]
-    header += "".join(f"{t + '/' + o:>16}" for t, o in ratios)
+    widths = {n: max(12, len(n) + 5) for n in names}
+    ratio_widths = {(t, o): max(14, len(t) + len(o) + 3) for t, o in ratios}
+    header = f"{'T':>6}" + "".join(f"{n + ' ms':>{widths[n]}}" for n in names)
+    header += "".join(f"{t + '/' + o:>{ratio_widths[t, o]}}" for t, o in ratios)
     print("\n" + header + "\n" + "-" * len(header))
     not_finite = []
     for length in args.lengths:
         x = torch.randn(args.batch, length, args.dim, device=device, requires_grad=True)
-        med, finite = time_side_by_side(layers, x, args.repeats, args.warmup)
-        row = f"{length:>6}" + "".join(f"{med[n]:>12.1f}" for n in names)
-        row += "".join(f"{med[t] / med[o]:>15.2f}x" for t, o in ratios)
+        med, finite = time_side_by_side(layers, x, args.repeats, args.warmup, threads)
+        row = f"{length:>6}" + "".join(f"{med[n]:>{widths[n]}.1f}" for n in names)
+        row += "".join(f"{med[t] / med[o]:>{ratio_widths[t, o] - 1}.2f}x" for t, o in ratios)
         print(row, flush=True)
         not_finite += [f"{n} T={length} (output finite={f[0]}, grads finite={f[1]})"
                        for n, f in finite.items() if not all(f)]

@@ -123,6 +123,7 @@ struct Coefficients {
       const T* p_prev = P.data() + (i - 1) * L;
       const T* e_prev = E.data() + (i - 1) * L;
       T dk = 0, de = 0;
+#pragma omp simd reduction(+ : dk, de)
       for (int j = 0; j < i; ++j) {
         he[j] = hp[j] + (i + 1 < L ? eta[i + 1] * he_next[j] : he_next[j]);
         dk += hp[j] * p_prev[j];
@@ -160,8 +161,11 @@ void scale_rows_into(int L, int cols, const T* s, const T* x, int ldx, T* y, int
 template <typename T>
 void add_row_dots(int L, int cols, const T* x, int ldx, const T* y, int ldy, T* out) {
   for (int i = 0; i < L; ++i) {
+    const T* __restrict__ xi = x + i * ldx;
+    const T* __restrict__ yi = y + i * ldy;
     T acc = 0;
-    for (int j = 0; j < cols; ++j) acc += x[i * ldx + j] * y[i * ldy + j];
+#pragma omp simd reduction(+ : acc)
+    for (int j = 0; j < cols; ++j) acc += xi[j] * yi[j];
     out[i] += acc;
   }
 }
@@ -169,6 +173,7 @@ void add_row_dots(int L, int cols, const T* x, int ldx, const T* y, int ldy, T* 
 template <typename T>
 T dot(int n, const T* x, const T* y) {
   T acc = 0;
+#pragma omp simd reduction(+ : acc)
   for (int i = 0; i < n; ++i) acc += x[i] * y[i];
   return acc;
 }
