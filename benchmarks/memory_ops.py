@@ -1,17 +1,21 @@
 """Titans memory kernels side by side: chunk-parallel vs naive forward+backward time, and the
-chunk kernel's peak memory at two sequence lengths.
+chunk kernels' peak memory at two sequence lengths.
 
     python benchmarks/memory_ops.py                       # default table (a few minutes on 2 cores)
     python benchmarks/memory_ops.py --lengths 512 1024 --kinds linear --repeats 5
     python benchmarks/memory_ops.py --device cuda --compiled --triton   # on a GPU, Triton column too
 
-Both implementations are timed in the same process, interleaved repeat by repeat, so a change in
+On a CPU the fused C++ kernel (``cpu_fused``, ``nl_lightning/ops/cpu/titans_chunks.cpp``; the same
+chunked math, each (batch, head) item's loop on one thread) is a column too; ``--no-cpu-fused``
+leaves it out. Its first call builds the extension (reported apart, about a minute, cached).
+
+All implementations are timed in the same process, interleaved repeat by repeat, so a change in
 machine load hits both columns alike; the table reports medians and their ratio. Each timed call
 follows an untimed call of the same implementation (``--no-settle`` turns that off): otherwise
 the chunk kernel inherits the allocator state the naive loop leaves (``time_side_by_side``).
 
 Peak memory is the highest total size of live tensors during one forward+backward of the chunk
-kernel (and of the Triton kernel with ``--triton``): on CPU from ``torch.profiler``'s memory
+kernels (ATen ``chunk``, ``cpu_fused`` on a CPU, Triton with ``--triton``): on CPU from ``torch.profiler``'s memory
 timeline, on CUDA from the caching allocator's peak counter. Inputs created before the call are
 not counted; activations, saved tensors and gradients are. Linear scaling means a ratio of about
 the ratio of lengths (8x for 1K -> 8K).
@@ -38,6 +42,7 @@ from benchmarks.devices import peak_bytes, resolve_device, synchronize  # noqa: 
 from nl_lightning.ops.titans import (  # noqa: E402
     chunk_titans_memory,
     compiled_titans_memory,
+    cpu_fused_titans_memory,
     naive_titans_memory,
     titans_memory,
 )
@@ -46,6 +51,7 @@ IMPLS = {
     "chunk": chunk_titans_memory,
     "naive": naive_titans_memory,
     "compiled": compiled_titans_memory,
+    "cpu_fused": cpu_fused_titans_memory,
     # Through the dispatcher, which imports triton only when asked (linear memory only).
     "triton": functools.partial(titans_memory, impl="triton"),
 }
@@ -137,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compiled", action="store_true", help="also time the torch.compile path")
     parser.add_argument("--triton", action="store_true", help="also time the Triton kernel (linear memory; needs --device cuda)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--no-cpu-fused", dest="cpu_fused", action="store_false",
+                        help="leave out the fused C++ kernel (CPU only; included by default there)")
     parser.add_argument("--memory-lengths", type=int, nargs=2, default=[1024, 8192], metavar=("SHORT", "LONG"))
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument(
@@ -154,7 +162,15 @@ def main(argv: list[str] | None = None) -> None:
                      "is for tests, far too slow to time")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    impls = ["chunk", "naive"] + (["compiled"] if args.compiled else []) + (["triton"] if args.triton else [])
+    cpu_fused = args.cpu_fused and device.type == "cpu"
+    impls = (["chunk", "naive"] + (["compiled"] if args.compiled else []) + (["cpu_fused"] if cpu_fused else [])
+             + (["triton"] if args.triton else []))
+    if cpu_fused:
+        from nl_lightning.ops.cpu_extension import load_extension
+
+        start = time.perf_counter()
+        load_extension()
+        print(f"cpu_fused: extension ready in {time.perf_counter() - start:.1f} s (built once per machine, cached)")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, threads={args.threads}"
     print(
         f"Titans memory, forward+backward, float32, B={args.batch} H={args.heads} D={args.dim} "
@@ -185,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     short, long = args.memory_lengths
     print(f"\nPeak memory during forward+backward (T={short} vs T={long}):")
     for kind in args.kinds:
-        for impl in ["chunk"] + (["triton"] if args.triton and kind == "linear" else []):
+        triton = ["triton"] if args.triton and kind == "linear" else []
+        for impl in ["chunk"] + (["cpu_fused"] if cpu_fused else []) + triton:
             peaks = []
             for length in (short, long):
                 seq, weights = make_inputs(kind, args.batch, args.heads, length, args.dim, torch.float32, device=device)
@@ -194,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
             budget = 1.0625 * long / short  # linear scaling plus a small margin (8.5x for 1K -> 8K)
             verdict = "within" if ratio <= budget else "OVER"
             print(
-                f"{kind:<7}{impl:<7} {peaks[0] / 2**20:8.1f} MiB -> {peaks[1] / 2**20:8.1f} MiB   "
+                f"{kind:<7}{impl:<10} {peaks[0] / 2**20:8.1f} MiB -> {peaks[1] / 2**20:8.1f} MiB   "
                 f"ratio {ratio:.2f}x for {long / short:.0f}x tokens ({verdict} the {budget:.1f}x goal)"
             )
 

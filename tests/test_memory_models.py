@@ -239,6 +239,66 @@ def test_hope_auto_runs_both_fused_kernels_on_cpu_and_aten_under_a_dispatch_mode
     assert counter.get_total_flops() == reference_counter.get_total_flops() > 0
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_titans_fused_kernel_matches_the_naive_reference_in_logits_and_grads(kind):
+    """Titans with memory_impl="cpu_fused" (ops/cpu/titans_chunks.cpp) equals its token-by-token
+    reference path in the forward and every gradient."""
+    overrides = {"n_layer": 2, "d_model": 32, "n_head": 2, "chunk_size": 4, "memory_kind": kind}
+    fused = small_model(Titans, **overrides, memory_impl="cpu_fused").double()
+    reference = small_model(Titans, **overrides, memory_impl="naive").double()
+    reference.load_state_dict(fused.state_dict())
+    tokens = torch.randint(0, 256, (2, 14))  # 3 full chunks and a partial one
+    results = []
+    for model in (fused, reference):
+        logits = model(tokens)
+        (logits.square().mean()).backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (logits_fused, grads_fused), (logits_ref, grads_ref) = results
+    torch.testing.assert_close(logits_fused, logits_ref, rtol=1e-9, atol=1e-9)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads_fused[name], grad, rtol=1e-8, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("setting", ["bfloat16 model", "autocast"])
+def test_titans_fused_kernel_in_half_precision_matches_the_aten_path(setting):
+    aten = small_model(Titans, memory_impl="chunk")
+    fused = small_model(Titans, memory_impl="cpu_fused")
+    tokens = torch.randint(0, 256, (2, 20))
+    logits = []
+    for model in (aten, fused):
+        if setting == "bfloat16 model":
+            logits.append(model.bfloat16()(tokens))
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits.append(model(tokens))
+    assert logits[1].dtype == logits[0].dtype and torch.isfinite(logits[1]).all()
+    torch.testing.assert_close(logits[1].float(), logits[0].float(), atol=0.1, rtol=0.05)
+
+
+def test_titans_auto_runs_the_fused_kernel_on_cpu_and_aten_under_a_dispatch_mode(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nl_lightning.ops.titans import cpu_fused
+
+    calls = {"fused": 0}
+    original = cpu_fused._TitansChunkLoop.apply
+
+    def counted(*args):
+        calls["fused"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(cpu_fused._TitansChunkLoop, "apply", counted)
+    model = small_model(Titans)  # memory_impl defaults to "auto"; 2 layers, the second attention
+    assert model.config.memory_impl == "auto"
+    tokens = torch.randint(0, 256, (2, 20))
+    model(tokens).sum().backward()
+    memory_layers = sum(type(block.mixer).__name__ == "TitansMemoryLayer" for block in model.blocks)
+    assert memory_layers >= 1 and calls["fused"] == memory_layers
+    with FlopCounterMode(display=False) as counter:
+        model(tokens)
+    assert calls["fused"] == memory_layers and counter.get_total_flops() > 0
+
+
 def test_hope_dgd_max_step_sets_the_memory_step_and_rejects_non_positive_values():
     from nl_lightning.models import ModelConfig
 

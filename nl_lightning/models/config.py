@@ -29,8 +29,8 @@ class ModelConfig:
     # -- neural memory (Titans, HOPE) --
     memory_kind: str = "mlp"  # "linear" or "mlp" (residual 2-layer MLP, M(z) = z + W1 σ(W2 z))
     chunk_size: int = 64  # tokens whose memory gradients share one chunk-start state
-    # "auto" (fastest available: MLP memories on CPU run the fused C++ kernels, everything else
-    # "chunk"), "chunk", "naive", "compiled", "cpu_fused" (MLP memories on CPU); Titans also "triton".
+    # "auto" (fastest available: the fused C++ kernels on CPU, "chunk" elsewhere), "chunk", "naive",
+    # "compiled", "cpu_fused" (CPU; HOPE's MLP memories, Titans' both kinds); Titans also "triton".
     memory_impl: str = "auto"
     conv_kernel: int = 4  # short causal depthwise convolution on q, k, v
     # -- Titans --

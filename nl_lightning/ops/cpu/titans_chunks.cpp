@@ -1,5 +1,6 @@
-// Fused CPU kernel for the chunk loop of the Titans MLP memory M(z) = z + W1 silu(W2 z)
-// (nl_lightning/ops/titans/chunk.py and coefficients.py), forward and hand-written backward.
+// Fused CPU kernels for the chunk loop of the Titans memories, the MLP memory M(z) = z + W1 silu(W2 z)
+// and the linear memory M(z) = W z (nl_lightning/ops/titans/chunk.py and coefficients.py), forward and
+// hand-written backward.
 //
 // Why: the ATen chunk kernel runs the gate coefficients as C-step scans over all chunks and each
 // chunk's hand-over and read-outs as tens of small ops over every (batch, head) pair, so on a CPU
@@ -7,7 +8,7 @@
 // one (batch, head) item: the coefficients, the gradient factors, both read-outs and the state
 // hand-over of a chunk are small BLAS calls and plain loops on a working set that stays in cache.
 //
-// One chunk of L tokens from the state (W1, S1, W2, S2), with th2 = -2 θ (the 2 of the squared
+// One chunk of L tokens of the MLP memory from the state (W1, S1, W2, S2), with th2 = -2 θ (the 2 of the squared
 // loss's gradient folded in, as in chunk.py) and the coefficients β, c, P, E of coefficients.py:
 //
 //   pre = k W2ᵀ, a = silu(pre), u1 = k + a W1ᵀ - v, u2 = (u1 W1) ⊙ silu'(pre)
@@ -19,9 +20,10 @@
 // with mix_j = P_ej th2_j and surprise_j = E_ej th2_j at the chunk's last token e. A state is
 // stored as one block, [W1; S1] (2D x Dh) and [W2; S2] (2Dh x D), so that a read-out's two terms
 // are one GEMM. The last chunk may be partial: it runs with its own length (padding would keep
-// adding the momentum to the weights). The backward recomputes one chunk's forward from its saved
-// start state and applies the chain rule in reverse order. tests/ops/test_titans_memory.py checks
-// both against the token loop and the ATen chunk kernel.
+// adding the momentum to the weights). The linear memory (LinearChunk) is the same without the
+// hidden layer. The backward recomputes one chunk's forward from its saved start state and applies
+// the chain rule in reverse order. tests/ops/test_titans_memory.py checks both kernels against the
+// token loop and the ATen chunk kernel.
 
 #include "common.h"
 
@@ -140,7 +142,7 @@ struct Coefficients {
 // One chunk's inputs for one item: q, k, v (L x D), gates (L).
 template <typename T>
 struct ChunkInputs {
-  int L;
+  int L;  // tokens in this chunk (the last one may be partial)
   const T *q, *k, *v, *theta, *eta, *alpha;
 };
 
@@ -180,12 +182,12 @@ T dot(int n, const T* x, const T* y) {
 
 // Everything one chunk's forward computes; the backward recomputes it and reads it.
 template <typename T>
-struct ChunkWork {
+struct MlpChunk {
   int C, D, Dh, L = 0;
   Coefficients<T> cf;
   std::vector<T> pre, s_pre, a, u1, m, u2, xk, qw, gk, sk, hz, s_hz, g, xa, gw, ga, sa, xm1, xs1, xm2, xs2;
 
-  ChunkWork(int C, int D, int Dh) : C(C), D(D), Dh(Dh), cf(C) {
+  MlpChunk(int C, int D, int /*Dv = D*/, int Dh) : C(C), D(D), Dh(Dh), cf(C) {
     for (auto* x : {&pre, &s_pre, &a, &m, &u2, &hz, &s_hz, &g, &xa, &xm1, &xs1}) x->resize(C * Dh);
     for (auto* x : {&u1, &xk, &xm2, &xs2}) x->resize(C * D);
     qw.resize(C * 2 * Dh);
@@ -255,12 +257,12 @@ struct ChunkWork {
 };
 
 template <typename T>
-struct ChunkBackward {
+struct MlpChunkBackward {
   int C, D, Dh;
   std::vector<T> du1, du2, da, dxm, dxs, dxk, dxa, dg, dhz, dyw, dhw, dm, dpre, dsa, dsk, dP, dst1, dst2, dbeta, dcarry,
       dth2, dmix, dsurprise;
 
-  ChunkBackward(int C, int D, int Dh) : C(C), D(D), Dh(Dh) {
+  MlpChunkBackward(int C, int D, int /*Dv = D*/, int Dh) : C(C), D(D), Dh(Dh) {
     for (auto* x : {&du2, &da, &dxa, &dg, &dhz, &dm, &dpre}) x->resize(C * Dh);
     for (auto* x : {&du1, &dxk}) x->resize(C * D);
     dxm.resize(C * std::max(D, Dh));
@@ -275,7 +277,7 @@ struct ChunkBackward {
 
   // Given dL/dy and dL/d(end state) (d1 = [dW1'; dS1'], d2 = [dW2'; dS2'], overwritten with
   // dL/d(start state)), writes the chunk's input gradients. `w` holds the recomputed forward.
-  void backward(const ChunkInputs<T>& in, const T* st1, const T* st2, const ChunkWork<T>& w, const T* dy, T* d1,
+  void backward(const ChunkInputs<T>& in, const T* st1, const T* st2, const MlpChunk<T>& w, const T* dy, T* d1,
                 T* d2, const ChunkGrads<T>& g) {
     const int L = in.L, DDh = D * Dh;
     const T *W1 = st1, *S1 = st1 + DDh, *W2 = st2, *S2 = st2 + DDh;
@@ -389,102 +391,255 @@ struct ChunkBackward {
   }
 };
 
+// The linear memory M(z) = W z (W: Dv x Dk), one chunk from the state st = [W; S] (2Dv x Dk):
+//
+//   u = k Wᵀ - v,   y = β ⊙ (q Wᵀ) + c ⊙ (q Sᵀ) + (P ⊙ (q (th2 ⊙ k)ᵀ)) u
+//   W' = β_e W + c_e S + uᵀ (mix ⊙ k),  S' = A_e S + uᵀ (surprise ⊙ k)
 template <typename T>
-ChunkInputs<T> chunk_inputs(const std::vector<Tensor>& x, int64_t item, int64_t chunk, int C, int64_t T_len, int D) {
-  const int64_t t0 = chunk * C, row = item * T_len + t0;
-  const int L = static_cast<int>(std::min<int64_t>(C, T_len - t0));
-  return {L,
-          x[0].data_ptr<T>() + row * D,
-          x[1].data_ptr<T>() + row * D,
-          x[2].data_ptr<T>() + row * D,
-          x[3].data_ptr<T>() + row,
-          x[4].data_ptr<T>() + row,
-          x[5].data_ptr<T>() + row};
+struct LinearChunk {
+  int C, Dk, Dv, L = 0;
+  Coefficients<T> cf;
+  std::vector<T> u, qw, xk, gk, sk, xm, xs;
+
+  LinearChunk(int C, int Dk, int Dv, int /*cols = Dk*/)
+      : C(C), Dk(Dk), Dv(Dv), cf(C), u(C * Dv), qw(C * 2 * Dv), xk(C * Dk), gk(C * C), sk(C * C), xm(C * Dk),
+        xs(C * Dk) {}
+
+  // Writes the read-outs into y (L x Dv) and the end state into end when they are given; the second
+  // block of the MLP memory's signature is unused.
+  void forward(const ChunkInputs<T>& in, const T* st, const T*, T* y, T* end, T*) {
+    L = in.L;
+    const T *W = st, *S = st + Dv * Dk;
+    cf.forward(L, in.theta, in.eta, in.alpha);
+    std::copy(in.v, in.v + L * Dv, u.data());
+    gemm<T>(false, true, L, Dv, Dk, T(1), in.k, Dk, W, Dk, T(-1), u.data(), Dv);
+    gemm<T>(false, true, L, 2 * Dv, Dk, T(1), in.q, Dk, st, Dk, T(0), qw.data(), 2 * Dv);
+    scale_rows_into(L, Dk, cf.th2.data(), in.k, Dk, xk.data(), Dk, false);
+    gemm<T>(false, true, L, L, Dk, T(1), in.q, Dk, xk.data(), Dk, T(0), gk.data(), L);
+    for (int i = 0; i < L * L; ++i) sk[i] = cf.P[i] * gk[i];
+    scale_rows_into(L, Dk, cf.mix.data(), in.k, Dk, xm.data(), Dk, false);
+    scale_rows_into(L, Dk, cf.surprise.data(), in.k, Dk, xs.data(), Dk, false);
+    if (y != nullptr) {
+      scale_rows_into(L, Dv, cf.beta.data(), qw.data(), 2 * Dv, y, Dv, false);
+      scale_rows_into(L, Dv, cf.carry.data(), qw.data() + Dv, 2 * Dv, y, Dv, true);
+      gemm<T>(false, false, L, Dv, L, T(1), sk.data(), L, u.data(), Dv, T(1), y, Dv);
+    }
+    if (end == nullptr) return;
+    const T b = cf.beta[L - 1], c = cf.carry[L - 1], A = cf.momentum_end;
+    for (int i = 0; i < Dv * Dk; ++i) {
+      end[i] = b * W[i] + c * S[i];
+      end[Dv * Dk + i] = A * S[i];
+    }
+    gemm<T>(true, false, Dv, Dk, L, T(1), u.data(), Dv, xm.data(), Dk, T(1), end, Dk);
+    gemm<T>(true, false, Dv, Dk, L, T(1), u.data(), Dv, xs.data(), Dk, T(1), end + Dv * Dk, Dk);
+  }
+};
+
+template <typename T>
+struct LinearChunkBackward {
+  int C, Dk, Dv;
+  std::vector<T> du, dxm, dxs, dxk, dyw, dsk, dP, dst, dbeta, dcarry, dth2, dmix, dsurprise;
+
+  LinearChunkBackward(int C, int Dk, int Dv, int /*cols = Dk*/)
+      : C(C), Dk(Dk), Dv(Dv), du(C * Dv), dxm(C * Dk), dxs(C * Dk), dxk(C * Dk), dyw(C * 2 * Dv), dsk(C * C),
+        dP(C * C), dst(2 * Dv * Dk), dbeta(C), dcarry(C), dth2(C), dmix(C), dsurprise(C) {}
+
+  // Given dL/dy and dL/d(end state) (d = [dW'; dS'], overwritten with dL/d(start state)), writes the
+  // chunk's input gradients. `w` holds the recomputed forward.
+  void backward(const ChunkInputs<T>& in, const T* st, const T*, const LinearChunk<T>& w, const T* dy, T* d, T*,
+                const ChunkGrads<T>& g) {
+    const int L = in.L, DvDk = Dv * Dk;
+    const T *W = st, *S = st + DvDk, *dWe = d, *dSe = d + DvDk;
+    const auto& cf = w.cf;
+    const T b = cf.beta[L - 1], c = cf.carry[L - 1], A = cf.momentum_end;
+    for (auto* x : {&dbeta, &dcarry, &dth2, &dmix, &dsurprise}) std::fill(x->begin(), x->begin() + L, T(0));
+    std::fill(dP.begin(), dP.begin() + L * L, T(0));
+
+    // End state: W' = β_e W + c_e S + uᵀ (mix ⊙ k), S' = A_e S + uᵀ (surprise ⊙ k).
+    dbeta[L - 1] += dot(DvDk, W, dWe);
+    dcarry[L - 1] += dot(DvDk, S, dWe);
+    const T dmomentum_end = dot(DvDk, S, dSe);
+    for (int i = 0; i < DvDk; ++i) {
+      dst[i] = b * dWe[i];
+      dst[DvDk + i] = c * dWe[i] + A * dSe[i];
+    }
+    gemm<T>(false, true, L, Dv, Dk, T(1), w.xm.data(), Dk, dWe, Dk, T(0), du.data(), Dv);
+    gemm<T>(false, true, L, Dv, Dk, T(1), w.xs.data(), Dk, dSe, Dk, T(1), du.data(), Dv);
+    gemm<T>(false, false, L, Dk, Dv, T(1), w.u.data(), Dv, dWe, Dk, T(0), dxm.data(), Dk);
+    gemm<T>(false, false, L, Dk, Dv, T(1), w.u.data(), Dv, dSe, Dk, T(0), dxs.data(), Dk);
+    add_row_dots(L, Dk, in.k, Dk, dxm.data(), Dk, dmix.data());
+    add_row_dots(L, Dk, in.k, Dk, dxs.data(), Dk, dsurprise.data());
+    for (int i = 0; i < L; ++i)
+      for (int j = 0; j < Dk; ++j)
+        g.k[i * Dk + j] = cf.mix[i] * dxm[i * Dk + j] + cf.surprise[i] * dxs[i * Dk + j];
+
+    // Read-out y = β ⊙ (q Wᵀ) + c ⊙ (q Sᵀ) + (P ⊙ (q xkᵀ)) u.
+    add_row_dots(L, Dv, w.qw.data(), 2 * Dv, dy, Dv, dbeta.data());
+    add_row_dots(L, Dv, w.qw.data() + Dv, 2 * Dv, dy, Dv, dcarry.data());
+    scale_rows_into(L, Dv, cf.beta.data(), dy, Dv, dyw.data(), 2 * Dv, false);
+    scale_rows_into(L, Dv, cf.carry.data(), dy, Dv, dyw.data() + Dv, 2 * Dv, false);
+    gemm<T>(false, false, L, Dk, 2 * Dv, T(1), dyw.data(), 2 * Dv, st, Dk, T(0), g.q, Dk);
+    gemm<T>(true, false, 2 * Dv, Dk, L, T(1), dyw.data(), 2 * Dv, in.q, Dk, T(1), dst.data(), Dk);
+    gemm<T>(false, true, L, L, Dv, T(1), dy, Dv, w.u.data(), Dv, T(0), dsk.data(), L);
+    gemm<T>(true, false, L, Dv, L, T(1), w.sk.data(), L, dy, Dv, T(1), du.data(), Dv);
+    for (int i = 0; i < L * L; ++i) {
+      dP[i] += dsk[i] * w.gk[i];
+      dsk[i] *= cf.P[i];  // now dL/d(q xkᵀ)
+    }
+    gemm<T>(false, false, L, Dk, L, T(1), dsk.data(), L, w.xk.data(), Dk, T(1), g.q, Dk);
+    gemm<T>(true, false, L, Dk, L, T(1), dsk.data(), L, in.q, Dk, T(0), dxk.data(), Dk);
+    add_row_dots(L, Dk, in.k, Dk, dxk.data(), Dk, dth2.data());
+    for (int i = 0; i < L; ++i)
+      for (int j = 0; j < Dk; ++j) g.k[i * Dk + j] += cf.th2[i] * dxk[i * Dk + j];
+
+    // u = k Wᵀ - v.
+    for (int i = 0; i < L * Dv; ++i) g.v[i] = -du[i];
+    gemm<T>(false, false, L, Dk, Dv, T(1), du.data(), Dv, W, Dk, T(1), g.k, Dk);
+    gemm<T>(true, false, Dv, Dk, L, T(1), du.data(), Dv, in.k, Dk, T(1), dst.data(), Dk);
+
+    cf.backward(in.eta, dbeta.data(), dcarry.data(), dP.data(), dth2.data(), dmix.data(), dsurprise.data(),
+                dmomentum_end, g.theta, g.eta, g.alpha);
+    std::copy(dst.begin(), dst.end(), d);
+  }
+};
+
+// Chunk `chunk` of item `item`: q, k (N, T, Dk), v (N, T, Dv), gates (N, T).
+template <typename T, typename Ptrs, typename Tensors>
+Ptrs chunk_pointers(Tensors& x, int64_t item, int64_t chunk, int C, int64_t T_len, int Dk, int Dv) {
+  const int64_t row = item * T_len + chunk * C;
+  return {x[0].template data_ptr<T>() + row * Dk, x[1].template data_ptr<T>() + row * Dk,
+          x[2].template data_ptr<T>() + row * Dv, x[3].template data_ptr<T>() + row,
+          x[4].template data_ptr<T>() + row,      x[5].template data_ptr<T>() + row};
 }
 
 template <typename T>
-ChunkGrads<T> chunk_grads(std::vector<Tensor>& x, int64_t item, int64_t chunk, int C, int64_t T_len, int D) {
-  const int64_t row = item * T_len + chunk * C;
-  return {x[0].data_ptr<T>() + row * D, x[1].data_ptr<T>() + row * D, x[2].data_ptr<T>() + row * D,
-          x[3].data_ptr<T>() + row,     x[4].data_ptr<T>() + row,     x[5].data_ptr<T>() + row};
+ChunkInputs<T> chunk_inputs(const std::vector<Tensor>& x, int64_t item, int64_t chunk, int C, int64_t T_len, int Dk,
+                            int Dv) {
+  struct Ptrs {
+    const T *q, *k, *v, *theta, *eta, *alpha;
+  };
+  const auto p = chunk_pointers<T, Ptrs>(x, item, chunk, C, T_len, Dk, Dv);
+  const int L = static_cast<int>(std::min<int64_t>(C, T_len - chunk * C));
+  return {L, p.q, p.k, p.v, p.theta, p.eta, p.alpha};
+}
+
+template <typename T>
+ChunkGrads<T> chunk_grads(std::vector<Tensor>& x, int64_t item, int64_t chunk, int C, int64_t T_len, int Dk, int Dv) {
+  return chunk_pointers<T, ChunkGrads<T>>(x, item, chunk, C, T_len, Dk, Dv);
+}
+
+// The chunk loop of every item, forward: `states` are the start state's blocks (N, 2, rows, cols)
+// ([W1; S1], [W2; S2] for the MLP memory; [W; S] for the linear one). Returns y (N, T, Dv) and each
+// block's chunk-start states (N, n + 1, 2, rows, cols), index n being the end state.
+template <template <typename> class Chunk>
+std::vector<Tensor> run_forward(const char* name, const std::vector<Tensor>& inputs, std::vector<Tensor> states,
+                                int64_t chunk) {
+  std::vector<Tensor> all(inputs);
+  all.insert(all.end(), states.begin(), states.end());
+  check_inputs(all, name);
+  const auto &q = inputs[0], &v = inputs[2];
+  const int64_t N = q.size(0), T_len = q.size(1), n = (T_len + chunk - 1) / chunk;
+  const int C = static_cast<int>(chunk), Dk = q.size(2), Dv = v.size(2), cols = states[0].size(3);
+  auto y = at::empty_like(v);
+  std::vector<Tensor> outputs{y};
+  std::vector<int64_t> block;
+  for (const auto& state : states) {
+    auto saved = at::empty({N, n + 1, 2, state.size(2), state.size(3)}, state.options());
+    saved.select(1, 0).copy_(state);
+    outputs.push_back(saved);
+    block.push_back(2 * state.size(2) * state.size(3));
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "titans_chunks", [&] {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      Chunk<scalar_t> work(C, Dk, Dv, cols);
+      for (int64_t item = begin; item < end; ++item) {
+        for (int64_t c = 0; c < n; ++c) {
+          scalar_t *start[2] = {nullptr, nullptr}, *next[2] = {nullptr, nullptr};
+          for (size_t b = 0; b < block.size(); ++b) {
+            start[b] = outputs[1 + b].data_ptr<scalar_t>() + (item * (n + 1) + c) * block[b];
+            next[b] = start[b] + block[b];
+          }
+          work.forward(chunk_inputs<scalar_t>(inputs, item, c, C, T_len, Dk, Dv), start[0], start[1],
+                       y.data_ptr<scalar_t>() + (item * T_len + c * C) * Dv, next[0], next[1]);
+        }
+      }
+    });
+  });
+  return outputs;
+}
+
+// Backward: gradients of the inputs and of the start state's blocks from dy and d(end state),
+// recomputing each chunk's forward from its saved start state. (Keeping the forward's GEMM outputs
+// instead was slower here: writing them, about 33 MB for the MLP memory at B=4, H=4, T=1024, costs
+// as many page faults as the GEMMs save.) Returns dq, dk, dv, dtheta, deta, dalpha, d(blocks).
+template <template <typename> class Chunk, template <typename> class Backward>
+std::vector<Tensor> run_backward(const char* name, const std::vector<Tensor>& inputs, const std::vector<Tensor>& saved,
+                                 const Tensor& dy, const std::vector<Tensor>& d_end, int64_t chunk) {
+  std::vector<Tensor> all(inputs);
+  all.insert(all.end(), saved.begin(), saved.end());
+  all.push_back(dy);
+  all.insert(all.end(), d_end.begin(), d_end.end());
+  check_inputs(all, name);
+  const auto &q = inputs[0], &v = inputs[2];
+  const int64_t N = q.size(0), T_len = q.size(1), n = (T_len + chunk - 1) / chunk;
+  const int C = static_cast<int>(chunk), Dk = q.size(2), Dv = v.size(2), cols = saved[0].size(4);
+  std::vector<Tensor> grads;
+  for (const auto& t : inputs) grads.push_back(at::empty_like(t));
+  std::vector<int64_t> block;
+  for (size_t b = 0; b < saved.size(); ++b) {
+    grads.push_back(d_end[b].clone());  // becomes d(start state), chunk by chunk
+    block.push_back(2 * saved[b].size(3) * saved[b].size(4));
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "titans_chunks", [&] {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      Chunk<scalar_t> work(C, Dk, Dv, cols);
+      Backward<scalar_t> back(C, Dk, Dv, cols);
+      for (int64_t item = begin; item < end; ++item) {
+        scalar_t* d_state[2] = {nullptr, nullptr};
+        for (size_t b = 0; b < block.size(); ++b) d_state[b] = grads[6 + b].data_ptr<scalar_t>() + item * block[b];
+        for (int64_t c = n - 1; c >= 0; --c) {
+          const auto in = chunk_inputs<scalar_t>(inputs, item, c, C, T_len, Dk, Dv);
+          const scalar_t* start[2] = {nullptr, nullptr};
+          for (size_t b = 0; b < block.size(); ++b)
+            start[b] = saved[b].data_ptr<scalar_t>() + (item * (n + 1) + c) * block[b];
+          work.forward(in, start[0], start[1], nullptr, nullptr, nullptr);
+          back.backward(in, start[0], start[1], work, dy.data_ptr<scalar_t>() + (item * T_len + c * C) * Dv,
+                        d_state[0], d_state[1], chunk_grads<scalar_t>(grads, item, c, C, T_len, Dk, Dv));
+        }
+      }
+    });
+  });
+  return grads;
 }
 
 }  // namespace
 
-// Forward over all chunks. Inputs (N items, T tokens, D dims, Dh hidden, chunks of C tokens):
+// The MLP memory. Inputs (N items, T tokens, D dims, Dh hidden, chunks of C tokens):
 //   q, k, v (N, T, D); theta, eta, alpha (N, T); st1 = [W1; S1] (N, 2, D, Dh), st2 = [W2; S2]
 //   (N, 2, Dh, D), the start state.
 // Returns y (N, T, D) and the chunk-start states st1s (N, n + 1, 2, D, Dh), st2s (N, n + 1, 2, Dh, D)
 // (index n is the end state).
 std::vector<Tensor> titans_mlp_chunks_forward(std::vector<Tensor> inputs, Tensor st1, Tensor st2, int64_t chunk) {
-  std::vector<Tensor> all(inputs);
-  all.push_back(st1);
-  all.push_back(st2);
-  check_inputs(all, "titans_mlp_chunks");
-  const auto& q = inputs[0];
-  const int64_t N = q.size(0), T_len = q.size(1);
-  const int C = static_cast<int>(chunk), D = q.size(2), Dh = st1.size(3);
-  const int64_t n = (T_len + C - 1) / C, S1 = 2 * D * Dh, S2 = 2 * Dh * D;
-  auto y = at::empty_like(q);
-  auto st1s = at::empty({N, n + 1, 2, D, Dh}, st1.options());
-  auto st2s = at::empty({N, n + 1, 2, Dh, D}, st2.options());
-  st1s.select(1, 0).copy_(st1);
-  st2s.select(1, 0).copy_(st2);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "titans_mlp_chunks_forward", [&] {
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      ChunkWork<scalar_t> work(C, D, Dh);
-      for (int64_t item = begin; item < end; ++item) {
-        for (int64_t c = 0; c < n; ++c) {
-          auto in = chunk_inputs<scalar_t>(inputs, item, c, C, T_len, D);
-          const int64_t s = item * (n + 1) + c;
-          scalar_t* s1 = st1s.data_ptr<scalar_t>() + s * S1;
-          scalar_t* s2 = st2s.data_ptr<scalar_t>() + s * S2;
-          work.forward(in, s1, s2, y.data_ptr<scalar_t>() + (item * T_len + c * C) * D, s1 + S1, s2 + S2);
-        }
-      }
-    });
-  });
-  return {y, st1s, st2s};
+  return run_forward<MlpChunk>("titans_mlp_chunks", inputs, {st1, st2}, chunk);
 }
 
-// Backward: gradients of every input of titans_mlp_chunks_forward from dy and d(end state), recomputing
-// each chunk's forward from its start state. (Keeping the forward's GEMM outputs instead was slower
-// here: writing them, about 33 MB at B=4, H=4, T=1024, costs as many page faults as the GEMMs save.)
 // Returns dq, dk, dv, dtheta, deta, dalpha, dst1, dst2.
 std::vector<Tensor> titans_mlp_chunks_backward(std::vector<Tensor> inputs, Tensor st1s, Tensor st2s, Tensor dy,
                                                Tensor dst1_end, Tensor dst2_end, int64_t chunk) {
-  std::vector<Tensor> all(inputs);
-  for (const auto& t : {st1s, st2s, dy, dst1_end, dst2_end}) all.push_back(t);
-  check_inputs(all, "titans_mlp_chunks");
-  const auto& q = inputs[0];
-  const int64_t N = q.size(0), T_len = q.size(1);
-  const int C = static_cast<int>(chunk), D = q.size(2), Dh = st1s.size(4);
-  const int64_t n = (T_len + C - 1) / C, S1 = 2 * D * Dh, S2 = 2 * Dh * D;
-  std::vector<Tensor> grads;
-  for (const auto& t : inputs) grads.push_back(at::empty_like(t));
-  auto dst1 = dst1_end.clone(), dst2 = dst2_end.clone();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "titans_mlp_chunks_backward", [&] {
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      ChunkWork<scalar_t> work(C, D, Dh);
-      ChunkBackward<scalar_t> back(C, D, Dh);
-      for (int64_t item = begin; item < end; ++item) {
-        scalar_t* d1 = dst1.data_ptr<scalar_t>() + item * S1;
-        scalar_t* d2 = dst2.data_ptr<scalar_t>() + item * S2;
-        for (int64_t c = n - 1; c >= 0; --c) {
-          auto in = chunk_inputs<scalar_t>(inputs, item, c, C, T_len, D);
-          auto g = chunk_grads<scalar_t>(grads, item, c, C, T_len, D);
-          const int64_t s = item * (n + 1) + c;
-          const scalar_t* s1 = st1s.data_ptr<scalar_t>() + s * S1;
-          const scalar_t* s2 = st2s.data_ptr<scalar_t>() + s * S2;
-          work.forward(in, s1, s2, nullptr, nullptr, nullptr);
-          back.backward(in, s1, s2, work, dy.data_ptr<scalar_t>() + (item * T_len + c * C) * D, d1, d2, g);
-        }
-      }
-    });
-  });
-  grads.push_back(dst1);
-  grads.push_back(dst2);
-  return grads;
+  return run_backward<MlpChunk, MlpChunkBackward>("titans_mlp_chunks", inputs, {st1s, st2s}, dy,
+                                                  {dst1_end, dst2_end}, chunk);
+}
+
+// The linear memory. Inputs: q, k (N, T, Dk), v (N, T, Dv); theta, eta, alpha (N, T); st = [W; S]
+// (N, 2, Dv, Dk), the start state. Returns y (N, T, Dv) and the chunk-start states (N, n + 1, 2, Dv, Dk).
+std::vector<Tensor> titans_linear_chunks_forward(std::vector<Tensor> inputs, Tensor st, int64_t chunk) {
+  return run_forward<LinearChunk>("titans_linear_chunks", inputs, {st}, chunk);
+}
+
+// Returns dq, dk, dv, dtheta, deta, dalpha, dst.
+std::vector<Tensor> titans_linear_chunks_backward(std::vector<Tensor> inputs, Tensor sts, Tensor dy, Tensor dst_end,
+                                                  int64_t chunk) {
+  return run_backward<LinearChunk, LinearChunkBackward>("titans_linear_chunks", inputs, {sts}, dy, {dst_end}, chunk);
 }
 
 }  // namespace nl_cpu

@@ -4,7 +4,7 @@ Implementations, all with one contract and the chunked semantics of ``naive.py``
 
 * ``naive``    - token-by-token reference (``naive_titans_memory``);
 * ``chunk``    - chunk-parallel PyTorch (``chunk_titans_memory``);
-* ``cpu_fused`` - the chunk loop as one C++ kernel, MLP memory on CPU (``cpu_fused_titans_memory``);
+* ``cpu_fused`` - the chunk loop as one C++ kernel on CPU (``cpu_fused_titans_memory``);
 * ``compiled`` - the chunk step through ``torch.compile`` (``compiled_titans_memory``);
 * ``triton``   - Triton kernels, linear memory only (``triton_linear_titans_memory``; needs
   CUDA, or ``TRITON_INTERPRET=1`` on CPU). Imported lazily so the package works without Triton;
@@ -75,11 +75,10 @@ def titans_memory(
         state: per-batch state from a previous call; the memory continues from it instead of
             from ``weights``. Splitting a sequence on a chunk boundary gives the same result as
             one call.
-        impl: ``"chunk"`` (default), ``"naive"``, ``"compiled"``, ``"cpu_fused"`` (``kind="mlp"``
-            on CPU) or ``"triton"`` (``kind="linear"``); ``"auto"`` (the models' default) is
-            ``"cpu_fused"`` where ``cpu_extension.use_fused_kernel`` allows it for an MLP memory
-            (CPU tensors, not traced, no dispatch mode, the extension builds) and ``"chunk"``
-            elsewhere.
+        impl: ``"chunk"`` (default), ``"naive"``, ``"compiled"``, ``"cpu_fused"`` (CPU tensors) or
+            ``"triton"`` (``kind="linear"``); ``"auto"`` (the models' default) is ``"cpu_fused"``
+            where ``cpu_extension.use_fused_kernel`` allows it (CPU tensors, not traced, no
+            dispatch mode, the extension builds) and ``"chunk"`` elsewhere.
 
     Returns:
         ``y: (B, H, T, Dv)`` read-outs ``y_t = M_t(q_t)`` and the final :class:`MemoryState`.
@@ -87,7 +86,7 @@ def titans_memory(
         precision are upcast and the outputs are float32 (``nl_lightning.ops.autocast``).
     """
     if impl == "auto":
-        impl = "cpu_fused" if kind == "mlp" and use_fused_kernel(q) else "chunk"
+        impl = "cpu_fused" if use_fused_kernel(q) else "chunk"
     if impl == "chunk":
         fn = chunk_titans_memory
     elif impl == "cpu_fused":

@@ -1,4 +1,5 @@
-"""The Titans MLP memory's chunk loop as one C++ kernel on the CPU (``ops/cpu/titans_chunks.cpp``).
+"""The Titans memory's chunk loop as one C++ kernel on the CPU (``ops/cpu/titans_chunks.cpp``), for
+both memory kinds.
 
 ``chunk.py`` computes the gate coefficients with C-step scans over all chunks and runs every
 chunk's hand-over and read-outs as tens of small ATen ops over all (batch, head) pairs; the C++
@@ -21,30 +22,29 @@ from .common import MemoryState, Weights, check_inputs, initial_state
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-class _TitansMLPChunkLoop(torch.autograd.Function):
-    """All chunks of a Titans MLP memory for N = B·H items; layouts in ``titans_chunks.cpp``."""
+class _TitansChunkLoop(torch.autograd.Function):
+    """All chunks of a Titans memory for N = B·H items; layouts in ``titans_chunks.cpp``. The state
+    is one ``[W; S]`` block per weight: two for the MLP memory, one for the linear memory."""
 
     @staticmethod
-    def forward(ctx, q, k, v, theta, eta, alpha, state1, state2, chunk_size):
+    def forward(ctx, kind, chunk_size, q, k, v, theta, eta, alpha, *blocks):
         inputs = [x.contiguous() for x in (q, k, v, theta, eta, alpha)]
-        y, state1s, state2s = load_extension().titans_mlp_chunks_forward(
-            inputs, state1.contiguous(), state2.contiguous(), chunk_size
-        )
-        ctx.save_for_backward(*inputs, state1s, state2s)
-        ctx.chunk_size = chunk_size
-        return y, state1s[:, -1].clone(), state2s[:, -1].clone()
+        blocks = [b.contiguous() for b in blocks]
+        forward = getattr(load_extension(), f"titans_{kind}_chunks_forward")
+        y, *saved = forward(inputs, *blocks, chunk_size)
+        ctx.save_for_backward(*inputs, *saved)
+        ctx.kind, ctx.chunk_size = kind, chunk_size
+        return (y, *(s[:, -1].clone() for s in saved))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_y, d_state1, d_state2):
-        *inputs, state1s, state2s = ctx.saved_tensors
-        d_y = torch.zeros_like(inputs[0]) if d_y is None else d_y.contiguous()
-        d_state1 = torch.zeros_like(state1s[:, -1]) if d_state1 is None else d_state1.contiguous()
-        d_state2 = torch.zeros_like(state2s[:, -1]) if d_state2 is None else d_state2.contiguous()
-        grads = load_extension().titans_mlp_chunks_backward(
-            inputs, state1s, state2s, d_y, d_state1, d_state2, ctx.chunk_size
-        )
-        return (*grads, None)
+    def backward(ctx, d_y, *d_blocks):
+        inputs, saved = list(ctx.saved_tensors[:6]), ctx.saved_tensors[6:]
+        d_y = torch.zeros_like(inputs[2]) if d_y is None else d_y.contiguous()
+        d_blocks = [torch.zeros_like(s[:, -1]) if d is None else d.contiguous() for d, s in zip(d_blocks, saved)]
+        backward = getattr(load_extension(), f"titans_{ctx.kind}_chunks_backward")
+        grads = backward(inputs, *saved, d_y, *d_blocks, ctx.chunk_size)
+        return (None, None, *grads)
 
 
 def cpu_fused_titans_memory(
@@ -56,13 +56,11 @@ def cpu_fused_titans_memory(
     alpha: Tensor,
     weights: Weights,
     *,
-    kind: str = "mlp",
+    kind: str = "linear",
     chunk_size: int = 64,
     state: MemoryState | None = None,
 ) -> tuple[Tensor, MemoryState]:
-    """Same arguments and results as ``chunk_titans_memory``; ``kind="mlp"`` on CPU tensors only."""
-    if kind != "mlp":
-        raise ValueError(f"impl='cpu_fused' implements kind='mlp' only, got kind={kind!r}; use impl='chunk'.")
+    """Same arguments and results as ``chunk_titans_memory``; CPU tensors only."""
     if q.device.type != "cpu":
         raise ValueError(f"impl='cpu_fused' runs on CPU tensors, got {q.device}; use impl='chunk' (or 'triton').")
     ws = check_inputs(q, k, v, theta, eta, alpha, weights, kind, chunk_size, state)
@@ -70,13 +68,11 @@ def cpu_fused_titans_memory(
     start = initial_state(ws, B, state)
     dtype = q.dtype if q.dtype in _KERNEL_DTYPES else torch.float32
     items = lambda x: x.flatten(0, 1).to(dtype)  # noqa: E731 - (B, H, ...) -> (B·H, ...)
-    # A state is one block per layer, [W1; S1] and [W2; S2] (titans_chunks.cpp).
-    state1, state2 = (
-        items(torch.stack([w, s], dim=2)) for w, s in zip(start.weights, start.momentum)
-    )
-    y, end1, end2 = _TitansMLPChunkLoop.apply(
-        *(items(x) for x in (q, k, v, theta, eta, alpha)), state1, state2, min(chunk_size, T)
+    # One block per weight, [W; S] (titans_chunks.cpp): [W1; S1], [W2; S2] or [W; S].
+    blocks = [items(torch.stack([w, s], dim=2)) for w, s in zip(start.weights, start.momentum)]
+    y, *ends = _TitansChunkLoop.apply(
+        kind, min(chunk_size, T), *(items(x) for x in (q, k, v, theta, eta, alpha)), *blocks
     )
     unflat = lambda x: x.unflatten(0, (B, H)).to(q.dtype)  # noqa: E731
-    (W1, S1), (W2, S2) = unflat(end1).unbind(2), unflat(end2).unbind(2)
-    return unflat(y), MemoryState((W1, W2), (S1, S2))
+    weights, momentum = zip(*(unflat(end).unbind(2) for end in ends))
+    return unflat(y), MemoryState(tuple(weights), tuple(momentum))
