@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ON_DEVICES
 
 from nl_lightning.models import PRESETS, Hope, Titans, TransformerPP
 from nl_lightning.models.hope import apply_residual_mlp
 from nl_lightning.models.titans import CausalDepthwiseConv, causal_depthwise_conv_naive
+from nl_lightning.ops.causal_conv import cpu_fused_causal_conv
 
 FAMILIES = [Titans, Hope]
 SMALL = {"n_layer": 2, "chunk_size": 8, "proj_chunk_size": 8, "attn_window": 8}
@@ -359,19 +361,58 @@ def test_titans_model_runs_the_triton_memory_like_the_chunk_kernel(triton_linear
         torch.testing.assert_close(grads_triton[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("kernel,length", [(4, 37), (1, 9), (6, 3)], ids=["k4", "k1", "kernel>T"])
-def test_causal_conv_matches_shifted_sum_reference_in_value_and_gradients(kernel, length):
+@pytest.mark.parametrize("fused", [False, True], ids=["aten", "fused"])
+@pytest.mark.parametrize(
+    "kernel,length", [(4, 37), (1, 9), (6, 3), (4, 300)], ids=["k4", "k1", "kernel>T", "k4-T300"]
+)  # T300: the fused backward's blocks of 128 tokens, the last one partial
+def test_causal_conv_matches_shifted_sum_reference_in_value_and_gradients(kernel, length, fused):
     conv = CausalDepthwiseConv(5, kernel).double()
     with torch.no_grad():
         conv.conv.weight.normal_()  # not the identity init: every tap matters
     x = torch.randn(2, length, 5, dtype=torch.float64, requires_grad=True)
-    fast, reference = conv(x), causal_depthwise_conv_naive(x, conv.conv.weight)
+    fast, reference = conv(x, fused=fused), causal_depthwise_conv_naive(x, conv.conv.weight)
     torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(fast)
     fast_grads = torch.autograd.grad(fast, (x, conv.conv.weight), grad)
     reference_grads = torch.autograd.grad(reference, (x, conv.conv.weight), grad)
     for got, expected in zip(fast_grads, reference_grads):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["aten", "fused"])
+def test_causal_conv_normalizes_each_group_of_the_first_channels(fused):
+    """Titans' queries and keys: F.normalize per head over the first ``normalized`` channels, the
+    rest (values) left as the convolution gives them; values and gradients in float64, including a
+    group whose input is all zero (F.normalize's eps clamp)."""
+    conv = CausalDepthwiseConv(10, 3).double()
+    with torch.no_grad():
+        conv.conv.weight.normal_()
+    x = torch.randn(2, 140, 10, dtype=torch.float64)  # more than one of the fused backward's blocks
+    x[1, :, :4] = 0.0  # batch 1: the first group's convolution is exactly zero
+    x.requires_grad_()
+    out = conv(x, normalized=8, group=4, fused=fused)
+    plain = causal_depthwise_conv_naive(x, conv.conv.weight)
+    heads = [F.normalize(plain[..., :4], dim=-1), F.normalize(plain[..., 4:8], dim=-1)]
+    reference = torch.cat([*heads, plain[..., 8:]], -1)
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, conv.conv.weight), grad)
+    expected = torch.autograd.grad(reference, (x, conv.conv.weight), grad)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    if fused:
+        assert torch.autograd.gradcheck(lambda x, w: cpu_fused_causal_conv(x, w, normalized=8, group=4),
+                                        (x.detach()[:1, :9].requires_grad_(), conv.conv.weight))  # not at the clamp
+
+
+def test_fused_causal_conv_rejects_what_it_cannot_run_naming_the_fix():
+    x, weight = torch.randn(1, 5, 6), torch.randn(6, 1, 3)
+    with pytest.raises(ValueError, match="float32/float64 CPU.*memory_impl='chunk'"):
+        cpu_fused_causal_conv(x.bfloat16(), weight.bfloat16())
+    with pytest.raises(ValueError, match="normalized=4 channels.*multiple of group=3"):
+        cpu_fused_causal_conv(x, weight, normalized=4, group=3)
+    with pytest.raises(ValueError, match=r"weight \(C, 1, K\)"):
+        cpu_fused_causal_conv(x, torch.randn(5, 1, 3))
 
 
 def test_causal_conv_output_and_input_gradient_keep_the_b_t_d_layout():

@@ -44,8 +44,9 @@ def test_wheel_contains_and_imports_the_callbacks_package(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("nl_lightning-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "nl_lightning/callbacks/__init__.py" in names
-    for kernel_file in ("bindings.cpp", "dgd_mlp_chunks.cpp", "dgd_shared_key_loop.cpp", "titans_chunks.cpp",
-                        "common.h"):  # fused CPU kernels
+    from nl_lightning.ops.cpu_extension import SOURCES as KERNEL_SOURCES  # the fused CPU kernels' C++ files
+
+    for kernel_file in [path.name for path in KERNEL_SOURCES] + ["common.h"]:
         assert f"nl_lightning/ops/cpu/{kernel_file}" in names
     assert not any(name.startswith("callbacks/") for name in names)
     assert any(name.endswith("entry_points.txt") for name in names)

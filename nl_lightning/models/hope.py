@@ -24,7 +24,7 @@ from nl_lightning.models.layers import RMSNorm
 from nl_lightning.models.titans import CausalDepthwiseConv, gate_bias, merge_heads, split_heads
 from nl_lightning.models.transformer import LanguageModelBackbone
 from nl_lightning.ops.dgd import dgd_memory, dgd_shared_key_update
-from nl_lightning.ops.cpu_extension import use_fused_kernel
+from nl_lightning.ops.cpu_extension import wants_fused_kernel
 from nl_lightning.ops.dgd.cpu_fused import cpu_fused_projection_loop
 
 PROJECTIONS = ("k", "v", "eta", "alpha")
@@ -126,8 +126,7 @@ class SelfModifyingMemory(nn.Module):
     def _fused_projections(self, x: torch.Tensor) -> bool:
         """Whether ``project`` runs as one C++ kernel (``ops/cpu/dgd_shared_key_loop.cpp``): for
         memory_impl "cpu_fused", and for "auto" where ``use_fused_kernel`` says so (CPU, kernel built)."""
-        impl = self.config.memory_impl
-        return impl == "cpu_fused" or (impl == "auto" and use_fused_kernel(x))
+        return wants_fused_kernel(self.config.memory_impl, x)
 
     def _project_fused(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``project`` through the fused kernel: same read-outs, gates and updates as the loop below,
@@ -172,7 +171,7 @@ class SelfModifyingMemory(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.config.n_head
-        x = self.conv(x)
+        x = self.conv(x, fused=wants_fused_kernel(self.config.memory_impl, x))
         # The memories see unit-norm inputs, so their keys, targets and errors are O(1) whatever
         # the residual stream's scale.
         p = self.project(F.normalize(x, dim=-1))

@@ -17,6 +17,8 @@ from torch import nn
 from nl_lightning.models.config import ModelConfig
 from nl_lightning.models.layers import CausalSelfAttention, RMSNorm, SwiGLU
 from nl_lightning.models.transformer import LanguageModelBackbone
+from nl_lightning.ops.causal_conv import KERNEL_DTYPES, cpu_fused_causal_conv
+from nl_lightning.ops.cpu_extension import wants_fused_kernel
 from nl_lightning.ops.titans import titans_memory
 
 
@@ -37,20 +39,34 @@ class CausalDepthwiseConv(nn.Module):
             self.conv.weight.zero_()
             self.conv.weight[:, 0, -1] = 1.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D) → (B, T, D), in x's (B, T, D) memory layout.
+    def forward(self, x: torch.Tensor, *, normalized: int = 0, group: int = 1, fused: bool = False) -> torch.Tensor:
+        """x: (B, T, D) → (B, T, D), in x's (B, T, D) memory layout; then, over each group of
+        ``group`` channels among the first ``normalized``, ``F.normalize`` (Titans' per-head queries
+        and keys).
 
-        Run as a (1 × kernel) 2-d convolution on a channels-last view, whose memory layout *is*
-        (B, T, D): no transposed copy on the way in, and the output (and its gradient) stays
-        contiguous in (B, T, D). A Conv1d on ``x.transpose(1, 2)`` returns a channel-major view
-        instead, and every consumer pays for it: per-head normalisation over a strided last dim,
-        and the convolution's backward on a transposed gradient (together ≈ 2.5× slower
-        fwd+bwd at B=4, T=1024, D=576 on CPU; ``benchmarks/conv_layout.py``).
+        ``fused`` runs it as one C++ kernel (``ops/cpu/causal_conv.cpp``) where that applies (float32
+        or float64 CPU tensors, autocast off; the callers pass ``wants_fused_kernel`` of their
+        memory_impl), else the ATen path below, the reference.
+
+        The ATen convolution runs as a (1 × kernel) 2-d convolution on a channels-last view, whose
+        memory layout *is* (B, T, D): no transposed copy on the way in, and the output (and its
+        gradient) stays contiguous in (B, T, D). A Conv1d on ``x.transpose(1, 2)`` returns a
+        channel-major view instead, and every consumer pays for it: per-head normalisation over a
+        strided last dim, and the convolution's backward on a transposed gradient (together ≈ 2.5×
+        slower fwd+bwd at B=4, T=1024, D=576 on CPU; ``benchmarks/conv_layout.py``).
         """
+        weight = self.conv.weight
+        kernel_dtype = x.dtype in KERNEL_DTYPES and weight.dtype == x.dtype
+        if fused and kernel_dtype and not torch.is_autocast_enabled(x.device.type):
+            return cpu_fused_causal_conv(x, weight, normalized=normalized, group=group)
         padded = F.pad(x, (0, 0, self.kernel - 1, 0))  # (B, T + kernel - 1, D)
         channels_last = padded.unsqueeze(1).permute(0, 3, 1, 2)  # (B, D, 1, T'), strides of (B, T', D)
-        y = F.conv2d(channels_last, self.conv.weight.unsqueeze(2), groups=self.conv.groups)
-        return y.permute(0, 2, 3, 1).squeeze(1)  # (B, T, D)
+        y = F.conv2d(channels_last, weight.unsqueeze(2), groups=self.conv.groups)
+        y = y.permute(0, 2, 3, 1).squeeze(1)  # (B, T, D)
+        if not normalized:
+            return y
+        heads = F.normalize(y[..., :normalized].unflatten(-1, (-1, group)), dim=-1).flatten(-2)
+        return torch.cat([heads, y[..., normalized:]], dim=-1)
 
 
 def causal_depthwise_conv_naive(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -107,10 +123,11 @@ class TitansMemoryLayer(nn.Module):
             self.gates.bias.copy_(torch.tensor([gate_bias(v) for v in self.INITIAL_GATES.values()]).repeat_interleave(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.config.n_head
-        q, k, v = self.conv(self.qkv(x)).chunk(3, dim=-1)
-        q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        c, h = self.config, self.config.n_head
+        qkv = self.qkv(x)
+        # Convolution, then queries and keys (the first 2·d channels) L2-normalised per head.
+        qkv = self.conv(qkv, normalized=2 * c.d_model, group=c.head_dim, fused=wants_fused_kernel(c.memory_impl, qkv))
+        q, k, v = (split_heads(t, h) for t in qkv.chunk(3, dim=-1))
         gate_theta, eta, alpha = torch.sigmoid(self.gates(x)).transpose(1, 2).chunk(3, dim=1)  # (B, H, T) each
         # Inner step θ_t = σ(·)(1 − η_t)/C. Within a chunk all C gradients are taken at the
         # chunk-start state and momentum sums them with weight up to 1/(1 − η); on repetitive

@@ -25,10 +25,8 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SOURCE_DIR = Path(__file__).with_name("cpu")
-SOURCES = [
-    SOURCE_DIR / name
-    for name in ("bindings.cpp", "dgd_mlp_chunks.cpp", "dgd_shared_key_loop.cpp", "titans_chunks.cpp")
-]
+KERNEL_FILES = ("dgd_mlp_chunks.cpp", "dgd_shared_key_loop.cpp", "titans_chunks.cpp", "causal_conv.cpp")
+SOURCES = [SOURCE_DIR / name for name in ("bindings.cpp", *KERNEL_FILES)]
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers (without it the items run on one
 # thread). -march=native: AVX2/FMA for the elementwise loops and substitutions, as inductor builds
 # its CPU kernels; the build's name carries a hash of the CPU's feature flags (``_cpu_tag``), so a
@@ -84,6 +82,12 @@ def use_fused_kernel(x: torch.Tensor) -> bool:
     if x.device.type != "cpu" or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     return fused_kernel_available()
+
+
+def wants_fused_kernel(memory_impl: str, x: torch.Tensor) -> bool:
+    """Whether a model with this ``memory_impl`` runs its fused CPU kernels on ``x``: always for
+    "cpu_fused", and for "auto" where ``use_fused_kernel`` says so."""
+    return memory_impl == "cpu_fused" or (memory_impl == "auto" and use_fused_kernel(x))
 
 
 def fused_kernel_available() -> bool:

@@ -13,6 +13,9 @@ std::vector<Tensor> shared_key_loop_backward(Tensor x, Tensor gate_bias, Tensor 
 std::vector<Tensor> titans_mlp_chunks_forward(std::vector<Tensor> inputs, Tensor st1, Tensor st2, int64_t chunk);
 std::vector<Tensor> titans_mlp_chunks_backward(std::vector<Tensor> inputs, Tensor st1s, Tensor st2s, Tensor dy,
                                                Tensor dst1_end, Tensor dst2_end, int64_t chunk);
+std::vector<Tensor> causal_conv_forward(Tensor x, Tensor w, int64_t normalized, int64_t group);
+std::vector<Tensor> causal_conv_backward(Tensor x, Tensor w, Tensor y, Tensor inv_norm, Tensor dy, int64_t normalized,
+                                         int64_t group);
 std::vector<Tensor> titans_linear_chunks_forward(std::vector<Tensor> inputs, Tensor st, int64_t chunk);
 std::vector<Tensor> titans_linear_chunks_backward(std::vector<Tensor> inputs, Tensor sts, Tensor dy, Tensor dst_end,
                                                   int64_t chunk);
@@ -33,5 +36,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Titans linear memory: fused chunk loop, forward");
   m.def("titans_linear_chunks_backward", &nl_cpu::titans_linear_chunks_backward,
         "Titans linear memory: fused chunk loop, backward");
+  m.def("causal_conv_forward", &nl_cpu::causal_conv_forward,
+        "Causal depthwise convolution with optional per-group L2 normalisation, forward");
+  m.def("causal_conv_backward", &nl_cpu::causal_conv_backward,
+        "Causal depthwise convolution with optional per-group L2 normalisation, backward");
   m.def("has_blas", [] { return sgemm_ != nullptr && dgemm_ != nullptr; });
 }

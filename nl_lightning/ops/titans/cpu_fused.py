@@ -5,7 +5,8 @@ both memory kinds.
 chunk's hand-over and read-outs as tens of small ATen ops over all (batch, head) pairs; the C++
 kernel runs each (batch, head) item's whole loop on one thread instead (why:
 ``ops/cpu_extension.py``), coefficients included, with the backward written out by hand
-(recomputing each chunk from its saved chunk-start state). Same arguments, results and semantics as ``chunk_titans_memory``.
+(recomputing each chunk from its saved chunk-start state). Same arguments, results and semantics
+as ``chunk_titans_memory``.
 """
 
 from __future__ import annotations
