@@ -39,7 +39,9 @@ class CausalDepthwiseConv(nn.Module):
             self.conv.weight.zero_()
             self.conv.weight[:, 0, -1] = 1.0
 
-    def forward(self, x: torch.Tensor, *, normalized: int = 0, group: int = 1, fused: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, normalized: int = 0, group: int = 1, fused: bool = False
+    ) -> torch.Tensor:
         """x: (B, T, D) → (B, T, D), in x's (B, T, D) memory layout; then, over each group of
         ``group`` channels among the first ``normalized``, ``F.normalize`` (Titans' per-head queries
         and keys).
@@ -126,7 +128,8 @@ class TitansMemoryLayer(nn.Module):
         c, h = self.config, self.config.n_head
         qkv = self.qkv(x)
         # Convolution, then queries and keys (the first 2·d channels) L2-normalised per head.
-        qkv = self.conv(qkv, normalized=2 * c.d_model, group=c.head_dim, fused=wants_fused_kernel(c.memory_impl, qkv))
+        fused = wants_fused_kernel(c.memory_impl, qkv)
+        qkv = self.conv(qkv, normalized=2 * c.d_model, group=c.head_dim, fused=fused)
         q, k, v = (split_heads(t, h) for t in qkv.chunk(3, dim=-1))
         gate_theta, eta, alpha = torch.sigmoid(self.gates(x)).transpose(1, 2).chunk(3, dim=1)  # (B, H, T) each
         # Inner step θ_t = σ(·)(1 − η_t)/C. Within a chunk all C gradients are taken at the
