@@ -15,8 +15,9 @@ best tokens/s ratio against the first recipe that any amount of overhead removal
 while keeping the model's kernel shapes. When it is below a throughput goal, that goal needs
 different kernels (fusion, other shapes, other hardware), not less overhead.
 
-The recorder is a dispatch mode, and under one HOPE's default ``memory_impl="auto"`` runs the ATen
-chunk kernels (a fused C++ kernel's insides are invisible to it; ``nl_lightning.ops.dgd.cpu_fused``).
+The recorder is a dispatch mode, and under one the models' default ``memory_impl="auto"`` runs the
+ATen chunk kernels and convolution (a fused C++ kernel's insides are invisible to it;
+``nl_lightning/ops/cpu_extension.py``).
 So the bound is that of the ATen path: time the real steps on the same path with
 ``"--override=--model.init_args.network.init_args.overrides={memory_impl: chunk}"``.
 """
