@@ -115,14 +115,22 @@ def test_memory_stays_finite_on_long_repetitive_text(family, text):
     assert logits.abs().max() < 1e3
 
 
-@pytest.mark.parametrize("impl", ["chunk", "auto"])  # auto: the fused C++ main memory for mlp on CPU
+@pytest.mark.parametrize(
+    ("family", "impl"),
+    [(Hope, "chunk"), (Hope, "auto"), (Titans, "chunk"), (Titans, "cpu_fused")],  # auto: the C++ kernels on CPU
+    ids=["hope-chunk", "hope-auto", "titans-chunk", "titans-cpu_fused"],
+)
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_hope_chunk_kernels_match_the_naive_reference_in_logits_and_grads(kind, impl):
-    """HOPE with the fast kernels (shared-key projection update, chunk main memory) equals its
+def test_fast_kernels_match_the_naive_reference_in_logits_and_grads(family, impl, kind):
+    """The models with their fast kernels (HOPE: shared-key projection update and chunk main
+    memory; Titans: chunk memory; both fused on CPU, with the fused convolution) equal their
     token-by-token reference path, ``memory_impl="naive"``, in the forward and every gradient."""
-    overrides = {"n_layer": 1, "d_model": 32, "n_head": 2, "chunk_size": 4, "proj_chunk_size": 4, "memory_kind": kind}
-    fast = small_model(Hope, **overrides, memory_impl=impl).double()
-    reference = small_model(Hope, **overrides, memory_impl="naive").double()
+    overrides = {
+        "n_layer": 1 if family is Hope else 2,  # Titans: a memory layer, then attention
+        "d_model": 32, "n_head": 2, "chunk_size": 4, "proj_chunk_size": 4, "memory_kind": kind,
+    }  # fmt: skip
+    fast = small_model(family, **overrides, memory_impl=impl).double()
+    reference = small_model(family, **overrides, memory_impl="naive").double()
     reference.load_state_dict(fast.state_dict())
     tokens = torch.randint(0, 256, (2, 14))  # 14 = 3 full chunks and a partial one
     results = []
@@ -191,11 +199,12 @@ def test_hope_fused_projection_loop_matches_float32_at_tiny_size():
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
 
 
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("setting", ["bfloat16 model", "autocast"])
-def test_hope_fused_kernels_in_half_precision_match_the_aten_path(setting):
+def test_fused_kernels_in_half_precision_match_the_aten_path(family, setting):
     """The fused kernels compute in float32 and hand back the dtype the ATen path would."""
-    aten = small_model(Hope, memory_impl="chunk")
-    fused = small_model(Hope, memory_impl="cpu_fused")
+    aten = small_model(family, memory_impl="chunk")
+    fused = small_model(family, memory_impl="cpu_fused")
     tokens = torch.randint(0, 256, (2, 20))
     logits = []
     for model in (aten, fused):
@@ -239,42 +248,6 @@ def test_hope_auto_runs_both_fused_kernels_on_cpu_and_aten_under_a_dispatch_mode
     with FlopCounterMode(display=False) as reference_counter:
         reference(tokens)
     assert counter.get_total_flops() == reference_counter.get_total_flops() > 0
-
-
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_titans_fused_kernel_matches_the_naive_reference_in_logits_and_grads(kind):
-    """Titans with memory_impl="cpu_fused" (ops/cpu/titans_chunks.cpp) equals its token-by-token
-    reference path in the forward and every gradient."""
-    overrides = {"n_layer": 2, "d_model": 32, "n_head": 2, "chunk_size": 4, "memory_kind": kind}
-    fused = small_model(Titans, **overrides, memory_impl="cpu_fused").double()
-    reference = small_model(Titans, **overrides, memory_impl="naive").double()
-    reference.load_state_dict(fused.state_dict())
-    tokens = torch.randint(0, 256, (2, 14))  # 3 full chunks and a partial one
-    results = []
-    for model in (fused, reference):
-        logits = model(tokens)
-        (logits.square().mean()).backward()
-        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (logits_fused, grads_fused), (logits_ref, grads_ref) = results
-    torch.testing.assert_close(logits_fused, logits_ref, rtol=1e-9, atol=1e-9)
-    for name, grad in grads_ref.items():
-        torch.testing.assert_close(grads_fused[name], grad, rtol=1e-8, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
-
-
-@pytest.mark.parametrize("setting", ["bfloat16 model", "autocast"])
-def test_titans_fused_kernel_in_half_precision_matches_the_aten_path(setting):
-    aten = small_model(Titans, memory_impl="chunk")
-    fused = small_model(Titans, memory_impl="cpu_fused")
-    tokens = torch.randint(0, 256, (2, 20))
-    logits = []
-    for model in (aten, fused):
-        if setting == "bfloat16 model":
-            logits.append(model.bfloat16()(tokens))
-        else:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits.append(model(tokens))
-    assert logits[1].dtype == logits[0].dtype and torch.isfinite(logits[1]).all()
-    torch.testing.assert_close(logits[1].float(), logits[0].float(), atol=0.1, rtol=0.05)
 
 
 def test_titans_auto_runs_the_fused_kernel_on_cpu_and_aten_under_a_dispatch_mode(monkeypatch):
