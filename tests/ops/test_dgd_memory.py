@@ -12,7 +12,7 @@ from conftest import ON_DEVICES
 
 import nl_lightning.ops.dgd as dgd_ops
 from nl_lightning.ops import cpu_extension
-from nl_lightning.ops.dgd import cpu_fused, dgd_memory, dgd_shared_key_update
+from nl_lightning.ops.dgd import dgd_memory, dgd_shared_key_update
 
 B, H, T, D, DH = 2, 2, 10, 4, 6
 F64 = dict(atol=1e-10, rtol=1e-10)
