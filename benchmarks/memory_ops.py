@@ -7,7 +7,7 @@ chunk kernels' peak memory at two sequence lengths.
 
 On a CPU the fused C++ kernel (``cpu_fused``, ``nl_lightning/ops/cpu/titans_chunks.cpp``; the same
 chunked math, each (batch, head) item's loop on one thread) is a column too; ``--no-cpu-fused``
-leaves it out. Its first call builds the extension (reported apart, 1–2 minutes, cached).
+leaves it out. Its first call builds the extension (reported apart, under a minute, cached).
 
 All implementations are timed in the same process, interleaved repeat by repeat, so a change in
 machine load hits both columns alike; the table reports medians and their ratio. Each timed call

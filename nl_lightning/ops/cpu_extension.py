@@ -9,8 +9,8 @@ with the backward written out by hand. Their autograd wrappers are ``ops/dgd/cpu
 and ``ops/titans/cpu_fused.py`` (Titans).
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler
-and ninja are needed; 1–2 minutes on 2 cores, cached afterwards under ``TORCH_EXTENSIONS_DIR``). float32
-and float64 CPU tensors. ``memory_impl="auto"`` (the models' default) uses the kernels where
+and ninja are needed; under a minute on 2 cores, cached afterwards under ``TORCH_EXTENSIONS_DIR``).
+float32 and float64 CPU tensors. ``memory_impl="auto"`` (the models' default) uses the kernels where
 ``use_fused_kernel`` allows and the ATen kernels elsewhere.
 """
 

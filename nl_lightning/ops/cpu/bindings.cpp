@@ -1,5 +1,7 @@
 // Python bindings of the fused CPU memory kernels (loaded by nl_lightning/ops/cpu_extension.py).
 
+#include <torch/extension.h>
+
 #include "common.h"
 
 namespace nl_cpu {

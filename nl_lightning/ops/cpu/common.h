@@ -1,9 +1,11 @@
 // Helpers shared by the fused CPU memory kernels (dgd_mlp_chunks.cpp, dgd_shared_key_loop.cpp,
-// titans_chunks.cpp): row-major GEMM through the BLAS torch links, unit-triangular substitutions,
-// a vectorisable exp and SiLU.
+// titans_chunks.cpp, causal_conv.cpp): row-major GEMM through the BLAS torch links, unit-triangular
+// substitutions, a vectorisable exp and SiLU.
 #pragma once
 
-#include <torch/extension.h>
+// ATen only, not torch/extension.h (pybind11 and the C++ frontend): it parses in about a third of
+// the time, and every kernel file includes this header (bindings.cpp adds the Python side).
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
