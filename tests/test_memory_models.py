@@ -189,6 +189,23 @@ def test_hope_fused_projection_loop_matches_the_aten_loop_float64(length, proj_c
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_hope_fused_projection_loop_gives_identical_results_on_one_and_two_threads():
+    """One batch element per thread with its own scratch: the thread count must not change a bit."""
+    mixer = small_model(Hope, n_layer=1, d_model=32, n_head=2, proj_chunk_size=4, memory_impl="cpu_fused")
+    mixer = mixer.blocks[0].mixer
+    x = torch.nn.functional.normalize(torch.randn(3, 14, 32), dim=-1).requires_grad_()
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(_projection_run(mixer, x))
+    finally:
+        torch.set_num_threads(threads)
+    for a, e in zip(runs[1], runs[0]):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+
+
 def test_hope_fused_projection_loop_matches_float32_at_tiny_size():
     aten = Hope("tiny", overrides={"n_layer": 1, "memory_impl": "chunk"}).blocks[0].mixer
     fused = Hope("tiny", overrides={"n_layer": 1, "memory_impl": "cpu_fused"}).blocks[0].mixer
@@ -376,6 +393,24 @@ def test_causal_conv_normalizes_each_group_of_the_first_channels(fused):
     if fused:
         assert torch.autograd.gradcheck(lambda x, w: cpu_fused_causal_conv(x, w, normalized=8, group=4),
                                         (x.detach()[:1, :9].requires_grad_(), conv.conv.weight))  # not at the clamp
+
+
+def test_fused_causal_conv_agrees_on_one_and_two_threads():
+    """Rows are split between threads (and the weight gradient summed from per-thread parts): the
+    thread count may change only the rounding of that sum."""
+    x = torch.randn(3, 300, 10, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(10, 1, 4, dtype=torch.float64, requires_grad=True)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y = cpu_fused_causal_conv(x, weight, normalized=8, group=4)
+            results.append((y, *torch.autograd.grad(y.square().sum(), (x, weight))))
+    finally:
+        torch.set_num_threads(threads)
+    for a, e in zip(results[1], results[0]):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
 def test_fused_causal_conv_rejects_what_it_cannot_run_naming_the_fix():

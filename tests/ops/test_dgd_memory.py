@@ -124,6 +124,21 @@ def test_cpu_fused_gradients_when_only_the_read_outs_are_used():
         torch.testing.assert_close(a, e, **F64)
 
 
+def test_cpu_fused_gives_identical_results_on_one_and_two_threads():
+    """One (batch, head) item per thread with the thread's own scratch: the thread count must not
+    change a single bit (a shared buffer would show up here)."""
+    seq, weights = make_inputs("mlp", batch=3, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(run_with_grads(seq, weights, kind="mlp", chunk_size=4, impl="cpu_fused"))
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_run(runs[1], runs[0], atol=0, rtol=0)
+
+
 def test_cpu_fused_backward_matches_finite_differences():
     seq, weights = make_inputs("mlp", batch=1, length=5)
     names = list(seq)

@@ -300,6 +300,22 @@ def test_cpu_fused_gradients_when_only_the_read_outs_are_used(kind):
         torch.testing.assert_close(a, e, **F64)
 
 
+@KINDS
+def test_cpu_fused_gives_identical_results_on_one_and_two_threads(kind):
+    """Each (batch, head) item runs start to end on one thread with that thread's own scratch, so
+    the thread count must not change a single bit (a shared buffer would show up here)."""
+    seq, weights = make_inputs(kind, batch=3, length=21, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(run_with_grads(cpu_fused_titans_memory, seq, weights, kind=kind, chunk_size=4))
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_run(runs[1], runs[0], atol=0, rtol=0)
+
+
 def test_cpu_fused_computes_half_precision_inputs_in_float32():
     seq, weights = make_inputs("mlp", dtype=torch.float32)
     half = {n: x.detach().bfloat16().requires_grad_() for n, x in seq.items()}
