@@ -17,8 +17,8 @@ from torch import nn
 from nl_lightning.models.config import ModelConfig
 from nl_lightning.models.layers import CausalSelfAttention, RMSNorm, SwiGLU
 from nl_lightning.models.transformer import LanguageModelBackbone
-from nl_lightning.ops.causal_conv import KERNEL_DTYPES, cpu_fused_causal_conv
-from nl_lightning.ops.cpu_extension import wants_fused_kernel
+from nl_lightning.ops.causal_conv import cpu_fused_causal_conv
+from nl_lightning.ops.cpu_extension import KERNEL_DTYPES, wants_fused_kernel
 from nl_lightning.ops.titans import titans_memory
 
 

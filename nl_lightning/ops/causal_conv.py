@@ -13,9 +13,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from nl_lightning.ops.cpu_extension import load_extension
-
-KERNEL_DTYPES = (torch.float32, torch.float64)
+from nl_lightning.ops.cpu_extension import KERNEL_DTYPES, load_extension
 
 
 class _CausalConv(torch.autograd.Function):

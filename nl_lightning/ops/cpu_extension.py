@@ -34,6 +34,7 @@ SOURCES = [SOURCE_DIR / name for name in ("bindings.cpp", *KERNEL_FILES)]
 # instructions. -fno-trapping-math lets GCC turn the exp's clamps into selects so that the
 # activation loops vectorise.
 CFLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-trapping-math"]
+KERNEL_DTYPES = (torch.float32, torch.float64)  # what the kernels are built for (AT_DISPATCH_FLOATING_TYPES)
 _extension = None
 _unavailable: str | None = None
 

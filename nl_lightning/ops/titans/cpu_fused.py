@@ -15,12 +15,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from nl_lightning.ops.cpu_extension import load_extension
+from nl_lightning.ops.cpu_extension import KERNEL_DTYPES, load_extension
 
 from .common import MemoryState, Weights, check_inputs, initial_state
-
-# dtypes the kernel computes in; others (bfloat16, float16) are computed in float32.
-_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 class _TitansChunkLoop(torch.autograd.Function):
@@ -67,7 +64,7 @@ def cpu_fused_titans_memory(
     ws = check_inputs(q, k, v, theta, eta, alpha, weights, kind, chunk_size, state)
     B, H, T, D = q.shape
     start = initial_state(ws, B, state)
-    dtype = q.dtype if q.dtype in _KERNEL_DTYPES else torch.float32
+    dtype = q.dtype if q.dtype in KERNEL_DTYPES else torch.float32  # bf16, fp16: computed in float32
     items = lambda x: x.flatten(0, 1).to(dtype)  # noqa: E731 - (B, H, ...) -> (B·H, ...)
     # One block per weight, [W; S] (titans_chunks.cpp): [W1; S1], [W2; S2] or [W; S].
     blocks = [items(torch.stack([w, s], dim=2)) for w, s in zip(start.weights, start.momentum)]
