@@ -59,3 +59,30 @@ def load_script(path: Path, name: str | None = None) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def unbuildable_cpu_kernels(monkeypatch):
+    """The fused CPU kernels as on a machine without a compiler: nothing built yet, and building
+    raises the error ``cpu_extension.load_extension`` raises there."""
+    from nl_lightning.ops import cpu_extension
+
+    def no_compiler():
+        raise RuntimeError("could not build the fused CPU memory kernels: no compiler.")
+
+    monkeypatch.setattr(cpu_extension, "_extension", None)
+    monkeypatch.setattr(cpu_extension, "_unavailable", None)
+    monkeypatch.setattr(cpu_extension, "load_extension", no_compiler)
+
+
+def on_one_and_two_threads(fn):
+    """``[fn() with torch on 1 thread, fn() on 2 threads]``; the thread count is restored after."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(threads)

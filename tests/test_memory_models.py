@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ON_DEVICES
+from conftest import ON_DEVICES, on_one_and_two_threads
 
 from nl_lightning.models import PRESETS, Hope, Titans, TransformerPP
 from nl_lightning.models.hope import apply_residual_mlp
@@ -194,14 +194,7 @@ def test_hope_fused_projection_loop_gives_identical_results_on_one_and_two_threa
     mixer = small_model(Hope, n_layer=1, d_model=32, n_head=2, proj_chunk_size=4, memory_impl="cpu_fused")
     mixer = mixer.blocks[0].mixer
     x = torch.nn.functional.normalize(torch.randn(3, 14, 32), dim=-1).requires_grad_()
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            runs.append(_projection_run(mixer, x))
-    finally:
-        torch.set_num_threads(threads)
+    runs = on_one_and_two_threads(lambda: _projection_run(mixer, x))
     for a, e in zip(runs[1], runs[0]):
         torch.testing.assert_close(a, e, atol=0, rtol=0)
 
@@ -400,15 +393,12 @@ def test_fused_causal_conv_agrees_on_one_and_two_threads():
     thread count may change only the rounding of that sum."""
     x = torch.randn(3, 300, 10, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(10, 1, 4, dtype=torch.float64, requires_grad=True)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            y = cpu_fused_causal_conv(x, weight, normalized=8, group=4)
-            results.append((y, *torch.autograd.grad(y.square().sum(), (x, weight))))
-    finally:
-        torch.set_num_threads(threads)
+
+    def run():
+        y = cpu_fused_causal_conv(x, weight, normalized=8, group=4)
+        return (y, *torch.autograd.grad(y.square().sum(), (x, weight)))
+
+    results = on_one_and_two_threads(run)
     for a, e in zip(results[1], results[0]):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 

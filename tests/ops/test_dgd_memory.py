@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ON_DEVICES
+from conftest import ON_DEVICES, on_one_and_two_threads
 
 import nl_lightning.ops.dgd as dgd_ops
 from nl_lightning.ops import cpu_extension
@@ -128,14 +128,7 @@ def test_cpu_fused_gives_identical_results_on_one_and_two_threads():
     """One (batch, head) item per thread with the thread's own scratch: the thread count must not
     change a single bit (a shared buffer would show up here)."""
     seq, weights = make_inputs("mlp", batch=3, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            runs.append(run_with_grads(seq, weights, kind="mlp", chunk_size=4, impl="cpu_fused"))
-    finally:
-        torch.set_num_threads(threads)
+    runs = on_one_and_two_threads(lambda: run_with_grads(seq, weights, kind="mlp", chunk_size=4, impl="cpu_fused"))
     assert_same_run(runs[1], runs[0], atol=0, rtol=0)
 
 
@@ -177,13 +170,7 @@ def test_auto_picks_the_fused_kernel_for_mlp_memories_on_cpu(monkeypatch, kind, 
     assert calls == {"cpu_fused": int(expected == "cpu_fused"), "chunk": int(expected == "chunk")}
 
 
-def test_auto_falls_back_to_chunk_with_one_warning_when_the_kernel_cannot_build(monkeypatch):
-    def no_compiler():
-        raise RuntimeError("could not build the fused CPU DGD kernel (mlp_chunks.cpp): no compiler.")
-
-    monkeypatch.setattr(cpu_extension, "_extension", None)
-    monkeypatch.setattr(cpu_extension, "_unavailable", None)
-    monkeypatch.setattr(cpu_extension, "load_extension", no_compiler)
+def test_auto_falls_back_to_chunk_with_one_warning_when_the_kernel_cannot_build(monkeypatch, unbuildable_cpu_kernels):
     calls = _count_calls(monkeypatch)
     seq, weights = make_inputs("mlp")
     with pytest.warns(RuntimeWarning, match="no compiler.*falls back to 'chunk'"):

@@ -13,9 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ON_DEVICES
+from conftest import ON_DEVICES, on_one_and_two_threads
 
-from nl_lightning.ops import cpu_extension
 from nl_lightning.ops.titans import (
     MemoryState,
     chunk_titans_memory,
@@ -305,14 +304,9 @@ def test_cpu_fused_gives_identical_results_on_one_and_two_threads(kind):
     """Each (batch, head) item runs start to end on one thread with that thread's own scratch, so
     the thread count must not change a single bit (a shared buffer would show up here)."""
     seq, weights = make_inputs(kind, batch=3, length=21, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            runs.append(run_with_grads(cpu_fused_titans_memory, seq, weights, kind=kind, chunk_size=4))
-    finally:
-        torch.set_num_threads(threads)
+    runs = on_one_and_two_threads(
+        lambda: run_with_grads(cpu_fused_titans_memory, seq, weights, kind=kind, chunk_size=4)
+    )
     assert_same_run(runs[1], runs[0], atol=0, rtol=0)
 
 
@@ -365,15 +359,11 @@ def test_auto_uses_the_fused_kernel_on_cpu_and_aten_under_a_dispatch_mode(monkey
     assert calls == {"cpu_fused": 1, "chunk": 1}
 
 
-def test_auto_falls_back_to_chunk_with_one_warning_when_the_kernels_cannot_build(monkeypatch):
+def test_auto_falls_back_to_chunk_with_one_warning_when_the_kernels_cannot_build(
+    monkeypatch, unbuildable_cpu_kernels
+):
     import warnings
 
-    def no_compiler():
-        raise RuntimeError("could not build the fused CPU memory kernels: no compiler.")
-
-    monkeypatch.setattr(cpu_extension, "_extension", None)
-    monkeypatch.setattr(cpu_extension, "_unavailable", None)
-    monkeypatch.setattr(cpu_extension, "load_extension", no_compiler)
     calls = _count_impls(monkeypatch)
     seq, weights = make_inputs("mlp")
     with pytest.warns(RuntimeWarning, match="no compiler.*falls back to 'chunk'"):
