@@ -17,8 +17,6 @@
 namespace nl_cpu {
 namespace {
 
-constexpr double kNormEps = 1e-12;  // F.normalize's default
-
 // Rows [begin, end) of the flattened (B·T) sequence: the convolution (and normalisation) forward.
 template <typename T>
 void conv_rows(int64_t begin, int64_t end, int64_t T_len, int C, int K, int normalized, int group, const T* x,

@@ -27,6 +27,8 @@ namespace nl_cpu {
 
 using at::Tensor;
 
+constexpr double kNormEps = 1e-12;  // F.normalize's default
+
 // Row-major C (M x N) = alpha op(A) op(B) + beta C. BLAS is column-major, so it computes
 // Cᵀ = op(B)ᵀ op(A)ᵀ with the operands swapped.
 template <typename T>
@@ -171,11 +173,40 @@ void build_system(int L, const T* eta, const T* pr, const T* gram, T* s) {
     for (int i = 0; i < L; ++i) s[t * L + i] = i < t ? eta[t] * pr[t * L + i] * gram[t * L + i] : T(0);
 }
 
-// y_t = ρ_t x_t for rows t of width cols (the update vectors' share left at the chunk end).
+// y_i (+)= s_i x_i for rows i of width cols (leading dimensions ldx, ldy).
+template <typename T>
+void scale_rows_into(int L, int cols, const T* s, const T* x, int ldx, T* y, int ldy, bool accumulate) {
+  for (int i = 0; i < L; ++i)
+    for (int j = 0; j < cols; ++j)
+      y[i * ldy + j] = (accumulate ? y[i * ldy + j] : T(0)) + s[i] * x[i * ldx + j];
+}
+
+// Σ_j x_ij y_ij per row i, added to out[i].
+template <typename T>
+void add_row_dots(int L, int cols, const T* x, int ldx, const T* y, int ldy, T* out) {
+  for (int i = 0; i < L; ++i) {
+    const T* __restrict__ xi = x + i * ldx;
+    const T* __restrict__ yi = y + i * ldy;
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int j = 0; j < cols; ++j) acc += xi[j] * yi[j];
+    out[i] += acc;
+  }
+}
+
+// Σ_i x_i y_i.
+template <typename T>
+T dot(int n, const T* x, const T* y) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int i = 0; i < n; ++i) acc += x[i] * y[i];
+  return acc;
+}
+
+// y_t = ρ_t x_t for contiguous rows t of width cols (the update vectors' share left at the chunk end).
 template <typename T>
 void scale_rows(int L, int cols, const T* rho, const T* x, T* y) {
-  for (int t = 0; t < L; ++t)
-    for (int j = 0; j < cols; ++j) y[t * cols + j] = rho[t] * x[t * cols + j];
+  scale_rows_into(L, cols, rho, x, cols, y, cols, false);
 }
 
 // Backward of scale_rows: dx = ρ ⊙ dy (written), dρ_t += Σ_j x_tj dy_tj.

@@ -30,7 +30,6 @@ namespace {
 
 constexpr int kMemories = 4;  // k, v, η, α, in this order (hope.PROJECTIONS)
 enum Memory { kKey = 0, kValue = 1, kEta = 2, kAlpha = 3 };
-constexpr double kNormEps = 1e-12;  // F.normalize's default
 
 template <typename T>
 struct ProjectionWork {

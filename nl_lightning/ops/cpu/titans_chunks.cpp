@@ -151,35 +151,6 @@ struct ChunkGrads {
   T *q, *k, *v, *theta, *eta, *alpha;
 };
 
-// y_i (+)= s_i x_i for rows of width cols.
-template <typename T>
-void scale_rows_into(int L, int cols, const T* s, const T* x, int ldx, T* y, int ldy, bool accumulate) {
-  for (int i = 0; i < L; ++i)
-    for (int j = 0; j < cols; ++j)
-      y[i * ldy + j] = (accumulate ? y[i * ldy + j] : T(0)) + s[i] * x[i * ldx + j];
-}
-
-// Σ_j x_ij y_ij per row i, added to out[i].
-template <typename T>
-void add_row_dots(int L, int cols, const T* x, int ldx, const T* y, int ldy, T* out) {
-  for (int i = 0; i < L; ++i) {
-    const T* __restrict__ xi = x + i * ldx;
-    const T* __restrict__ yi = y + i * ldy;
-    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int j = 0; j < cols; ++j) acc += xi[j] * yi[j];
-    out[i] += acc;
-  }
-}
-
-template <typename T>
-T dot(int n, const T* x, const T* y) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int i = 0; i < n; ++i) acc += x[i] * y[i];
-  return acc;
-}
-
 // Everything one chunk's forward computes; the backward recomputes it and reads it.
 template <typename T>
 struct MlpChunk {
