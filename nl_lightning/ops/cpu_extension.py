@@ -104,3 +104,9 @@ def fused_kernel_available() -> bool:
             _unavailable = str(error)
             warnings.warn(f"{error} memory_impl='auto' falls back to 'chunk'.", RuntimeWarning, stacklevel=3)
     return False
+
+
+def dense_grad(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """An output's gradient as the kernels' backwards take it: contiguous, and zeros (shaped like
+    the output) where autograd passes None because the output was not used."""
+    return torch.zeros_like(like) if grad is None else grad.contiguous()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from nl_lightning.ops.cpu_extension import load_extension
+from nl_lightning.ops.cpu_extension import dense_grad, load_extension
 from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
 
 
@@ -36,9 +36,7 @@ class _MLPChunkLoop(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_out, d_w1, d_w2):
         *inputs, w1s, w2s = ctx.saved_tensors
-        d_out = torch.zeros_like(inputs[0]) if d_out is None else d_out.contiguous()
-        d_w1 = torch.zeros_like(w1s[:, -1]) if d_w1 is None else d_w1.contiguous()
-        d_w2 = torch.zeros_like(w2s[:, -1]) if d_w2 is None else d_w2.contiguous()
+        d_out, d_w1, d_w2 = dense_grad(d_out, inputs[0]), dense_grad(d_w1, w1s[:, -1]), dense_grad(d_w2, w2s[:, -1])
         return tuple(load_extension().mlp_chunks_backward(inputs, w1s, w2s, d_out, d_w1, d_w2))
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from nl_lightning.ops.cpu_extension import KERNEL_DTYPES, load_extension
+from nl_lightning.ops.cpu_extension import KERNEL_DTYPES, dense_grad, load_extension
 
 from .common import MemoryState, Weights, check_inputs, initial_state
 
@@ -38,8 +38,8 @@ class _TitansChunkLoop(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_y, *d_blocks):
         inputs, saved = list(ctx.saved_tensors[:6]), ctx.saved_tensors[6:]
-        d_y = torch.zeros_like(inputs[2]) if d_y is None else d_y.contiguous()
-        d_blocks = [torch.zeros_like(s[:, -1]) if d is None else d.contiguous() for d, s in zip(d_blocks, saved)]
+        d_y = dense_grad(d_y, inputs[2])
+        d_blocks = [dense_grad(d, s[:, -1]) for d, s in zip(d_blocks, saved)]
         backward = getattr(load_extension(), f"titans_{ctx.kind}_chunks_backward")
         grads = backward(inputs, *saved, d_y, *d_blocks, ctx.chunk_size)
         return (None, None, *grads)
