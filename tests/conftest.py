@@ -49,6 +49,18 @@ def triton_linear(monkeypatch):
 
 
 @pytest.fixture
+def triton_device(monkeypatch):
+    """Where Triton kernels run in this test: "cuda" on a GPU machine, else "cpu" under Triton's
+    interpreter (skips where triton is not installed)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed; install the dev extra to test the Triton kernels")
+    if torch.cuda.is_available():
+        return "cuda"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernels are jitted and launched
+    return "cpu"
+
+
+@pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
 

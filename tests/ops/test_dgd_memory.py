@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,6 +154,119 @@ def test_cpu_fused_refuses_the_linear_kind_naming_the_fix():
         dgd_memory(**seq, weights=weights, kind="linear", chunk_size=4, impl="cpu_fused")
 
 
+def _device_for(impl, request):
+    """The device a test runs ``impl`` on: Triton's (``triton_device``), else the CPU."""
+    return request.getfixturevalue("triton_device") if impl == "triton" else "cpu"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, T, 16], ids=["online", "C3", "C4", "C=T", "C>T"])
+def test_triton_matches_naive_forward_and_grads_float64(triton_device, chunk_size):
+    """The Triton chunk loop (hand-written backward; the interpreter on a machine without a GPU)."""
+    seq, weights = make_inputs("mlp", device=triton_device)
+    expected = run_with_grads(seq, weights, kind="mlp", chunk_size=chunk_size, impl="naive")
+    actual = run_with_grads(seq, weights, kind="mlp", chunk_size=chunk_size, impl="triton")
+    assert_same_run(actual, expected, **F64)
+
+
+def test_triton_matches_chunk_float32_at_model_sizes(triton_device):
+    """float32 at HOPE-tiny's head size (48: padded to a 64-wide tile), whole chunks of 64 and a
+    partial one, against the ATen chunk kernel."""
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, length, dim, hidden = 1, 2, 150, 48, 40
+    seq = {
+        "q": F.normalize(torch.randn(batch, heads, length, dim, generator=gen), dim=-1),
+        "k": F.normalize(torch.randn(batch, heads, length, dim, generator=gen), dim=-1),
+        "v": torch.randn(batch, heads, length, dim, generator=gen),
+        "eta": 0.01 * torch.rand(batch, heads, length, generator=gen),
+        "alpha": 0.9 + 0.1 * torch.rand(batch, heads, length, generator=gen),
+    }
+    weights = (0.02 * torch.randn(heads, dim, hidden, generator=gen), torch.randn(heads, hidden, dim, generator=gen) / 7)
+    seq = {n: x.to(triton_device).requires_grad_() for n, x in seq.items()}
+    weights = tuple(w.to(triton_device).requires_grad_() for w in weights)
+    expected = run_with_grads(seq, weights, kind="mlp", chunk_size=64, impl="chunk")
+    actual = run_with_grads(seq, weights, kind="mlp", chunk_size=64, impl="triton")
+    assert_same_run(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_triton_gradients_when_only_the_read_outs_are_used(triton_device):
+    seq, weights = make_inputs("mlp", device=triton_device)
+    grads = {}
+    for impl in ("chunk", "triton"):
+        o, _ = dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl=impl)
+        grads[impl] = torch.autograd.grad(o.square().sum(), [*seq.values(), *weights])
+    for a, e in zip(grads["triton"], grads["chunk"]):
+        torch.testing.assert_close(a, e, **F64)
+
+
+def test_triton_continues_from_a_passed_state(triton_device):
+    seq, weights = make_inputs("mlp", device=triton_device)
+    whole, whole_state = dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl="chunk")
+    first = {n: x[:, :, :8] for n, x in seq.items()}
+    second = {n: x[:, :, 8:] for n, x in seq.items()}
+    o1, mid = dgd_memory(**first, weights=weights, kind="mlp", chunk_size=4, impl="triton")
+    o2, state = dgd_memory(**second, state=mid, kind="mlp", chunk_size=4, impl="triton")
+    torch.testing.assert_close(torch.cat([o1, o2], dim=2), whole, **F64)
+    for a, e in zip(state, whole_state):
+        torch.testing.assert_close(a, e, **F64)
+
+
+def test_triton_refuses_the_linear_kind_and_uninterpreted_cpu_tensors(triton_device, monkeypatch):
+    seq, weights = make_inputs("linear", device=triton_device)
+    with pytest.raises(ValueError, match="kind='mlp' only, got kind='linear'; use impl='chunk'"):
+        dgd_memory(**seq, weights=weights, kind="linear", chunk_size=4, impl="triton")
+    from nl_lightning.ops.dgd import triton_mlp
+
+    monkeypatch.setattr(triton_mlp, "interpreting", lambda: False)
+    seq, weights = make_inputs("mlp")
+    with pytest.raises(RuntimeError, match="CPU tensors but Triton is not in interpreter mode"):
+        dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl="triton")
+
+
+def test_triton_kernels_compile_once_for_any_length_and_chunk_size():
+    # Triton specialises ints that are 1 or multiples of 16 unless told not to: a new length or
+    # chunk size would recompile, and the backward kernel takes minutes to compile.
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed; install the dev extra to test the Triton kernels")
+    source = (Path(dgd_ops.__file__).parent / "triton_mlp_kernels.py").read_text()
+    assert source.count("@triton.jit(do_not_specialize=RUNTIME_INTS)") == 2
+    assert 'RUNTIME_INTS = ["N", "C", "D", "DH"]' in source
+
+
+CUDA_COMPILE_CHECK = """
+import sys
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nl_lightning.ops.dgd import triton_mlp
+
+arch, shared_limit = int(sys.argv[1]), int(sys.argv[2])
+options = triton_mlp.launch_options(64, 48, 48, torch.float32)  # HOPE-tiny's main memory
+constants = {name: options.pop(name) for name in ("TINY", "BLOCK_C", "BLOCK_D", "BLOCK_H")}
+for kernel in triton_mlp.kernels():
+    names = kernel.arg_names
+    first_int = names.index("N")
+    signature = {n: "*fp32" if i < first_int else "constexpr" if n in constants else "i32" for i, n in enumerate(names)}
+    source = ASTSource(kernel, signature, constexprs={(names.index(n),): v for n, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    assert compiled.metadata.shared <= shared_limit, (kernel.__name__, compiled.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_an_h100_within_its_shared_memory():
+    # No GPU is needed to run Triton's compiler down to a cubin; this catches what the
+    # interpreter does not check (dot shapes, loop-carried types, shared-memory size). In a
+    # subprocess because a process that imported Triton in interpreter mode cannot compile.
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed; install the dev extra to test the Triton kernels")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    command = [sys.executable, "-c", CUDA_COMPILE_CHECK, "90", str(227 * 1024)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def _count_calls(monkeypatch):
     calls = {"cpu_fused": 0, "chunk": 0}
     for name in calls:
@@ -244,10 +362,11 @@ def test_batch_elements_do_not_share_state(kind):
 
 @pytest.mark.parametrize(
     ("kind", "impl"),
-    [("linear", "naive"), ("linear", "chunk"), ("mlp", "naive"), ("mlp", "chunk"), ("mlp", "cpu_fused")],
+    [("linear", "naive"), ("linear", "chunk"), ("mlp", "naive"), ("mlp", "chunk"), ("mlp", "cpu_fused"),
+     ("mlp", "triton")],
 )
-def test_output_at_t_ignores_later_tokens(kind, impl):
-    seq, weights = make_inputs(kind)
+def test_output_at_t_ignores_later_tokens(kind, impl, request):
+    seq, weights = make_inputs(kind, device=_device_for(impl, request))
     o, _ = dgd_memory(**seq, weights=weights, kind=kind, chunk_size=4, impl=impl)
     t0 = 5  # mid-chunk, so later tokens of the same chunk are perturbed too
     changed = {name: x.detach().clone() for name, x in seq.items()}
@@ -258,9 +377,9 @@ def test_output_at_t_ignores_later_tokens(kind, impl):
     assert not torch.allclose(o2[:, :, t0:], o[:, :, t0:])
 
 
-@pytest.mark.parametrize("impl", ["naive", "chunk", "cpu_fused"])
-def test_sequence_shorter_than_chunk_still_updates_state(impl):
-    seq, weights = make_inputs("mlp", length=3)
+@pytest.mark.parametrize("impl", ["naive", "chunk", "cpu_fused", "triton"])
+def test_sequence_shorter_than_chunk_still_updates_state(impl, request):
+    seq, weights = make_inputs("mlp", length=3, device=_device_for(impl, request))
     _, state = dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=8, impl=impl)
     for initial, final in zip(weights, state):
         assert not torch.allclose(final, initial.expand_as(final))
@@ -290,11 +409,11 @@ def test_state_passed_over_two_calls_equals_one_call(kind, chunk_size, split):
     assert_same_run((o, state, grads), whole, **F64)
 
 
-@pytest.mark.parametrize("impl", ["chunk", "cpu_fused"])
-def test_tiny_alpha_stays_finite_and_matches_naive(impl):
+@pytest.mark.parametrize("impl", ["chunk", "cpu_fused", "triton"])
+def test_tiny_alpha_stays_finite_and_matches_naive(impl, request):
     # prod(alpha) over the chunk is ~1e-400, far below float64's smallest normal: a kernel that
     # divided by cumulative products would produce inf/nan here.
-    seq, weights = make_inputs("mlp")
+    seq, weights = make_inputs("mlp", device=_device_for(impl, request))
     with torch.no_grad():
         seq["alpha"].fill_(1e-40)
     expected = run_with_grads(seq, weights, kind="mlp", chunk_size=T, impl="naive")

@@ -67,7 +67,8 @@ def dgd_memory(
             Give exactly one of ``weights`` and ``state``.
         impl: ``"chunk"`` (chunk-parallel), ``"naive"`` (token loop), ``"compiled"``
             (``torch.compile``d chunk steps), ``"cpu_fused"`` (the chunk loop as one C++ kernel,
-            ``kind="mlp"`` on CPU; ``cpu_fused.py``) or ``"auto"``: ``"cpu_fused"`` where it applies
+            ``kind="mlp"`` on CPU; ``cpu_fused.py``), ``"triton"`` (the chunk loop as Triton kernels,
+            ``kind="mlp"`` on CUDA, or on CPU under ``TRITON_INTERPRET=1``; ``triton_mlp.py``) or ``"auto"``: ``"cpu_fused"`` where it applies
             and its extension builds, except while the ATen ops must be visible (``torch.compile``
             tracing, a dispatch mode such as the FLOP counter; ``cpu_extension.use_fused_kernel``),
             else ``"chunk"``.
@@ -77,8 +78,8 @@ def dgd_memory(
         Both in the input dtype, computed in float32 at least; under ``torch.autocast`` a float32
         operator (mixed or half inputs upcast, float32 outputs; ``nl_lightning.ops.autocast``).
     """
-    if impl not in _IMPLS and impl != "auto":
-        raise ValueError(f"impl={impl!r} is not one of {sorted([*_IMPLS, 'auto'])}.")
+    if impl not in _IMPLS and impl not in ("triton", "auto"):
+        raise ValueError(f"impl={impl!r} is not one of {sorted([*_IMPLS, 'triton', 'auto'])}.")
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {sorted(KINDS)}.")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
@@ -97,7 +98,20 @@ def dgd_memory(
         state = _check_weights(state, kind, (batch, heads), dim, "state", q)
     if impl == "auto":
         impl = _auto_impl(q, kind)
-    return _run_in_full_precision(_IMPLS[impl], q, k, v, eta, alpha, state, kind=kind, chunk_size=chunk_size)
+    return _run_in_full_precision(_impl(impl), q, k, v, eta, alpha, state, kind=kind, chunk_size=chunk_size)
+
+
+def _impl(name: str):
+    if name != "triton":
+        return _IMPLS[name]
+    try:  # imported on use: the triton package is optional (the dev extra pins it)
+        from nl_lightning.ops.dgd.triton_mlp import triton_dgd_memory
+    except ImportError as err:
+        raise ImportError(
+            f"impl='triton' needs the triton package ({err}); install it (the dev extra pins it) or use "
+            "impl='chunk'."
+        ) from err
+    return triton_dgd_memory
 
 
 def _auto_impl(q: torch.Tensor, kind: str) -> str:

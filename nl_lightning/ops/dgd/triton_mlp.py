@@ -1,0 +1,124 @@
+"""The DGD MLP memory's chunk loop as Triton kernels (``triton_mlp_kernels.py``): one launch for
+the forward and one for the backward, one program per (batch, head) item.
+
+Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``: slow,
+for testing). Same semantics as ``chunk_dgd_memory(kind="mlp")``, which it plugs into as the
+``chunk_loop`` (padding, chunking and the dtype handling stay there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from nl_lightning.ops.cpu_extension import dense_grad
+from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
+
+def interpreting() -> bool:
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_module():
+    """The kernels' module and the mode it was jitted in, imported on first use."""
+    return importlib.import_module("nl_lightning.ops.dgd.triton_mlp_kernels"), interpreting()
+
+
+def kernels():
+    """(forward, backward) kernels; they stay in the mode Triton was in at their first use."""
+    module, interpreted = _kernel_module()
+    if interpreted != interpreting():
+        raise RuntimeError(
+            f"the Triton DGD kernels were jitted with TRITON_INTERPRET={int(interpreted)} but it is now "
+            f"{int(interpreting())}; Triton fixes compiled or interpreted when it jits a function, so use "
+            "one mode per process."
+        )
+    return module.dgd_mlp_forward_kernel, module.dgd_mlp_backward_kernel
+
+
+def launch_options(C: int, D: int, Dh: int, dtype: torch.dtype) -> dict:
+    import triton
+
+    # Powers of two for tl.arange, and at least 16 for tl.dot. num_stages=1: the chunks depend on
+    # each other, so software pipelining the chunk loop only multiplies shared memory.
+    return {
+        "TINY": torch.finfo(dtype).tiny,
+        "BLOCK_C": max(16, triton.next_power_of_2(C)),
+        "BLOCK_D": max(16, triton.next_power_of_2(D)),
+        "BLOCK_H": max(16, triton.next_power_of_2(Dh)),
+        "num_stages": 1,
+    }
+
+
+def _on_device(t: Tensor):
+    # Triton launches on the current CUDA device, which need not be the tensors' device.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class _MLPChunkLoop(torch.autograd.Function):
+    """All chunks of a DGD MLP memory for I = B·H items: q, k, v (I, N, C, D), eta, alpha
+    (I, N, C), w1 (I, D, Dh), w2 (I, Dh, D); returns the read-outs and the end state."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, eta, alpha, w1, w2):
+        inputs = [x.contiguous() for x in (q, k, v, eta, alpha)]
+        items, n, C, D = q.shape
+        Dh = w1.shape[-1]
+        w1s = q.new_empty(items, n + 1, D, Dh)
+        w2s = q.new_empty(items, n + 1, Dh, D)
+        w1s[:, 0] = w1
+        w2s[:, 0] = w2
+        out = torch.empty_like(inputs[0])
+        forward_kernel, _ = kernels()
+        with _on_device(q):
+            forward_kernel[(items,)](*inputs, w1s, w2s, out, n, C, D, Dh, **launch_options(C, D, Dh, q.dtype))
+        ctx.save_for_backward(*inputs, w1s, w2s)
+        return out, w1s[:, -1].clone(), w2s[:, -1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_w1, d_w2):
+        *inputs, w1s, w2s = ctx.saved_tensors
+        items, n, C, D = inputs[0].shape
+        Dh = w1s.shape[-1]
+        d_out = dense_grad(d_out, inputs[0])
+        d_w1 = dense_grad(d_w1, w1s[:, -1]).clone()  # the kernel overwrites them with d(initial state)
+        d_w2 = dense_grad(d_w2, w2s[:, -1]).clone()
+        grads = [torch.empty_like(x) for x in inputs]
+        _, backward_kernel = kernels()
+        with _on_device(d_out):
+            backward_kernel[(items,)](
+                *inputs, w1s, w2s, d_out, d_w1, d_w2, *grads, n, C, D, Dh, **launch_options(C, D, Dh, d_out.dtype)
+            )
+        return (*grads, d_w1, d_w2)
+
+
+def _triton_loop(state, q, k, v, eta, alpha):
+    """``chunk_loop`` for ``chunk_dgd_memory``: (B, H, N, C, ...) inputs -> the kernels on B·H items."""
+    w1, w2 = state
+    batch, heads = q.shape[:2]
+    items = lambda x: x.flatten(0, 1)  # noqa: E731 - (B, H, ...) -> (B·H, ...)
+    out, w1, w2 = _MLPChunkLoop.apply(*(items(x) for x in (q, k, v, eta, alpha, w1, w2)))
+    unflat = lambda x: x.unflatten(0, (batch, heads))  # noqa: E731
+    return unflat(out), (unflat(w1), unflat(w2))
+
+
+def triton_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int):
+    """Same arguments, returns and semantics as ``chunk_dgd_memory``; ``kind="mlp"``, on CUDA
+    tensors (or CPU tensors under ``TRITON_INTERPRET=1``)."""
+    if kind != "mlp":
+        raise ValueError(f"impl='triton' implements kind='mlp' only, got kind={kind!r}; use impl='chunk'.")
+    if q.device.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            "impl='triton' got CPU tensors but Triton is not in interpreter mode; move the inputs to a "
+            "CUDA device, set TRITON_INTERPRET=1 (Triton's interpreter: CPU, slow, for testing), or use "
+            "impl='cpu_fused' or 'chunk'."
+        )
+    return chunk_dgd_memory(q, k, v, eta, alpha, state, kind=kind, chunk_size=chunk_size, chunk_loop=_triton_loop)

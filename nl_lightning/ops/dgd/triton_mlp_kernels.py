@@ -1,0 +1,343 @@
+"""Triton kernels for the DGD MLP memory's chunk loop (``triton_mlp.py`` launches them).
+
+The GPU port of ``ops/cpu/dgd_mlp_chunks.cpp``: the same equations, names and
+forward/backward split, written as tile operations. One program runs the whole chunk loop of one
+(batch, head) item with the state (W1: D x Dh, W2: Dh x D) in registers, so a chunk costs no
+kernel launches and the state never round-trips through global memory; the ATen chunk kernel
+instead launches ~50 small ops per chunk, which on a GPU leaves it idle between launches.
+
+Per chunk (rows t of the chunk, γ = exp(lg), γ_prev η = η exp(lgp), ρ = RA[last, :])::
+
+    pre = k W2ᵀ, hid = silu(pre), hw1 = hid W1ᵀ, a = v W2ᵀ, d1 = 2 (k + hw1 - v - silu(a) W1ᵀ)
+    m = d1 W1, r2 = KS⁻¹ (-η silu'(pre) m - γ_prev η pre),          KS = I + η PR ⊙ (k kᵀ)
+    z = γ (q W2ᵀ) + (RA ⊙ q kᵀ) r2, hq = silu(z)
+    r1 = S1⁻¹ (-η d1 - γ_prev η hw1),                                  S1 = I + η PR ⊙ (hid hidᵀ)
+    out = q + γ (hq W1ᵀ) + (RA ⊙ hq hidᵀ) r1
+    W1' = γ_L W1 + (ρ r1)ᵀ hid,  W2' = γ_L W2 + (ρ r2)ᵀ k
+
+The unit lower-triangular systems are inverted by forward substitution over the rows of the
+(C x C) tile; the backward needs the inverse's transpose too, so it is formed once per system.
+The backward recomputes each chunk from the chunk-start state the forward saved and walks the
+chunks in reverse, carrying dL/dW1, dL/dW2 in registers.
+
+Rows past the chunk (C is padded to a power of two) load η = 0, α = 1 and zero q, k, v, so
+they leave the state and every real row unchanged; columns past D and Dh are zero throughout.
+
+This module jits its functions at import, so it is imported on first use (``triton_mlp.py``):
+Triton fixes each function as compiled or interpreted (``TRITON_INTERPRET=1``) when it is jitted.
+Sums are ``tl.reduce`` / ``tl.associative_scan`` with Triton's add combinator rather than
+``tl.sum`` / ``tl.cumsum`` for the reason given in ``ops/titans/triton_linear.py``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_add = tl.standard._sum_combine
+
+
+@triton.jit
+def _dot(a, b):
+    # IEEE float32 products: TF32 would round the inputs to 10 mantissa bits, far from the CPU
+    # kernels and the float32 tolerance the tests hold every implementation to.
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _rowsum(x):
+    return tl.reduce(x, 1, _add)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _silu_d1(x, s):
+    """silu'(x) from s = sigmoid(x)."""
+    return s * (1.0 + x * (1.0 - s))
+
+
+@triton.jit
+def _silu_d2(x, s):
+    """silu''(x) from s = sigmoid(x)."""
+    return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
+
+
+@triton.jit
+def _decays(alpha, TINY: tl.constexpr, BLOCK_C: tl.constexpr):
+    """log α (clamped to the smallest normal), lg_t = Σ_{j<=t} log α_j, lgp_t = lg_{t-1}, the
+    ratio RA[t, i] = exp(Σ_{i<j<=t} log α_j) for i <= t and PR[t, i] = RA[t-1, i] for i < t (both 0
+    elsewhere). The ratios are segment sums (a cumulative sum down the masked matrix of log α),
+    never differences of the cumulative lg, as in chunk.py."""
+    rows = tl.arange(0, BLOCK_C)[:, None]
+    cols = tl.arange(0, BLOCK_C)[None, :]
+    log_alpha = tl.log(tl.maximum(alpha, TINY))
+    lg = tl.associative_scan(log_alpha, 0, _add)
+    lgp = lg - log_alpha
+    terms = tl.where(rows > cols, log_alpha[:, None], 0.0)  # [j, i] = log α_j for j > i
+    segment = tl.associative_scan(terms, 0, _add)  # [t, i] = Σ_{i<j<=t} log α_j
+    ra = tl.where(rows >= cols, tl.exp(tl.where(rows >= cols, segment, 0.0)), 0.0)
+    before = segment - terms  # [t, i] = Σ_{i<j<t} log α_j
+    pr = tl.where(rows > cols, tl.exp(tl.where(rows > cols, before, 0.0)), 0.0)
+    return log_alpha, lg, lgp, ra, pr
+
+
+@triton.jit
+def _decays_backward(alpha, ra, pr, dlog, dlg, dlgp, dra, dpr, TINY: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dL/dα from the gradients of ``_decays``' outputs (``dlog``: what already reached log α).
+
+    d log α_j = dlog_j + Σ_{t>=j} dlg_t + Σ_{t>j} dlgp_t + Σ_{i<j} Σ_{t>=j} (dRA ⊙ RA)[t, i]
+                + Σ_{i<j} Σ_{t>j} (dPR ⊙ PR)[t, i]
+
+    each as a direct sum over its own range. A strict sum written as the inclusive one minus its
+    first term would cancel: for small α the first term (e.g. PR[j, j-1] = 1) dwarfs the rest
+    (powers of α), and dividing by α at the end blows the rounding error up.
+    """
+    rows = tl.arange(0, BLOCK_C)[:, None]
+    cols = tl.arange(0, BLOCK_C)[None, :]
+    through_lg = _rowsum(tl.where(cols >= rows, dlg[None, :], 0.0))  # Σ_{t>=j} dlg_t
+    through_lgp = _rowsum(tl.where(cols > rows, dlgp[None, :], 0.0))  # Σ_{t>j} dlgp_t
+    # [j, i] = Σ_{t>=j} (dRA ⊙ RA)[t, i] + Σ_{t>j} (dPR ⊙ PR)[t, i]: suffix sums as products with
+    # triangular masks of ones (exact ones and zeros, so only the sums round).
+    from_or_after = tl.where(cols >= rows, 1.0, 0.0).to(ra.dtype)
+    after = tl.where(cols > rows, 1.0, 0.0).to(ra.dtype)
+    suffix = _dot(from_or_after, dra * ra) + _dot(after, dpr * pr)
+    through_ratios = _rowsum(tl.where(cols < rows, suffix, 0.0))
+    dlog_alpha = dlog + through_lg + through_lgp + through_ratios
+    return tl.where(alpha >= TINY, dlog_alpha / alpha, 0.0)  # no gradient where the clamp holds
+
+
+@triton.jit
+def _unit_lower_inverse(strict, BLOCK_C: tl.constexpr):
+    """(I + strict)⁻¹ for ``strict`` strictly lower triangular, by forward substitution over rows:
+    row i of the inverse is e_i - Σ_{j<i} strict[i, j] row_j."""
+    rows = tl.arange(0, BLOCK_C)[:, None]
+    cols = tl.arange(0, BLOCK_C)[None, :]
+    inverse = tl.where(rows == cols, 1.0, 0.0).to(strict.dtype)
+    for i in range(1, BLOCK_C):
+        coefficients = tl.reduce(tl.where(rows == i, strict, 0.0), 0, _add)  # strict[i, :]
+        combined = tl.reduce(coefficients[:, None] * inverse, 0, _add)  # Σ_j strict[i, j] row_j
+        inverse = tl.where(rows == i, inverse - combined[None, :], inverse)
+    return inverse
+
+
+@triton.jit
+def _chunk_forward(q, k, v, eta, alpha, w1, w2, TINY: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One chunk from state (w1, w2): every value the forward makes and the backward reads."""
+    rows = tl.arange(0, BLOCK_C)[:, None]
+    log_alpha, lg, lgp, ra, pr = _decays(alpha, TINY, BLOCK_C)
+    gamma = tl.exp(lg)
+    gpe = eta * tl.exp(lgp)  # γ_prev η
+    gram_k = _dot(k, tl.trans(k))
+    ks_inv = _unit_lower_inverse(eta[:, None] * pr * gram_k, BLOCK_C)
+    qk = _dot(q, tl.trans(k))
+    kr = ra * qk
+    pre = _dot(k, tl.trans(w2))
+    s_pre = _sigmoid(pre)
+    hid = pre * s_pre
+    a = _dot(v, tl.trans(w2))
+    s_a = _sigmoid(a)
+    sa = a * s_a
+    hw1 = _dot(hid, tl.trans(w1))
+    d1 = 2.0 * (k + hw1 - v - _dot(sa, tl.trans(w1)))
+    m = _dot(d1, w1)
+    # Layer W2 (inputs k).
+    r2 = _dot(ks_inv, -eta[:, None] * _silu_d1(pre, s_pre) * m - gpe[:, None] * pre)
+    zq = _dot(q, tl.trans(w2))
+    z = gamma[:, None] * zq + _dot(kr, r2)
+    s_z = _sigmoid(z)
+    hq = z * s_z
+    # Layer W1 (inputs hid).
+    gram = _dot(hid, tl.trans(hid))
+    s1_inv = _unit_lower_inverse(eta[:, None] * pr * gram, BLOCK_C)
+    r1 = _dot(s1_inv, -eta[:, None] * d1 - gpe[:, None] * hw1)
+    p = _dot(hq, tl.trans(hid))
+    oq = _dot(hq, tl.trans(w1))
+    rho = tl.reduce(tl.where(rows == BLOCK_C - 1, ra, 0.0), 0, _add)  # γ_L / γ_i (padded rows keep α = 1)
+    gamma_end = tl.exp(tl.reduce(log_alpha, 0, _add))
+    return (lg, lgp, gamma, gpe, ra, pr, gram_k, ks_inv, qk, kr, pre, s_pre, hid, a, s_a, sa, hw1, d1, m, r2,
+            zq, z, s_z, hq, gram, s1_inv, r1, p, oq, rho, gamma_end)  # fmt: skip
+
+
+# Integer arguments Triton must not specialise on (it would compile a new binary whenever an int
+# becomes 1 or a multiple of 16, i.e. for a new sequence length or chunk size); the block sizes
+# are the compile-time constants.
+RUNTIME_INTS = ["N", "C", "D", "DH"]
+
+
+@triton.jit(do_not_specialize=RUNTIME_INTS)
+def dgd_mlp_forward_kernel(
+    Q, K, V, ETA, ALPHA, W1S, W2S, OUT,
+    N, C, D, DH,
+    TINY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """Inputs (I items, N chunks, C tokens): q, k, v (I, N, C, D); eta, alpha (I, N, C).
+    W1S (I, N + 1, D, Dh), W2S (I, N + 1, Dh, D): index 0 holds the initial state; the kernel
+    writes the state after each chunk into index n + 1. OUT (I, N, C, D): the read-outs."""
+    item = tl.program_id(0).to(tl.int64)
+    rc = tl.arange(0, BLOCK_C)
+    rd = tl.arange(0, BLOCK_D)
+    rh = tl.arange(0, BLOCK_H)
+    tokens_mask = (rc < C)[:, None] & (rd < D)[None, :]
+    w1_off = rd[:, None] * DH + rh[None, :]
+    w1_mask = (rd < D)[:, None] & (rh < DH)[None, :]
+    w2_off = rh[:, None] * D + rd[None, :]
+    w2_mask = (rh < DH)[:, None] & (rd < D)[None, :]
+    w1 = tl.load(W1S + item * (N + 1) * D * DH + w1_off, mask=w1_mask, other=0.0)
+    w2 = tl.load(W2S + item * (N + 1) * DH * D + w2_off, mask=w2_mask, other=0.0)
+    for n in range(N):
+        chunk = item * N + n
+        tokens_off = (chunk * C + rc)[:, None] * D + rd[None, :]
+        q = tl.load(Q + tokens_off, mask=tokens_mask, other=0.0)
+        k = tl.load(K + tokens_off, mask=tokens_mask, other=0.0)
+        v = tl.load(V + tokens_off, mask=tokens_mask, other=0.0)
+        eta = tl.load(ETA + chunk * C + rc, mask=rc < C, other=0.0)
+        alpha = tl.load(ALPHA + chunk * C + rc, mask=rc < C, other=1.0)
+        (lg, lgp, gamma, gpe, ra, pr, gram_k, ks_inv, qk, kr, pre, s_pre, hid, a, s_a, sa, hw1, d1, m, r2,
+         zq, z, s_z, hq, gram, s1_inv, r1, p, oq, rho, gamma_end) = _chunk_forward(
+            q, k, v, eta, alpha, w1, w2, TINY, BLOCK_C)  # fmt: skip
+        out = q + gamma[:, None] * oq + _dot(ra * p, r1)
+        tl.store(OUT + tokens_off, out, mask=tokens_mask)
+        w1 = gamma_end * w1 + _dot(tl.trans(rho[:, None] * r1), hid)
+        w2 = gamma_end * w2 + _dot(tl.trans(rho[:, None] * r2), k)
+        state = item * (N + 1) + n + 1
+        tl.store(W1S + state * D * DH + w1_off, w1, mask=w1_mask)
+        tl.store(W2S + state * DH * D + w2_off, w2, mask=w2_mask)
+
+
+@triton.jit(do_not_specialize=RUNTIME_INTS)
+def dgd_mlp_backward_kernel(
+    Q, K, V, ETA, ALPHA, W1S, W2S, DOUT, DW1, DW2,
+    DQ, DK, DV, DETA, DALPHA,
+    N, C, D, DH,
+    TINY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """Gradients of every input of the forward kernel. DW1 (I, D, Dh), DW2 (I, Dh, D) hold
+    dL/d(end state) on entry and dL/d(initial state) on return; DQ.. DALPHA are written whole."""
+    item = tl.program_id(0).to(tl.int64)
+    rc = tl.arange(0, BLOCK_C)
+    rd = tl.arange(0, BLOCK_D)
+    rh = tl.arange(0, BLOCK_H)
+    rows = rc[:, None]
+    cols = rc[None, :]
+    lower = cols < rows
+    tokens_mask = (rc < C)[:, None] & (rd < D)[None, :]
+    w1_off = rd[:, None] * DH + rh[None, :]
+    w1_mask = (rd < D)[:, None] & (rh < DH)[None, :]
+    w2_off = rh[:, None] * D + rd[None, :]
+    w2_mask = (rh < DH)[:, None] & (rd < D)[None, :]
+    dw1 = tl.load(DW1 + item * D * DH + w1_off, mask=w1_mask, other=0.0)
+    dw2 = tl.load(DW2 + item * DH * D + w2_off, mask=w2_mask, other=0.0)
+    for back in range(N):
+        n = N - 1 - back
+        chunk = item * N + n
+        state = item * (N + 1) + n
+        w1 = tl.load(W1S + state * D * DH + w1_off, mask=w1_mask, other=0.0)
+        w2 = tl.load(W2S + state * DH * D + w2_off, mask=w2_mask, other=0.0)
+        tokens_off = (chunk * C + rc)[:, None] * D + rd[None, :]
+        q = tl.load(Q + tokens_off, mask=tokens_mask, other=0.0)
+        k = tl.load(K + tokens_off, mask=tokens_mask, other=0.0)
+        v = tl.load(V + tokens_off, mask=tokens_mask, other=0.0)
+        dout = tl.load(DOUT + tokens_off, mask=tokens_mask, other=0.0)
+        eta = tl.load(ETA + chunk * C + rc, mask=rc < C, other=0.0)
+        alpha = tl.load(ALPHA + chunk * C + rc, mask=rc < C, other=1.0)
+        (lg, lgp, gamma, gpe, ra, pr, gram_k, ks_inv, qk, kr, pre, s_pre, hid, a, s_a, sa, hw1, d1, m, r2,
+         zq, z, s_z, hq, gram, s1_inv, r1, p, oq, rho, gamma_end) = _chunk_forward(
+            q, k, v, eta, alpha, w1, w2, TINY, BLOCK_C)  # fmt: skip
+
+        # W1' = γ_L W1 + (ρ r1)ᵀ hid, W2' = γ_L W2 + (ρ r2)ᵀ k.
+        dgamma_end = tl.reduce(_rowsum(w1 * dw1), 0, _add) + tl.reduce(_rowsum(w2 * dw2), 0, _add)
+        dlr1 = _dot(hid, tl.trans(dw1))
+        dhid = _dot(rho[:, None] * r1, dw1)
+        dr1 = rho[:, None] * dlr1
+        drho = _rowsum(r1 * dlr1)
+        dlr2 = _dot(k, tl.trans(dw2))
+        dk = _dot(rho[:, None] * r2, dw2)
+        dr2 = rho[:, None] * dlr2
+        drho += _rowsum(r2 * dlr2)
+        dw1_start = gamma_end * dw1
+        dw2_start = gamma_end * dw2
+
+        # out = q + γ oq + RD r1, oq = hq W1ᵀ, RD = RA ⊙ P, P = hq hidᵀ.
+        dq = dout
+        dgamma = _rowsum(oq * dout)
+        doq = gamma[:, None] * dout
+        drd = _dot(dout, tl.trans(r1))
+        dr1 += _dot(tl.trans(ra * p), dout)
+        dhq = _dot(doq, w1)
+        dw1_start += _dot(tl.trans(doq), hq)
+        dra = drd * p
+        dp = drd * ra
+        dhq += _dot(dp, hid)
+        dhid += _dot(tl.trans(dp), hq)
+        # r1 = S1⁻¹ rhs1, rhs1 = -η d1 - γ_prev η hw1; S1's strictly lower part η PR ⊙ gram.
+        drhs1 = _dot(tl.trans(s1_inv), dr1)
+        ds1 = tl.where(lower, -_dot(drhs1, tl.trans(r1)), 0.0)
+        deta = -_rowsum(d1 * drhs1) + _rowsum(ds1 * pr * gram)
+        dgpe = -_rowsum(hw1 * drhs1)
+        dd1 = -eta[:, None] * drhs1
+        dhw1 = -gpe[:, None] * drhs1
+        dpr = ds1 * eta[:, None] * gram
+        dgram = ds1 * eta[:, None] * pr
+        dhid += _dot(dgram + tl.trans(dgram), hid)
+        # hq = silu(z), z = γ zq + KR r2, zq = q W2ᵀ, KR = RA ⊙ qk.
+        dz = dhq * _silu_d1(z, s_z)
+        dgamma += _rowsum(zq * dz)
+        dzq = gamma[:, None] * dz
+        dkr = _dot(dz, tl.trans(r2))
+        dr2 += _dot(tl.trans(kr), dz)
+        dq += _dot(dzq, w2)
+        dw2_start += _dot(tl.trans(dzq), q)
+        # r2 = KS⁻¹ rhs2, rhs2 = -η silu'(pre) m - γ_prev η pre; KS's strictly lower part η PR ⊙ k kᵀ.
+        drhs2 = _dot(tl.trans(ks_inv), dr2)
+        dks = tl.where(lower, -_dot(drhs2, tl.trans(r2)), 0.0)
+        slope = _silu_d1(pre, s_pre)
+        deta += -_rowsum(slope * m * drhs2) + _rowsum(dks * pr * gram_k)
+        dgpe += -_rowsum(pre * drhs2)
+        dd2 = -eta[:, None] * drhs2
+        dm = dd2 * slope
+        dpre = -gpe[:, None] * drhs2 + dd2 * m * _silu_d2(pre, s_pre)
+        dpr += dks * eta[:, None] * gram_k
+        dgram_k = dks * eta[:, None] * pr
+        # m = d1 W1; d1 = 2 (k + hw1 - v - sa W1ᵀ), sa = silu(a), a = v W2ᵀ.
+        dd1 += _dot(dm, tl.trans(w1))
+        dw1_start += _dot(tl.trans(d1), dm)
+        dd1 = 2.0 * dd1
+        dk += dd1
+        dhw1 += dd1
+        dv = -dd1
+        dsa = -_dot(dd1, w1)
+        dw1_start -= _dot(tl.trans(dd1), sa)
+        da = dsa * _silu_d1(a, s_a)
+        dv += _dot(da, w2)
+        dw2_start += _dot(tl.trans(da), v)
+        # hw1 = hid W1ᵀ, hid = silu(pre), pre = k W2ᵀ.
+        dhid += _dot(dhw1, w1)
+        dw1_start += _dot(tl.trans(dhw1), hid)
+        dpre += dhid * _silu_d1(pre, s_pre)
+        dk += _dot(dpre, w2)
+        dw2_start += _dot(tl.trans(dpre), k)
+        # k kᵀ (both factors), q kᵀ.
+        dk += _dot(dgram_k + tl.trans(dgram_k), k)
+        dra += dkr * qk
+        dqk = dkr * ra
+        dq += _dot(dqk, k)
+        dk += _dot(tl.trans(dqk), q)
+        # γ = exp(lg), γ_prev η = η exp(lgp), γ_L = exp(Σ log α), ρ = RA[last, :].
+        deta += dgpe * tl.exp(lgp)
+        dra += tl.where(rows == BLOCK_C - 1, drho[None, :], 0.0)
+        dlog = tl.zeros_like(eta) + dgamma_end * gamma_end
+        dalpha = _decays_backward(alpha, ra, pr, dlog, dgamma * gamma, dgpe * gpe, dra, dpr, TINY, BLOCK_C)
+
+        tl.store(DQ + tokens_off, dq, mask=tokens_mask)
+        tl.store(DK + tokens_off, dk, mask=tokens_mask)
+        tl.store(DV + tokens_off, dv, mask=tokens_mask)
+        tl.store(DETA + chunk * C + rc, deta, mask=rc < C)
+        tl.store(DALPHA + chunk * C + rc, dalpha, mask=rc < C)
+        dw1 = dw1_start
+        dw2 = dw2_start
+    tl.store(DW1 + item * D * DH + w1_off, dw1, mask=w1_mask)
+    tl.store(DW2 + item * DH * D + w2_off, dw2, mask=w2_mask)
