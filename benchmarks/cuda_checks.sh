@@ -44,6 +44,17 @@ python3 -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=150)
 TINY=(--override=--data.init_args.seq_len=1024 --override=--data.init_args.max_bytes=2000000)
 # In order of what is least known: later steps are the first cut when the lease runs short.
 # -P: the checkout must not shadow the installed package (it lacks nl_lightning.callbacks).
+# HOPE's DGD memory as Triton kernels (impl="triton"), checked only under the interpreter so far:
+# the tests at the model's head size (compiling the 64-wide backward takes minutes), then its
+# timing against the ATen chunk kernel at HOPE-tiny's shape (D = Dh = 48, C = 64; same blocks, so
+# the compiled kernels come from Triton's cache).
+step dgd_triton 420 "${INSTALLED[@]}" python3 -P -m pytest -v -p no:cacheprovider --durations=12 -k triton \
+    tests/ops/test_dgd_memory.py tests/test_memory_models.py
+step dgd_ops_triton 120 python3 benchmarks/dgd_ops.py --device cuda --impls naive chunk triton --dim 48 --hidden 48 \
+    --batch 4 --heads 4 --lengths 1024 2048 --repeats 5
+step throughput_hope_triton 150 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,hope}_tiny.yaml \
+    --device cuda --steps 10 --warmup 3 "${TINY[@]}" --override=--data.init_args.batch_size=4 \
+    "--override=--model.init_args.network.init_args.overrides={memory_impl: triton}"
 step tests 240 "${INSTALLED[@]}" python3 -P -m pytest -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k "${TESTS:-cuda or triton}" \
     tests/ops tests/test_memory_models.py tests/test_dgd_ops_benchmark.py tests/test_benchmark_devices.py \
     tests/test_throughput_benchmark.py

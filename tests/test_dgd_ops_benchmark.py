@@ -47,3 +47,16 @@ def test_fused_cpu_kernel_column_matches_the_token_loop(capsys):
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[3].endswith("x") and float(cells[3][:-1]) > 0  # naive/cpu_fused
     assert float(cells[4]) < 1e-4
+
+
+def test_triton_column_matches_the_token_loop(capsys, triton_device):
+    threads = torch.get_num_threads()
+    try:
+        load_dgd_ops().main(["--lengths", "20", "--dim", "8", "--hidden", "8", "--chunk-size", "8", "--repeats", "1",
+                             "--impls", "naive", "triton", "--device", triton_device])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 20 |")]
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[3].endswith("x") and float(cells[3][:-1]) > 0  # naive/triton
+    assert float(cells[4]) < 1e-4

@@ -129,10 +129,15 @@ def test_fast_kernels_match_the_naive_reference_in_logits_and_grads(family, impl
         "n_layer": 1 if family is Hope else 2,  # Titans: a memory layer, then attention
         "d_model": 32, "n_head": 2, "chunk_size": 4, "proj_chunk_size": 4, "memory_kind": kind,
     }  # fmt: skip
-    fast = small_model(family, **overrides, memory_impl=impl).double()
-    reference = small_model(family, **overrides, memory_impl="naive").double()
+    assert_matches_the_naive_reference(family, overrides, impl)
+
+
+def assert_matches_the_naive_reference(family, overrides, impl, device="cpu"):
+    """The model with ``memory_impl=impl`` against ``"naive"``: logits and every parameter gradient, float64."""
+    fast = small_model(family, **overrides, memory_impl=impl).double().to(device)
+    reference = small_model(family, **overrides, memory_impl="naive").double().to(device)
     reference.load_state_dict(fast.state_dict())
-    tokens = torch.randint(0, 256, (2, 14))  # 14 = 3 full chunks and a partial one
+    tokens = torch.randint(0, 256, (2, 14), device=device)  # 14 = 3 full chunks and a partial one
     results = []
     for model in (fast, reference):
         logits = model(tokens)
@@ -142,6 +147,13 @@ def test_fast_kernels_match_the_naive_reference_in_logits_and_grads(family, impl
     torch.testing.assert_close(logits_fast, logits_ref, rtol=1e-9, atol=1e-9)
     for name, grad in grads_ref.items():
         torch.testing.assert_close(grads_fast[name], grad, rtol=1e-8, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_hope_with_the_triton_main_memory_matches_the_naive_reference(triton_device):
+    """memory_impl="triton": HOPE's main memory through the Triton kernels (the interpreter on a
+    machine without a GPU), the rest on its ATen path; logits and every gradient in float64."""
+    overrides = {"n_layer": 1, "d_model": 32, "n_head": 2, "chunk_size": 4, "proj_chunk_size": 4}
+    assert_matches_the_naive_reference(Hope, overrides, "triton", triton_device)
 
 
 def test_hope_stacked_projection_readout_matches_the_residual_mlp_per_memory():

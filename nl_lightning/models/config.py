@@ -30,7 +30,8 @@ class ModelConfig:
     memory_kind: str = "mlp"  # "linear" or "mlp" (residual 2-layer MLP, M(z) = z + W1 σ(W2 z))
     chunk_size: int = 64  # tokens whose memory gradients share one chunk-start state
     # "auto" (fastest available: the fused C++ kernels on CPU, "chunk" elsewhere), "chunk", "naive",
-    # "compiled", "cpu_fused" (CPU; HOPE's MLP memories, Titans' both kinds); Titans also "triton".
+    # "compiled", "cpu_fused" (CPU; HOPE's MLP memories, Titans' both kinds), "triton" (GPU, or the
+    # Triton interpreter; Titans' linear memory, HOPE's MLP main memory).
     memory_impl: str = "auto"
     conv_kernel: int = 4  # short causal depthwise convolution on q, k, v
     # -- Titans --

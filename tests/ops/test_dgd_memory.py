@@ -452,7 +452,7 @@ def _bad_calls():
     ok = dict(seq, weights=weights, kind="mlp", chunk_size=4)
     return [
         ("kind", dict(ok, kind="gru"), "kind='gru'"),
-        ("impl", dict(ok, impl="triton"), "impl='triton'"),
+        ("impl", dict(ok, impl="flash"), "impl='flash'"),
         ("chunk-zero", dict(ok, chunk_size=0), "chunk_size=0"),
         ("chunk-negative", dict(ok, chunk_size=-2), "chunk_size=-2"),
         ("chunk-float", dict(ok, chunk_size=2.0), "chunk_size=2.0"),

@@ -7,7 +7,9 @@ Each token t writes into a memory M with DGD and reads it back:
     o_t = M_t(q_t)                                       read after the update
 
 ``naive.py`` is the token-by-token definition (including the chunked semantics), ``chunk.py`` the
-chunk-parallel kernel, ``fused.py`` the compiled kernel. They agree in forward and backward.
+chunk-parallel kernel, ``fused.py`` the compiled kernel, ``cpu_fused.py`` (C++) and
+``triton_mlp.py`` (Triton) the MLP memory's chunk loop as one kernel each. They agree in forward
+and backward.
 ``shared_key.py`` is the chunk kernel specialised to several memories written with one key, value
 and gate stream whose read-outs are not needed (HOPE's projection memories; tested against naive).
 """

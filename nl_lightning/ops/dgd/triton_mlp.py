@@ -76,18 +76,23 @@ class _MLPChunkLoop(torch.autograd.Function):
         w1s[:, 0] = w1
         w2s[:, 0] = w2
         out = torch.empty_like(inputs[0])
+        options = launch_options(C, D, Dh, q.dtype)
+        block = options["BLOCK_C"]
+        inverses = q.new_empty(items, n, 2, block, block)  # the two UT-system inverses per chunk
         forward_kernel, _ = kernels()
         with _on_device(q):
-            forward_kernel[(items,)](*inputs, w1s, w2s, out, n, C, D, Dh, **launch_options(C, D, Dh, q.dtype))
-        ctx.save_for_backward(*inputs, w1s, w2s)
+            forward_kernel[(items,)](*inputs, w1s, w2s, inverses, out, n, C, D, Dh, **options)
+        ctx.save_for_backward(*inputs, w1s, w2s, inverses)
         return out, w1s[:, -1].clone(), w2s[:, -1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_w1, d_w2):
-        *inputs, w1s, w2s = ctx.saved_tensors
+        *inputs, w1s, w2s, inverses = ctx.saved_tensors
         items, n, C, D = inputs[0].shape
         Dh = w1s.shape[-1]
+        options = launch_options(C, D, Dh, d_out.dtype)
+        scratch = d_out.new_empty(items, options["BLOCK_C"], options["BLOCK_C"])
         d_out = dense_grad(d_out, inputs[0])
         d_w1 = dense_grad(d_w1, w1s[:, -1]).clone()  # the kernel overwrites them with d(initial state)
         d_w2 = dense_grad(d_w2, w2s[:, -1]).clone()
@@ -95,7 +100,7 @@ class _MLPChunkLoop(torch.autograd.Function):
         _, backward_kernel = kernels()
         with _on_device(d_out):
             backward_kernel[(items,)](
-                *inputs, w1s, w2s, d_out, d_w1, d_w2, *grads, n, C, D, Dh, **launch_options(C, D, Dh, d_out.dtype)
+                *inputs, w1s, w2s, inverses, d_out, d_w1, d_w2, scratch, *grads, n, C, D, Dh, **options
             )
         return (*grads, d_w1, d_w2)
 

@@ -25,8 +25,11 @@ they leave the state and every real row unchanged; columns past D and Dh are zer
 
 This module jits its functions at import, so it is imported on first use (``triton_mlp.py``):
 Triton fixes each function as compiled or interpreted (``TRITON_INTERPRET=1``) when it is jitted.
-Sums are ``tl.reduce`` / ``tl.associative_scan`` with Triton's add combinator rather than
-``tl.sum`` / ``tl.cumsum`` for the reason given in ``ops/titans/triton_linear.py``.
+Only Triton builtins are called, no functions of Triton's standard library (``tl.sum``,
+``tl.cumsum``, ``tl.zeros``): those are jitted when ``triton.language`` is first imported,
+which torch may do before ``TRITON_INTERPRET`` is set, and the interpreter cannot call compiled
+ones (``ops/titans/triton_linear.py``). Sums are ``tl.reduce`` / ``tl.associative_scan`` with the
+standard add combinator, which the interpreter recognises and runs with numpy.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def _decays(alpha, TINY: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _decays_backward(alpha, ra, pr, dlog, dlg, dlgp, dra, dpr, TINY: tl.constexpr, BLOCK_C: tl.constexpr):
+def _decays_backward(alpha, ra, pr, dlog, dlg, dlgp, dra, dpr, scratch, TINY: tl.constexpr, BLOCK_C: tl.constexpr):
     """dL/dα from the gradients of ``_decays``' outputs (``dlog``: what already reached log α).
 
     d log α_j = dlog_j + Σ_{t>=j} dlg_t + Σ_{t>j} dlgp_t + Σ_{i<j} Σ_{t>=j} (dRA ⊙ RA)[t, i]
@@ -94,17 +97,19 @@ def _decays_backward(alpha, ra, pr, dlog, dlg, dlgp, dra, dpr, TINY: tl.constexp
 
     each as a direct sum over its own range. A strict sum written as the inclusive one minus its
     first term would cancel: for small α the first term (e.g. PR[j, j-1] = 1) dwarfs the rest
-    (powers of α), and dividing by α at the end blows the rounding error up.
+    (powers of α), and dividing by α at the end blows the rounding error up. So the PR terms are
+    moved up one row (through ``scratch``, this program's BLOCK_C x BLOCK_C of global memory:
+    registers cannot shift rows) and summed with the RA terms in one inclusive suffix scan.
     """
     rows = tl.arange(0, BLOCK_C)[:, None]
     cols = tl.arange(0, BLOCK_C)[None, :]
     through_lg = _rowsum(tl.where(cols >= rows, dlg[None, :], 0.0))  # Σ_{t>=j} dlg_t
     through_lgp = _rowsum(tl.where(cols > rows, dlgp[None, :], 0.0))  # Σ_{t>j} dlgp_t
-    # [j, i] = Σ_{t>=j} (dRA ⊙ RA)[t, i] + Σ_{t>j} (dPR ⊙ PR)[t, i]: suffix sums as products with
-    # triangular masks of ones (exact ones and zeros, so only the sums round).
-    from_or_after = tl.where(cols >= rows, 1.0, 0.0).to(ra.dtype)
-    after = tl.where(cols > rows, 1.0, 0.0).to(ra.dtype)
-    suffix = _dot(from_or_after, dra * ra) + _dot(after, dpr * pr)
+    tl.store(scratch + rows * BLOCK_C + cols, dpr * pr)
+    tl.debug_barrier()  # every row written before any thread reads its neighbour's
+    prev_terms_up = tl.load(scratch + (rows + 1) * BLOCK_C + cols, mask=(rows + 1 < BLOCK_C) & (cols >= 0), other=0.0)
+    tl.debug_barrier()  # every row read before the next chunk overwrites it
+    suffix = tl.associative_scan(dra * ra + prev_terms_up, 0, _add, reverse=True)
     through_ratios = _rowsum(tl.where(cols < rows, suffix, 0.0))
     dlog_alpha = dlog + through_lg + through_lgp + through_ratios
     return tl.where(alpha >= TINY, dlog_alpha / alpha, 0.0)  # no gradient where the clamp holds
@@ -125,16 +130,26 @@ def _unit_lower_inverse(strict, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _chunk_forward(q, k, v, eta, alpha, w1, w2, TINY: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One chunk from state (w1, w2): every value the forward makes and the backward reads."""
+def _system_inverse(strict, saved, SAVED: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(I + strict)⁻¹: solved and written to ``saved`` (the forward), or read back (the backward)."""
+    offsets = tl.arange(0, BLOCK_C)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    if SAVED:
+        inverse = tl.load(saved + offsets)
+    else:
+        inverse = _unit_lower_inverse(strict, BLOCK_C)
+        tl.store(saved + offsets, inverse)
+    return inverse
+
+
+@triton.jit
+def _chunk_values(q, k, v, eta, alpha, w1, w2, inverses, SAVED: tl.constexpr, TINY: tl.constexpr,
+                  BLOCK_C: tl.constexpr):  # fmt: skip
+    """One chunk from state (w1, w2): every value the forward makes and the backward reads.
+    ``inverses`` points at this chunk's two saved system inverses (``_system_inverse``)."""
     rows = tl.arange(0, BLOCK_C)[:, None]
     log_alpha, lg, lgp, ra, pr = _decays(alpha, TINY, BLOCK_C)
     gamma = tl.exp(lg)
     gpe = eta * tl.exp(lgp)  # γ_prev η
-    gram_k = _dot(k, tl.trans(k))
-    ks_inv = _unit_lower_inverse(eta[:, None] * pr * gram_k, BLOCK_C)
-    qk = _dot(q, tl.trans(k))
-    kr = ra * qk
     pre = _dot(k, tl.trans(w2))
     s_pre = _sigmoid(pre)
     hid = pre * s_pre
@@ -145,21 +160,24 @@ def _chunk_forward(q, k, v, eta, alpha, w1, w2, TINY: tl.constexpr, BLOCK_C: tl.
     d1 = 2.0 * (k + hw1 - v - _dot(sa, tl.trans(w1)))
     m = _dot(d1, w1)
     # Layer W2 (inputs k).
+    gram_k = _dot(k, tl.trans(k))
+    ks_inv = _system_inverse(eta[:, None] * pr * gram_k, inverses, SAVED, BLOCK_C)
     r2 = _dot(ks_inv, -eta[:, None] * _silu_d1(pre, s_pre) * m - gpe[:, None] * pre)
+    qk = _dot(q, tl.trans(k))
     zq = _dot(q, tl.trans(w2))
-    z = gamma[:, None] * zq + _dot(kr, r2)
+    z = gamma[:, None] * zq + _dot(ra * qk, r2)
     s_z = _sigmoid(z)
     hq = z * s_z
     # Layer W1 (inputs hid).
     gram = _dot(hid, tl.trans(hid))
-    s1_inv = _unit_lower_inverse(eta[:, None] * pr * gram, BLOCK_C)
+    s1_inv = _system_inverse(eta[:, None] * pr * gram, inverses + BLOCK_C * BLOCK_C, SAVED, BLOCK_C)
     r1 = _dot(s1_inv, -eta[:, None] * d1 - gpe[:, None] * hw1)
     p = _dot(hq, tl.trans(hid))
     oq = _dot(hq, tl.trans(w1))
     rho = tl.reduce(tl.where(rows == BLOCK_C - 1, ra, 0.0), 0, _add)  # γ_L / γ_i (padded rows keep α = 1)
     gamma_end = tl.exp(tl.reduce(log_alpha, 0, _add))
-    return (lg, lgp, gamma, gpe, ra, pr, gram_k, ks_inv, qk, kr, pre, s_pre, hid, a, s_a, sa, hw1, d1, m, r2,
-            zq, z, s_z, hq, gram, s1_inv, r1, p, oq, rho, gamma_end)  # fmt: skip
+    return (lgp, gamma, gpe, ra, pr, gram_k, qk, pre, s_pre, hid, hw1, d1, m, r2, zq, z, s_z, hq,
+            gram, r1, p, oq, rho, gamma_end)  # fmt: skip
 
 
 # Integer arguments Triton must not specialise on (it would compile a new binary whenever an int
@@ -170,13 +188,15 @@ RUNTIME_INTS = ["N", "C", "D", "DH"]
 
 @triton.jit(do_not_specialize=RUNTIME_INTS)
 def dgd_mlp_forward_kernel(
-    Q, K, V, ETA, ALPHA, W1S, W2S, OUT,
+    Q, K, V, ETA, ALPHA, W1S, W2S, INVERSES, OUT,
     N, C, D, DH,
     TINY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """Inputs (I items, N chunks, C tokens): q, k, v (I, N, C, D); eta, alpha (I, N, C).
     W1S (I, N + 1, D, Dh), W2S (I, N + 1, Dh, D): index 0 holds the initial state; the kernel
-    writes the state after each chunk into index n + 1. OUT (I, N, C, D): the read-outs."""
+    writes the state after each chunk into index n + 1. INVERSES (I, N, 2, BLOCK_C, BLOCK_C): the
+    kernel writes each chunk's two system inverses (KS⁻¹, S1⁻¹) for the backward. OUT (I, N, C, D):
+    the read-outs."""
     item = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, BLOCK_C)
     rd = tl.arange(0, BLOCK_D)
@@ -191,14 +211,15 @@ def dgd_mlp_forward_kernel(
     for n in range(N):
         chunk = item * N + n
         tokens_off = (chunk * C + rc)[:, None] * D + rd[None, :]
-        q = tl.load(Q + tokens_off, mask=tokens_mask, other=0.0)
-        k = tl.load(K + tokens_off, mask=tokens_mask, other=0.0)
-        v = tl.load(V + tokens_off, mask=tokens_mask, other=0.0)
+        q = tl.load(Q + tokens_off, mask=tokens_mask, other=0.0, eviction_policy="evict_first")
+        k = tl.load(K + tokens_off, mask=tokens_mask, other=0.0, eviction_policy="evict_first")
+        v = tl.load(V + tokens_off, mask=tokens_mask, other=0.0, eviction_policy="evict_first")
         eta = tl.load(ETA + chunk * C + rc, mask=rc < C, other=0.0)
         alpha = tl.load(ALPHA + chunk * C + rc, mask=rc < C, other=1.0)
-        (lg, lgp, gamma, gpe, ra, pr, gram_k, ks_inv, qk, kr, pre, s_pre, hid, a, s_a, sa, hw1, d1, m, r2,
-         zq, z, s_z, hq, gram, s1_inv, r1, p, oq, rho, gamma_end) = _chunk_forward(
-            q, k, v, eta, alpha, w1, w2, TINY, BLOCK_C)  # fmt: skip
+        inverses = INVERSES + chunk * 2 * BLOCK_C * BLOCK_C
+        (lgp, gamma, gpe, ra, pr, gram_k, qk, pre, s_pre, hid, hw1, d1, m, r2, zq, z, s_z, hq,
+         gram, r1, p, oq, rho, gamma_end) = _chunk_values(q, k, v, eta, alpha, w1, w2, inverses, False, TINY,
+                                                          BLOCK_C)  # fmt: skip
         out = q + gamma[:, None] * oq + _dot(ra * p, r1)
         tl.store(OUT + tokens_off, out, mask=tokens_mask)
         w1 = gamma_end * w1 + _dot(tl.trans(rho[:, None] * r1), hid)
@@ -210,13 +231,18 @@ def dgd_mlp_forward_kernel(
 
 @triton.jit(do_not_specialize=RUNTIME_INTS)
 def dgd_mlp_backward_kernel(
-    Q, K, V, ETA, ALPHA, W1S, W2S, DOUT, DW1, DW2,
+    Q, K, V, ETA, ALPHA, W1S, W2S, INVERSES, DOUT, DW1, DW2, SCRATCH,
     DQ, DK, DV, DETA, DALPHA,
     N, C, D, DH,
     TINY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """Gradients of every input of the forward kernel. DW1 (I, D, Dh), DW2 (I, Dh, D) hold
-    dL/d(end state) on entry and dL/d(initial state) on return; DQ.. DALPHA are written whole."""
+    dL/d(end state) on entry and dL/d(initial state) on return; DQ.. DALPHA are written whole.
+    SCRATCH (I, BLOCK_C, BLOCK_C): working memory.
+
+    The inputs and states are loaded again where the chain rule reaches them instead of being
+    kept from the recomputation: each tensor a product reads is staged in shared memory until its
+    last product, and keeping them all would exceed an H100's 227 KB."""
     item = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, BLOCK_C)
     rd = tl.arange(0, BLOCK_D)
@@ -229,39 +255,40 @@ def dgd_mlp_backward_kernel(
     w1_mask = (rd < D)[:, None] & (rh < DH)[None, :]
     w2_off = rh[:, None] * D + rd[None, :]
     w2_mask = (rh < DH)[:, None] & (rd < D)[None, :]
+    scratch = SCRATCH + item * BLOCK_C * BLOCK_C
     dw1 = tl.load(DW1 + item * D * DH + w1_off, mask=w1_mask, other=0.0)
     dw2 = tl.load(DW2 + item * DH * D + w2_off, mask=w2_mask, other=0.0)
     for back in range(N):
         n = N - 1 - back
         chunk = item * N + n
-        state = item * (N + 1) + n
-        w1 = tl.load(W1S + state * D * DH + w1_off, mask=w1_mask, other=0.0)
-        w2 = tl.load(W2S + state * DH * D + w2_off, mask=w2_mask, other=0.0)
+        w1_at = W1S + (item * (N + 1) + n) * D * DH + w1_off
+        w2_at = W2S + (item * (N + 1) + n) * DH * D + w2_off
         tokens_off = (chunk * C + rc)[:, None] * D + rd[None, :]
-        q = tl.load(Q + tokens_off, mask=tokens_mask, other=0.0)
-        k = tl.load(K + tokens_off, mask=tokens_mask, other=0.0)
-        v = tl.load(V + tokens_off, mask=tokens_mask, other=0.0)
-        dout = tl.load(DOUT + tokens_off, mask=tokens_mask, other=0.0)
         eta = tl.load(ETA + chunk * C + rc, mask=rc < C, other=0.0)
         alpha = tl.load(ALPHA + chunk * C + rc, mask=rc < C, other=1.0)
-        (lg, lgp, gamma, gpe, ra, pr, gram_k, ks_inv, qk, kr, pre, s_pre, hid, a, s_a, sa, hw1, d1, m, r2,
-         zq, z, s_z, hq, gram, s1_inv, r1, p, oq, rho, gamma_end) = _chunk_forward(
-            q, k, v, eta, alpha, w1, w2, TINY, BLOCK_C)  # fmt: skip
+        # The recomputation's reads ask L2 to keep their lines (each is read again below, where the
+        # chain rule reaches it); the second reads are the last. The different hints also keep
+        # the compiler from merging the two reads into one value staged for the whole chunk.
+        (lgp, gamma, gpe, ra, pr, gram_k, qk, pre, s_pre, hid, hw1, d1, m, r2, zq, z, s_z, hq,
+         gram, r1, p, oq, rho, gamma_end) = _chunk_values(
+            tl.load(Q + tokens_off, mask=tokens_mask, other=0.0, eviction_policy="evict_last"),
+            tl.load(K + tokens_off, mask=tokens_mask, other=0.0, eviction_policy="evict_last"),
+            tl.load(V + tokens_off, mask=tokens_mask, other=0.0, eviction_policy="evict_last"),
+            eta, alpha,
+            tl.load(w1_at, mask=w1_mask, other=0.0, eviction_policy="evict_last"),
+            tl.load(w2_at, mask=w2_mask, other=0.0, eviction_policy="evict_last"),
+            INVERSES + chunk * 2 * BLOCK_C * BLOCK_C, True, TINY, BLOCK_C)  # fmt: skip
 
-        # W1' = γ_L W1 + (ρ r1)ᵀ hid, W2' = γ_L W2 + (ρ r2)ᵀ k.
-        dgamma_end = tl.reduce(_rowsum(w1 * dw1), 0, _add) + tl.reduce(_rowsum(w2 * dw2), 0, _add)
-        dlr1 = _dot(hid, tl.trans(dw1))
+        # W1' = γ_L W1 + (ρ r1)ᵀ hid.
+        w1 = tl.load(w1_at, mask=w1_mask, other=0.0, eviction_policy="evict_first")
+        dgamma_end = tl.reduce(_rowsum(w1 * dw1), 0, _add)
         dhid = _dot(rho[:, None] * r1, dw1)
+        dlr1 = _dot(hid, tl.trans(dw1))
         dr1 = rho[:, None] * dlr1
         drho = _rowsum(r1 * dlr1)
-        dlr2 = _dot(k, tl.trans(dw2))
-        dk = _dot(rho[:, None] * r2, dw2)
-        dr2 = rho[:, None] * dlr2
-        drho += _rowsum(r2 * dlr2)
         dw1_start = gamma_end * dw1
-        dw2_start = gamma_end * dw2
-
         # out = q + γ oq + RD r1, oq = hq W1ᵀ, RD = RA ⊙ P, P = hq hidᵀ.
+        dout = tl.load(DOUT + tokens_off, mask=tokens_mask, other=0.0)
         dq = dout
         dgamma = _rowsum(oq * dout)
         doq = gamma[:, None] * dout
@@ -274,6 +301,7 @@ def dgd_mlp_backward_kernel(
         dhq += _dot(dp, hid)
         dhid += _dot(tl.trans(dp), hq)
         # r1 = S1⁻¹ rhs1, rhs1 = -η d1 - γ_prev η hw1; S1's strictly lower part η PR ⊙ gram.
+        s1_inv = tl.load(INVERSES + (chunk * 2 + 1) * BLOCK_C * BLOCK_C + rows * BLOCK_C + cols)
         drhs1 = _dot(tl.trans(s1_inv), dr1)
         ds1 = tl.where(lower, -_dot(drhs1, tl.trans(r1)), 0.0)
         deta = -_rowsum(d1 * drhs1) + _rowsum(ds1 * pr * gram)
@@ -288,10 +316,21 @@ def dgd_mlp_backward_kernel(
         dgamma += _rowsum(zq * dz)
         dzq = gamma[:, None] * dz
         dkr = _dot(dz, tl.trans(r2))
-        dr2 += _dot(tl.trans(kr), dz)
+        dr2 = _dot(tl.trans(ra * qk), dz)
+        # W2' = γ_L W2 + (ρ r2)ᵀ k.
+        w2 = tl.load(w2_at, mask=w2_mask, other=0.0, eviction_policy="evict_first")
+        k = tl.load(K + tokens_off, mask=tokens_mask, other=0.0, eviction_policy="evict_first")
+        dgamma_end += tl.reduce(_rowsum(w2 * dw2), 0, _add)
+        dk = _dot(rho[:, None] * r2, dw2)
+        dlr2 = _dot(k, tl.trans(dw2))
+        dr2 += rho[:, None] * dlr2
+        drho += _rowsum(r2 * dlr2)
+        dw2_start = gamma_end * dw2
+        q = tl.load(Q + tokens_off, mask=tokens_mask, other=0.0, eviction_policy="evict_first")
         dq += _dot(dzq, w2)
         dw2_start += _dot(tl.trans(dzq), q)
         # r2 = KS⁻¹ rhs2, rhs2 = -η silu'(pre) m - γ_prev η pre; KS's strictly lower part η PR ⊙ k kᵀ.
+        ks_inv = tl.load(INVERSES + chunk * 2 * BLOCK_C * BLOCK_C + rows * BLOCK_C + cols)
         drhs2 = _dot(tl.trans(ks_inv), dr2)
         dks = tl.where(lower, -_dot(drhs2, tl.trans(r2)), 0.0)
         slope = _silu_d1(pre, s_pre)
@@ -304,13 +343,19 @@ def dgd_mlp_backward_kernel(
         dgram_k = dks * eta[:, None] * pr
         # m = d1 W1; d1 = 2 (k + hw1 - v - sa W1ᵀ), sa = silu(a), a = v W2ᵀ.
         dd1 += _dot(dm, tl.trans(w1))
-        dw1_start += _dot(tl.trans(d1), dm)
         dd1 = 2.0 * dd1
         dk += dd1
         dhw1 += dd1
         dv = -dd1
+        # silu(a) and d1 once more from the inputs read again here, rather than kept from the
+        # recomputation: two tiles less staged in shared memory across the chunk.
+        v = tl.load(V + tokens_off, mask=tokens_mask, other=0.0, eviction_policy="evict_first")
+        a = _dot(v, tl.trans(w2))
+        s_a = _sigmoid(a)
+        sa_w1 = _dot(a * s_a, tl.trans(w1))
+        dw1_start += _dot(tl.trans(2.0 * (k + hw1 - v - sa_w1)), dm)  # d1ᵀ dm
         dsa = -_dot(dd1, w1)
-        dw1_start -= _dot(tl.trans(dd1), sa)
+        dw1_start -= _dot(tl.trans(dd1), a * s_a)
         da = dsa * _silu_d1(a, s_a)
         dv += _dot(da, w2)
         dw2_start += _dot(tl.trans(da), v)
@@ -329,8 +374,8 @@ def dgd_mlp_backward_kernel(
         # γ = exp(lg), γ_prev η = η exp(lgp), γ_L = exp(Σ log α), ρ = RA[last, :].
         deta += dgpe * tl.exp(lgp)
         dra += tl.where(rows == BLOCK_C - 1, drho[None, :], 0.0)
-        dlog = tl.zeros_like(eta) + dgamma_end * gamma_end
-        dalpha = _decays_backward(alpha, ra, pr, dlog, dgamma * gamma, dgpe * gpe, dra, dpr, TINY, BLOCK_C)
+        dlog = tl.full([BLOCK_C], 0.0, eta.dtype) + dgamma_end * gamma_end
+        dalpha = _decays_backward(alpha, ra, pr, dlog, dgamma * gamma, dgpe * gpe, dra, dpr, scratch, TINY, BLOCK_C)
 
         tl.store(DQ + tokens_off, dq, mask=tokens_mask)
         tl.store(DK + tokens_off, dk, mask=tokens_mask)
