@@ -47,7 +47,8 @@ TINY=(--override=--data.init_args.seq_len=1024 --override=--data.init_args.max_b
 # HOPE's DGD memory as Triton kernels (impl="triton"), checked only under the interpreter so far:
 # the tests at the model's head size (compiling the 64-wide backward takes minutes), then its
 # timing against the ATen chunk kernel at HOPE-tiny's shape (D = Dh = 48, C = 64; same blocks, so
-# the compiled kernels come from Triton's cache).
+# the compiled kernels come from Triton's cache), then HOPE-tiny's training step with it (tokens/s;
+# the MFU column misses the Triton kernels' FLOPs, which torch's FLOP counter cannot see).
 step dgd_triton 420 "${INSTALLED[@]}" python3 -P -m pytest -v -p no:cacheprovider --durations=12 -k triton \
     tests/ops/test_dgd_memory.py tests/test_memory_models.py
 step dgd_ops_triton 120 python3 benchmarks/dgd_ops.py --device cuda --impls naive chunk triton --dim 48 --hidden 48 \

@@ -19,6 +19,11 @@ from torch.autograd.function import once_differentiable
 from nl_lightning.ops.cpu_extension import dense_grad
 from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
 
+# The widest chunk, head and hidden size the kernels take: at 64 the backward stages 144 KB in
+# shared memory (an A100 has 163 KB per block, an H100 227 KB); at 128 it would need 448 KB.
+MAX_WIDTH = 64
+
+
 def interpreting() -> bool:
     import triton
 
@@ -48,12 +53,22 @@ def launch_options(C: int, D: int, Dh: int, dtype: torch.dtype) -> dict:
 
     # Powers of two for tl.arange, and at least 16 for tl.dot. num_stages=1: the chunks depend on
     # each other, so software pipelining the chunk loop only multiplies shared memory.
-    return {
-        "TINY": torch.finfo(dtype).tiny,
+    # num_warps: a program holds some thirty C x D tiles at once, far more than a few warps'
+    # registers. At HOPE-tiny's 64-wide blocks (sm_90, float32) the backward spills 294 KB per
+    # thread and compiles in 882 s (2-core VM) at 4 warps, 137 KB / 168 s at 8, 64 KB / 86 s at
+    # 16 and 19 KB / 27 s at 32 (benchmarks/RESULTS.md). The grid is only B·H programs, so one
+    # program per SM is no loss; smaller blocks get proportionally fewer warps.
+    blocks = {
         "BLOCK_C": max(16, triton.next_power_of_2(C)),
         "BLOCK_D": max(16, triton.next_power_of_2(D)),
         "BLOCK_H": max(16, triton.next_power_of_2(Dh)),
+    }
+    tile = blocks["BLOCK_C"] * max(blocks["BLOCK_D"], blocks["BLOCK_H"])
+    return {
+        "TINY": torch.finfo(dtype).tiny,
+        **blocks,
         "num_stages": 1,
+        "num_warps": max(4, min(32, tile // 128)),
     }
 
 
@@ -125,5 +140,12 @@ def triton_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int)
             "impl='triton' got CPU tensors but Triton is not in interpreter mode; move the inputs to a "
             "CUDA device, set TRITON_INTERPRET=1 (Triton's interpreter: CPU, slow, for testing), or use "
             "impl='cpu_fused' or 'chunk'."
+        )
+    widths = {"chunk_size": min(chunk_size, q.shape[2]), "head dim D": q.shape[-1], "hidden dim Dh": state[0].shape[-1]}
+    too_wide = {name: width for name, width in widths.items() if width > MAX_WIDTH}
+    if too_wide:
+        raise ValueError(
+            f"impl='triton' keeps a chunk's C x D tiles on chip and supports widths up to {MAX_WIDTH} "
+            f"(HOPE's tiny and small presets); got {too_wide}. Use impl='chunk', or a smaller chunk_size."
         )
     return chunk_dgd_memory(q, k, v, eta, alpha, state, kind=kind, chunk_size=chunk_size, chunk_loop=_triton_loop)
