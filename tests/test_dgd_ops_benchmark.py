@@ -11,19 +11,27 @@ def load_dgd_ops():
     return load_script(REPO_ROOT / "benchmarks/dgd_ops.py")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_tiny_table_runs_end_to_end(device, capsys):
+def table_row(capsys, length, impl, device="cpu"):
+    """Run the benchmark on naive and ``impl`` at one tiny length; the cells of its one table row."""
     threads = torch.get_num_threads()
     try:
-        load_dgd_ops().main(["--lengths", "16", "--dim", "8", "--hidden", "8", "--chunk-size", "8", "--repeats", "1",
-                             "--impls", "naive", "chunk", "--device", device])
+        load_dgd_ops().main(["--lengths", str(length), "--dim", "8", "--hidden", "8", "--chunk-size", "8",
+                             "--repeats", "1", "--impls", "naive", impl, "--device", device])
     finally:
         torch.set_num_threads(threads)  # the script sets its own thread count
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 16 |")]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {length} |")]
     assert len(rows) == 1
-    cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert cells[3].endswith("x") and float(cells[3][:-1]) > 0  # naive/chunk
-    assert float(cells[4]) < 1e-4  # chunk output matches the token loop
+    return [c.strip() for c in rows[0].strip("|").split("|")]
+
+
+def assert_ratio_and_agreement(cells):
+    assert cells[3].endswith("x") and float(cells[3][:-1]) > 0  # naive/impl
+    assert float(cells[4]) < 1e-4  # the implementation's output matches the token loop
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tiny_table_runs_end_to_end(device, capsys):
+    assert_ratio_and_agreement(table_row(capsys, 16, "chunk", device))
 
 
 def test_inputs_are_reproducible_leaf_tensors():
@@ -37,26 +45,8 @@ def test_inputs_are_reproducible_leaf_tensors():
 
 
 def test_fused_cpu_kernel_column_matches_the_token_loop(capsys):
-    threads = torch.get_num_threads()
-    try:
-        load_dgd_ops().main(["--lengths", "20", "--dim", "8", "--hidden", "8", "--chunk-size", "8", "--repeats", "1",
-                             "--impls", "naive", "cpu_fused"])
-    finally:
-        torch.set_num_threads(threads)
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 20 |")]
-    cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert cells[3].endswith("x") and float(cells[3][:-1]) > 0  # naive/cpu_fused
-    assert float(cells[4]) < 1e-4
+    assert_ratio_and_agreement(table_row(capsys, 20, "cpu_fused"))
 
 
 def test_triton_column_matches_the_token_loop(capsys, triton_device):
-    threads = torch.get_num_threads()
-    try:
-        load_dgd_ops().main(["--lengths", "20", "--dim", "8", "--hidden", "8", "--chunk-size", "8", "--repeats", "1",
-                             "--impls", "naive", "triton", "--device", triton_device])
-    finally:
-        torch.set_num_threads(threads)
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 20 |")]
-    cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert cells[3].endswith("x") and float(cells[3][:-1]) > 0  # naive/triton
-    assert float(cells[4]) < 1e-4
+    assert_ratio_and_agreement(table_row(capsys, 20, "triton", triton_device))

@@ -48,6 +48,23 @@ def make_inputs(kind, *, batch=B, length=T, dtype=torch.float64, seed=0, device=
     return seq, weights
 
 
+def model_size_inputs(*, batch, hidden, device="cpu"):
+    """float32 inputs at HOPE-tiny's head size (2 heads of 48, T = 150: two chunks of 64 and a
+    partial one) with the gates' and weights' scales of the model."""
+    gen = torch.Generator().manual_seed(0)
+    heads, length, dim = 2, 150, 48
+    seq = {
+        "q": F.normalize(torch.randn(batch, heads, length, dim, generator=gen), dim=-1),
+        "k": F.normalize(torch.randn(batch, heads, length, dim, generator=gen), dim=-1),
+        "v": torch.randn(batch, heads, length, dim, generator=gen),
+        "eta": 0.01 * torch.rand(batch, heads, length, generator=gen),
+        "alpha": 0.9 + 0.1 * torch.rand(batch, heads, length, generator=gen),
+    }
+    weights = (0.02 * torch.randn(heads, dim, hidden, generator=gen), torch.randn(heads, hidden, dim, generator=gen) / 7)
+    seq = {n: x.to(device).requires_grad_() for n, x in seq.items()}
+    return seq, tuple(w.to(device).requires_grad_() for w in weights)
+
+
 def run_with_grads(seq, weights, *, kind, chunk_size, impl):
     """Forward, then gradients of a fixed random projection of (o, final state) w.r.t. every input."""
     o, state = dgd_memory(**seq, weights=weights, kind=kind, chunk_size=chunk_size, impl=impl)
@@ -101,18 +118,7 @@ def test_cpu_fused_matches_naive_forward_and_grads_float64(chunk_size):
 
 def test_cpu_fused_matches_chunk_float32_at_model_sizes():
     """float32 (the polynomial exp, BLAS) at HOPE-tiny's head size, several chunks and a partial one."""
-    gen = torch.Generator().manual_seed(0)
-    batch, heads, length, dim = 2, 2, 150, 48
-    seq = {
-        "q": F.normalize(torch.randn(batch, heads, length, dim, generator=gen), dim=-1),
-        "k": F.normalize(torch.randn(batch, heads, length, dim, generator=gen), dim=-1),
-        "v": torch.randn(batch, heads, length, dim, generator=gen),
-        "eta": 0.01 * torch.rand(batch, heads, length, generator=gen),
-        "alpha": 0.9 + 0.1 * torch.rand(batch, heads, length, generator=gen),
-    }
-    weights = (0.02 * torch.randn(heads, dim, dim, generator=gen), torch.randn(heads, dim, dim, generator=gen) / 7)
-    for x in (*seq.values(), *weights):
-        x.requires_grad_()
+    seq, weights = model_size_inputs(batch=2, hidden=48)
     expected = run_with_grads(seq, weights, kind="mlp", chunk_size=64, impl="chunk")
     actual = run_with_grads(seq, weights, kind="mlp", chunk_size=64, impl="cpu_fused")
     assert_same_run(actual, expected, atol=1e-5, rtol=1e-4)
@@ -171,18 +177,7 @@ def test_triton_matches_naive_forward_and_grads_float64(triton_device, chunk_siz
 def test_triton_matches_chunk_float32_at_model_sizes(triton_device):
     """float32 at HOPE-tiny's head size (48: padded to a 64-wide tile), whole chunks of 64 and a
     partial one, against the ATen chunk kernel."""
-    gen = torch.Generator().manual_seed(0)
-    batch, heads, length, dim, hidden = 1, 2, 150, 48, 40
-    seq = {
-        "q": F.normalize(torch.randn(batch, heads, length, dim, generator=gen), dim=-1),
-        "k": F.normalize(torch.randn(batch, heads, length, dim, generator=gen), dim=-1),
-        "v": torch.randn(batch, heads, length, dim, generator=gen),
-        "eta": 0.01 * torch.rand(batch, heads, length, generator=gen),
-        "alpha": 0.9 + 0.1 * torch.rand(batch, heads, length, generator=gen),
-    }
-    weights = (0.02 * torch.randn(heads, dim, hidden, generator=gen), torch.randn(heads, hidden, dim, generator=gen) / 7)
-    seq = {n: x.to(triton_device).requires_grad_() for n, x in seq.items()}
-    weights = tuple(w.to(triton_device).requires_grad_() for w in weights)
+    seq, weights = model_size_inputs(batch=1, hidden=40, device=triton_device)
     expected = run_with_grads(seq, weights, kind="mlp", chunk_size=64, impl="chunk")
     actual = run_with_grads(seq, weights, kind="mlp", chunk_size=64, impl="triton")
     assert_same_run(actual, expected, atol=1e-5, rtol=1e-4)

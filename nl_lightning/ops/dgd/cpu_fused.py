@@ -20,6 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from nl_lightning.ops.cpu_extension import dense_grad, load_extension
 from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
+from nl_lightning.ops.dgd.common import per_item_loop
 
 
 class _MLPChunkLoop(torch.autograd.Function):
@@ -40,14 +41,7 @@ class _MLPChunkLoop(torch.autograd.Function):
         return tuple(load_extension().mlp_chunks_backward(inputs, w1s, w2s, d_out, d_w1, d_w2))
 
 
-def _fused_loop(state, q, k, v, eta, alpha):
-    """``chunk_loop`` for ``chunk_dgd_memory``: (B, H, N, C, ...) inputs -> C++ kernel on B·H items."""
-    w1, w2 = state
-    batch, heads = q.shape[:2]
-    items = lambda x: x.flatten(0, 1)  # noqa: E731 - (B, H, ...) -> (B·H, ...)
-    out, w1, w2 = _MLPChunkLoop.apply(*(items(x) for x in (q, k, v, eta, alpha, w1, w2)))
-    unflat = lambda x: x.unflatten(0, (batch, heads))  # noqa: E731
-    return unflat(out), (unflat(w1), unflat(w2))
+_fused_loop = per_item_loop(_MLPChunkLoop)
 
 
 def cpu_fused_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int):

@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from nl_lightning.ops.cpu_extension import dense_grad
 from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
+from nl_lightning.ops.dgd.common import per_item_loop
 
 # The widest chunk, head and hidden size the kernels take: at 64 the backward stages 144 KB in
 # shared memory (an A100 has 163 KB per block, an H100 227 KB); at 128 it would need 448 KB.
@@ -120,14 +121,7 @@ class _MLPChunkLoop(torch.autograd.Function):
         return (*grads, d_w1, d_w2)
 
 
-def _triton_loop(state, q, k, v, eta, alpha):
-    """``chunk_loop`` for ``chunk_dgd_memory``: (B, H, N, C, ...) inputs -> the kernels on B·H items."""
-    w1, w2 = state
-    batch, heads = q.shape[:2]
-    items = lambda x: x.flatten(0, 1)  # noqa: E731 - (B, H, ...) -> (B·H, ...)
-    out, w1, w2 = _MLPChunkLoop.apply(*(items(x) for x in (q, k, v, eta, alpha, w1, w2)))
-    unflat = lambda x: x.unflatten(0, (batch, heads))  # noqa: E731
-    return unflat(out), (unflat(w1), unflat(w2))
+_triton_loop = per_item_loop(_MLPChunkLoop)
 
 
 def triton_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int):

@@ -16,9 +16,10 @@ Per chunk (rows t of the chunk, γ = exp(lg), γ_prev η = η exp(lgp), ρ = RA[
     W1' = γ_L W1 + (ρ r1)ᵀ hid,  W2' = γ_L W2 + (ρ r2)ᵀ k
 
 The unit lower-triangular systems are inverted by forward substitution over the rows of the
-(C x C) tile; the backward needs the inverse's transpose too, so it is formed once per system.
-The backward recomputes each chunk from the chunk-start state the forward saved and walks the
-chunks in reverse, carrying dL/dW1, dL/dW2 in registers.
+(C x C) tile, the one sequential step within a chunk. The forward saves both inverses (2 C² per
+chunk, about as much as q, k, v) because the backward needs their transposes: it then runs no
+substitution of its own. It recomputes the rest of each chunk from the chunk-start state the
+forward saved and walks the chunks in reverse, carrying dL/dW1, dL/dW2 in registers.
 
 Rows past the chunk (C is padded to a power of two) load η = 0, α = 1 and zero q, k, v, so
 they leave the state and every real row unchanged; columns past D and Dh are zero throughout.
