@@ -49,7 +49,7 @@ TINY=(--override=--data.init_args.seq_len=1024 --override=--data.init_args.max_b
 # timing against the ATen chunk kernel at HOPE-tiny's shape (D = Dh = 48, C = 64; same blocks, so
 # the compiled kernels come from Triton's cache), then HOPE-tiny's training step with it (tokens/s;
 # the MFU column misses the Triton kernels' FLOPs, which torch's FLOP counter cannot see).
-step dgd_triton 420 "${INSTALLED[@]}" python3 -P -m pytest -v -p no:cacheprovider --durations=12 -k triton \
+step dgd_triton 300 "${INSTALLED[@]}" python3 -P -m pytest -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k triton \
     tests/ops/test_dgd_memory.py tests/test_memory_models.py
 step dgd_ops_triton 120 python3 benchmarks/dgd_ops.py --device cuda --impls naive chunk triton --dim 48 --hidden 48 \
     --batch 4 --heads 4 --lengths 1024 2048 --repeats 5

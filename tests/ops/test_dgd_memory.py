@@ -60,7 +60,10 @@ def model_size_inputs(*, batch, hidden, device="cpu"):
         "eta": 0.01 * torch.rand(batch, heads, length, generator=gen),
         "alpha": 0.9 + 0.1 * torch.rand(batch, heads, length, generator=gen),
     }
-    weights = (0.02 * torch.randn(heads, dim, hidden, generator=gen), torch.randn(heads, hidden, dim, generator=gen) / 7)
+    weights = (
+        0.02 * torch.randn(heads, dim, hidden, generator=gen),
+        torch.randn(heads, hidden, dim, generator=gen) / 7,
+    )
     seq = {n: x.to(device).requires_grad_() for n, x in seq.items()}
     return seq, tuple(w.to(device).requires_grad_() for w in weights)
 

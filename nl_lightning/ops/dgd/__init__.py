@@ -69,11 +69,12 @@ def dgd_memory(
             Give exactly one of ``weights`` and ``state``.
         impl: ``"chunk"`` (chunk-parallel), ``"naive"`` (token loop), ``"compiled"``
             (``torch.compile``d chunk steps), ``"cpu_fused"`` (the chunk loop as one C++ kernel,
-            ``kind="mlp"`` on CPU; ``cpu_fused.py``), ``"triton"`` (the chunk loop as Triton kernels,
-            ``kind="mlp"`` on CUDA, or on CPU under ``TRITON_INTERPRET=1``; ``triton_mlp.py``) or ``"auto"``: ``"cpu_fused"`` where it applies
-            and its extension builds, except while the ATen ops must be visible (``torch.compile``
-            tracing, a dispatch mode such as the FLOP counter; ``cpu_extension.use_fused_kernel``),
-            else ``"chunk"``.
+            ``kind="mlp"`` on CPU; ``cpu_fused.py``), ``"triton"`` (the chunk loop as Triton
+            kernels, ``kind="mlp"`` with D, Dh and the chunk at most 64, on CUDA or on CPU under
+            ``TRITON_INTERPRET=1``; ``triton_mlp.py``; not yet timed on a GPU, so ``"auto"`` does
+            not pick it) or ``"auto"``: ``"cpu_fused"`` where it applies and its extension builds,
+            except while the ATen ops must be visible (``torch.compile`` tracing, a dispatch mode
+            such as the FLOP counter; ``cpu_extension.use_fused_kernel``), else ``"chunk"``.
 
     Returns:
         o: (B, H, T, D) read-outs o_t = M_t(q_t); and the per-batch state after the last token.

@@ -8,7 +8,6 @@ from __future__ import annotations
 KINDS = {"linear": 1, "mlp": 2}
 
 
-
 def per_item_loop(function):
     """A ``chunk_loop`` for ``chunk_dgd_memory`` that hands the chunked (B, H, N, C, ...) inputs
     and state to ``function.apply`` as B·H items (the fused kernels' layout) and splits the
