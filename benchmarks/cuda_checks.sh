@@ -45,7 +45,7 @@ TINY=(--override=--data.init_args.seq_len=1024 --override=--data.init_args.max_b
 # In order of what is least known: later steps are the first cut when the lease runs short.
 # -P: the checkout must not shadow the installed package (it lacks nl_lightning.callbacks).
 # HOPE's DGD memory as Triton kernels (impl="triton"), checked only under the interpreter so far:
-# the tests at the model's head size (compiling the 64-wide backward takes minutes), then its
+# the tests at the model's head size (the 64-wide kernels compile in about half a minute), then its
 # timing against the ATen chunk kernel at HOPE-tiny's shape (D = Dh = 48, C = 64; same blocks, so
 # the compiled kernels come from Triton's cache), then HOPE-tiny's training step with it (tokens/s;
 # the MFU column misses the Triton kernels' FLOPs, which torch's FLOP counter cannot see).
