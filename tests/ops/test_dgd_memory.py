@@ -212,9 +212,9 @@ def test_triton_refuses_the_linear_kind_and_uninterpreted_cpu_tensors(triton_dev
     seq, weights = make_inputs("linear", device=triton_device)
     with pytest.raises(ValueError, match="kind='mlp' only, got kind='linear'; use impl='chunk'"):
         dgd_memory(**seq, weights=weights, kind="linear", chunk_size=4, impl="triton")
-    from nl_lightning.ops.dgd import triton_mlp
+    from nl_lightning.ops import triton_launch
 
-    monkeypatch.setattr(triton_mlp, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_launch, "interpreting", lambda: False)
     seq, weights = make_inputs("mlp")
     with pytest.raises(RuntimeError, match="CPU tensors but Triton is not in interpreter mode"):
         dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl="triton")

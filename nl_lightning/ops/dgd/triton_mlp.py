@@ -8,27 +8,21 @@ for testing). Same semantics as ``chunk_dgd_memory(kind="mlp")``, which it plugs
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 
 import torch
-from torch import Tensor
+import triton
 from torch.autograd.function import once_differentiable
 
 from nl_lightning.ops.cpu_extension import dense_grad
 from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
 from nl_lightning.ops.dgd.common import per_item_loop
+from nl_lightning.ops.triton_launch import check_launchable, interpreting, on_device
 
 # The widest chunk, head and hidden size the kernels take: at 64 the backward stages 144 KB in
 # shared memory (an A100 has 163 KB per block, an H100 227 KB); at 128 it would need 448 KB.
 MAX_WIDTH = 64
-
-
-def interpreting() -> bool:
-    import triton
-
-    return bool(triton.knobs.runtime.interpret)
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,8 +44,6 @@ def kernels():
 
 
 def launch_options(C: int, D: int, Dh: int, dtype: torch.dtype) -> dict:
-    import triton
-
     # Powers of two for tl.arange, and at least 16 for tl.dot. num_stages=1: the chunks depend on
     # each other, so software pipelining the chunk loop only multiplies shared memory.
     # num_warps: a program holds some thirty C x D tiles at once, far more than a few warps'
@@ -73,11 +65,6 @@ def launch_options(C: int, D: int, Dh: int, dtype: torch.dtype) -> dict:
     }
 
 
-def _on_device(t: Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensors' device.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 class _MLPChunkLoop(torch.autograd.Function):
     """All chunks of a DGD MLP memory for I = B·H items: q, k, v (I, N, C, D), eta, alpha
     (I, N, C), w1 (I, D, Dh), w2 (I, Dh, D); returns the read-outs and the end state."""
@@ -96,7 +83,7 @@ class _MLPChunkLoop(torch.autograd.Function):
         block = options["BLOCK_C"]
         inverses = q.new_empty(items, n, 2, block, block)  # the two UT-system inverses per chunk
         forward_kernel, _ = kernels()
-        with _on_device(q):
+        with on_device(q):
             forward_kernel[(items,)](*inputs, w1s, w2s, inverses, out, n, C, D, Dh, **options)
         ctx.save_for_backward(*inputs, w1s, w2s, inverses)
         return out, w1s[:, -1].clone(), w2s[:, -1].clone()
@@ -114,7 +101,7 @@ class _MLPChunkLoop(torch.autograd.Function):
         d_w2 = dense_grad(d_w2, w2s[:, -1]).clone()
         grads = [torch.empty_like(x) for x in inputs]
         _, backward_kernel = kernels()
-        with _on_device(d_out):
+        with on_device(d_out):
             backward_kernel[(items,)](
                 *inputs, w1s, w2s, inverses, d_out, d_w1, d_w2, scratch, *grads, n, C, D, Dh, **options
             )
@@ -129,12 +116,7 @@ def triton_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int)
     tensors (or CPU tensors under ``TRITON_INTERPRET=1``)."""
     if kind != "mlp":
         raise ValueError(f"impl='triton' implements kind='mlp' only, got kind={kind!r}; use impl='chunk'.")
-    if q.device.type == "cpu" and not interpreting():
-        raise RuntimeError(
-            "impl='triton' got CPU tensors but Triton is not in interpreter mode; move the inputs to a "
-            "CUDA device, set TRITON_INTERPRET=1 (Triton's interpreter: CPU, slow, for testing), or use "
-            "impl='cpu_fused' or 'chunk'."
-        )
+    check_launchable(q, "impl='triton'", "impl='cpu_fused' or 'chunk'")
     widths = {"chunk_size": min(chunk_size, q.shape[2]), "head dim D": q.shape[-1], "hidden dim Dh": state[0].shape[-1]}
     too_wide = {name: width for name, width in widths.items() if width > MAX_WIDTH}
     if too_wide:

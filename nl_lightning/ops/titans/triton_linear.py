@@ -21,7 +21,6 @@ jitted.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from nl_lightning.ops.triton_launch import check_launchable, interpreting, on_device
 
 from .chunk import chunk_coefficients
 from .common import MemoryState, Weights, check_inputs, initial_state
@@ -203,15 +204,6 @@ def _kernels(interpret: bool):
     return tuple(triton.jit(kernel, do_not_specialize=_RUNTIME_INTS) for kernel in (_forward_kernel, _backward_kernel))
 
 
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
-
-
-def _on_device(t: Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensors' device.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _launch_options(C: int, Dk: int, Dv: int) -> dict:
     # Powers of two for tl.arange, and at least 16 because tl.dot needs that on GPUs.
     # num_stages=1: chunks depend on each other, so software-pipelining the chunk loop buys
@@ -234,13 +226,13 @@ class _LinearChunkFunction(torch.autograd.Function):
         BH, NC, Dk = q.shape
         N, C = beta.shape[1], beta.shape[2]
         Dv = v.shape[-1]
-        forward_kernel, _ = _kernels(_interpreting())
+        forward_kernel, _ = _kernels(interpreting())
         y = torch.empty_like(v)
         W_out, S_out = torch.empty_like(W0), torch.empty_like(S0)
         W_save = q.new_empty(BH, N, Dv, Dk)
         S_save = q.new_empty(BH, N, Dv, Dk)
         coeffs = (beta, carry, mix, beta_end, carry_end, mom_end, mix_end, surp_end)
-        with _on_device(q):
+        with on_device(q):
             forward_kernel[(BH,)](
                 q, k, v, *coeffs, W0, S0, y, W_out, S_out, W_save, S_save,
                 N, C, Dk, Dv, **_launch_options(C, Dk, Dv),
@@ -254,13 +246,13 @@ class _LinearChunkFunction(torch.autograd.Function):
         BH, NC, Dk = q.shape
         N, C = coeffs[0].shape[1], coeffs[0].shape[2]
         Dv = v.shape[-1]
-        _, backward_kernel = _kernels(_interpreting())
+        _, backward_kernel = _kernels(interpreting())
         dy, dW_out, dS_out = (t.contiguous() for t in (dy, dW_out, dS_out))
         grads_in = [torch.empty_like(t) for t in (q, k, v)]
         grads_coeffs = [torch.empty_like(t) for t in coeffs]
         dW0 = q.new_empty(BH, Dv, Dk)
         dS0 = q.new_empty(BH, Dv, Dk)
-        with _on_device(q):
+        with on_device(q):
             backward_kernel[(BH,)](
                 q, k, v, *coeffs, W_save, S_save, dy, dW_out, dS_out,
                 *grads_in, *grads_coeffs, dW0, dS0,
@@ -293,12 +285,7 @@ def triton_linear_titans_memory(
             f"the Triton kernel implements kind='linear' only; got kind={kind!r}. "
             "Use impl='chunk' or impl='compiled' for the MLP memory."
         )
-    if q.device.type == "cpu" and not _interpreting():
-        raise RuntimeError(
-            "the Triton memory kernel got CPU tensors but Triton is not in interpreter mode; "
-            "move the inputs to a CUDA device, or set TRITON_INTERPRET=1 to run Triton's interpreter "
-            "(CPU, slow, for testing), or use impl='chunk'."
-        )
+    check_launchable(q, "the Triton memory kernel", "impl='chunk'")
     out_dtype = q.dtype
     compute_dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     B, H, T, Dk = q.shape
