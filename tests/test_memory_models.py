@@ -367,11 +367,14 @@ def test_causal_conv_matches_shifted_sum_reference_in_value_and_gradients(kernel
     x = torch.randn(2, length, 5, dtype=torch.float64, requires_grad=True)
     fast, reference = conv(x, fused=fused), causal_depthwise_conv_naive(x, conv.conv.weight)
     torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(fast)
-    fast_grads = torch.autograd.grad(fast, (x, conv.conv.weight), grad)
-    reference_grads = torch.autograd.grad(reference, (x, conv.conv.weight), grad)
-    for got, expected in zip(fast_grads, reference_grads):
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert_same_grads(fast, reference, (x, conv.conv.weight), tol=1e-12)
+
+
+def assert_same_grads(out, reference, inputs, *, tol):
+    """Gradients of ``out`` and ``reference`` w.r.t. ``inputs`` under one random output gradient."""
+    grad = torch.randn_like(out)
+    for got, expected in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(reference, inputs, grad)):
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["aten", "fused"])
@@ -390,11 +393,7 @@ def test_causal_conv_normalizes_each_group_of_the_first_channels(fused):
     heads = [F.normalize(plain[..., :4], dim=-1), F.normalize(plain[..., 4:8], dim=-1)]
     reference = torch.cat([*heads, plain[..., 8:]], -1)
     torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (x, conv.conv.weight), grad)
-    expected = torch.autograd.grad(reference, (x, conv.conv.weight), grad)
-    for a, e in zip(got, expected):
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    assert_same_grads(out, reference, (x, conv.conv.weight), tol=1e-10)
     if fused:
         assert torch.autograd.gradcheck(lambda x, w: cpu_fused_causal_conv(x, w, normalized=8, group=4),
                                         (x.detach()[:1, :9].requires_grad_(), conv.conv.weight))  # not at the clamp
