@@ -1,10 +1,14 @@
-"""HOPE's self-modifying memory updated with DGD (delta gradient descent), SPEC §2.
+"""HOPE's self-modifying memory updated with DGD (delta gradient descent), SPEC §2, or with the
+normalised delta rule that stays bounded at one-shot step sizes.
 
-Each token t writes into a memory M with DGD and reads it back:
+Each token t writes into a memory M and reads it back:
 
-    v̂_t = M_{t-1}(v_t)                                   the memory makes its own target
-    W  <- W (alpha_t I - eta_t x xᵀ) - eta_t grad_W ||M(k_t) - v̂_t||²    for each layer W, input x
+    v̂_t = M_{t-1}(v_t)  (target="self")  or  v_t  (target="value")
+    DGD:    W <- W (alpha_t I - eta_t x xᵀ) - eta_t grad_W ||M(k_t) - v̂_t||²     for each layer W, input x
+    delta:  W <- W (alpha_t I - eta_l x xᵀ) + eta_l (y - g) xᵀ,  eta_l = beta_t / (||x||² + eps)
     o_t = M_t(q_t)                                       read after the update
+
+(``naive.py`` has the definitions and the delta rule's stability bound.)
 
 ``naive.py`` is the token-by-token definition (including the chunked semantics), ``chunk.py`` the
 chunk-parallel kernel, ``fused.py`` the compiled kernel, ``cpu_fused.py`` (C++) and
@@ -22,14 +26,14 @@ import torch
 
 from nl_lightning.ops.autocast import float32_under_autocast
 from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
-from nl_lightning.ops.dgd.common import KINDS
+from nl_lightning.ops.dgd.common import KINDS, RULES, TARGETS, check_rule
 from nl_lightning.ops.cpu_extension import use_fused_kernel
 from nl_lightning.ops.dgd.cpu_fused import cpu_fused_dgd_memory
 from nl_lightning.ops.dgd.fused import compiled_dgd_memory
 from nl_lightning.ops.dgd.naive import naive_dgd_memory
 from nl_lightning.ops.dgd.shared_key import shared_key_mlp_update
 
-__all__ = ["dgd_memory", "dgd_shared_key_update"]
+__all__ = ["RULES", "TARGETS", "dgd_memory", "dgd_shared_key_update"]
 
 _IMPLS = {
     "chunk": chunk_dgd_memory,
@@ -52,12 +56,15 @@ def dgd_memory(
     chunk_size: int,
     state: Sequence[torch.Tensor] | None = None,
     impl: str = "chunk",
+    rule: str = "dgd",
+    target: str = "self",
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Run a DGD memory over a sequence.
 
     Args:
         q, k, v: (B, H, T, D) queries, keys and values.
-        eta, alpha: (B, H, T) per-token learning rate and retention, expected in (0, 1).
+        eta, alpha: (B, H, T) per-token step gate (DGD's learning rate η, the delta rule's
+            fraction β of the error corrected) and retention, expected in (0, 1].
         weights: the memory's initial (slow, trainable) weights, one set per head and shared by the
             batch: ``(W,)`` with W (H, D, D) for ``kind="linear"``; ``(W1, W2)`` with
             W1 (H, D, Dh), W2 (H, Dh, D) for ``kind="mlp"``. Gradients flow into them.
@@ -75,6 +82,9 @@ def dgd_memory(
             not pick it) or ``"auto"``: ``"cpu_fused"`` where it applies and its extension builds,
             except while the ATen ops must be visible (``torch.compile`` tracing, a dispatch mode
             such as the FLOP counter; ``cpu_extension.use_fused_kernel``), else ``"chunk"``.
+        rule: ``"dgd"`` (the paper's rule) or ``"delta"`` (the layer-local normalised delta rule;
+            ``naive.py`` states its bound). ``"triton"`` implements ``"dgd"`` only and refuses the other.
+        target: ``"self"`` (the memory's own target v̂ = M(v), the paper's) or ``"value"`` (v).
 
     Returns:
         o: (B, H, T, D) read-outs o_t = M_t(q_t); and the per-batch state after the last token.
@@ -85,6 +95,7 @@ def dgd_memory(
         raise ValueError(f"impl={impl!r} is not one of {sorted([*_IMPLS, 'triton', 'auto'])}.")
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {sorted(KINDS)}.")
+    check_rule(rule, target)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (1 = exact online rule).")
     batch, heads, _, dim = _check_sequence(q, k, v, eta, alpha)
@@ -101,7 +112,9 @@ def dgd_memory(
         state = _check_weights(state, kind, (batch, heads), dim, "state", q)
     if impl == "auto":
         impl = _auto_impl(q, kind)
-    return _run_in_full_precision(_impl(impl), q, k, v, eta, alpha, state, kind=kind, chunk_size=chunk_size)
+    return _run_in_full_precision(
+        _impl(impl), q, k, v, eta, alpha, state, kind=kind, chunk_size=chunk_size, rule=rule, target=target
+    )
 
 
 def _impl(name: str):

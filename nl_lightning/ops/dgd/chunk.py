@@ -1,10 +1,13 @@
 """Chunk-parallel DGD memory: same semantics as ``naive.py``, matmuls inside each chunk.
 
 Within a chunk every quantity the gradient needs (target, error, layer inputs) comes from the
-chunk-start state, so each layer's update is a gated delta-rule recurrence with *known* additive
-terms:
+chunk-start state, so each layer's update, under either write rule, is a gated delta-rule
+recurrence with *known* additive terms:
 
-    S_t = S_{t-1} (alpha_t I - eta_t x_t x_tᵀ) + u_t x_tᵀ,       u_t = -eta_t delta_t
+    S_t = S_{t-1} (alpha_t I - eta_t x_t x_tᵀ) + u_t x_tᵀ
+
+with u_t = -2 eta_t g_t for the DGD rule and, for the delta rule, eta_t = beta_t / (||x_t||² + eps)
+and u_t = eta_t (y_t - g_t) (``naive.py``; y, g: the layer's output and error at the chunk start).
 
 Write S_t = gamma_t S_0 + sum_{i<=t} (gamma_t / gamma_i) r_i x_iᵀ with gamma_t = prod_{j<=t} alpha_j
 and r_t = u_t - eta_t S_{t-1} x_t (the update vector that actually lands). Substituting S_{t-1} into
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from nl_lightning.ops.activations import silu_grad
+from nl_lightning.ops.dgd.naive import nlms_step
 
 
 def _masked_exp(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -71,7 +75,8 @@ class KeyTerms(NamedTuple):
     """
 
     decays: tuple  # ``_chunk_decays(alpha)``
-    k_system: torch.Tensor  # the UT system of the layer whose inputs are the keys
+    k_eta: torch.Tensor  # the step of the layer whose inputs are the keys (rule "delta": beta / (||k||² + eps))
+    k_system: torch.Tensor  # the UT system of that layer
     k_read: torch.Tensor  # ratio * (q kᵀ): how token t's read-out sees the keys of the chunk
 
 
@@ -82,10 +87,24 @@ def delta_system(x, eta, decays):
     return eye + eta[..., :, None] * prev_ratio * (x @ x.mT)
 
 
-def key_terms(q, k, eta, alpha) -> KeyTerms:
+def layer_step(eta, x, rule):
+    """The step of a layer with inputs x: the gate itself (DGD), or ``naive.nlms_step`` (delta rule)."""
+    return eta if rule == "dgd" else nlms_step(eta, x)
+
+
+def key_terms(q, k, eta, alpha, rule="dgd") -> KeyTerms:
     """``KeyTerms`` of chunks of q, k (..., C, D) and gates (..., C)."""
     decays = _chunk_decays(alpha)
-    return KeyTerms(decays, delta_system(k, eta, decays), decays[3] * (q @ k.mT))
+    k_eta = layer_step(eta, k, rule)
+    return KeyTerms(decays, k_eta, delta_system(k, k_eta, decays), decays[3] * (q @ k.mT))
+
+
+def additive_terms(eta, y, g, rule):
+    """u_t of the recurrence for a layer with step ``eta`` (its ``layer_step``), chunk-start
+    outputs y and errors g: -2 eta g (DGD) or eta (y - g) (delta rule)."""
+    if rule == "dgd":
+        return -2 * eta[..., None] * g
+    return eta[..., None] * (y - g)
 
 
 def solve_updates(system, u, eta, decays, x_s0):
@@ -124,45 +143,47 @@ def _gated_delta_chunk(s0, x, u, q, eta, decays, x_s0, system, read):
     return out, end_state(s0, x, r, decays)
 
 
-def linear_chunk_step(state, q, k, v, eta, terms: KeyTerms):
+def linear_chunk_step(state, q, k, v, eta, terms: KeyTerms, rule="dgd", target="self"):
     """One chunk of the linear memory M(z) = W z. Shapes as in ``chunk_dgd_memory``, T -> L."""
     (w,) = state
-    # grad_W L = 2 (W k - v̂) kᵀ with v̂ = W v, all at the chunk-start state.
-    k_w = k @ w.mT
-    delta = 2 * (k_w - v @ w.mT)
-    o, w = _gated_delta_chunk(
-        w, k, -eta[..., None] * delta, q, eta, terms.decays, k_w, terms.k_system, terms.k_read
-    )
+    k_w = k @ w.mT  # outputs y = W k at the chunk-start state
+    goal = v @ w.mT if target == "self" else v  # v̂ = W v, or v
+    u = additive_terms(terms.k_eta, k_w, k_w - goal, rule)  # error g = W k - v̂
+    o, w = _gated_delta_chunk(w, k, u, q, terms.k_eta, terms.decays, k_w, terms.k_system, terms.k_read)
     return o, (w,)
 
 
-def mlp_gradient_factors(w1, w2, k, v):
-    """Inner-loss gradient factors at the chunk-start state (the MLP rows of ``naive._mlp_token``).
+def mlp_gradient_factors(w1, w2, k, v, target="self"):
+    """Inner-loss terms at the chunk-start state (the MLP rows of ``naive._mlp_token``).
 
-    Returns (pre, hidden, hidden_w1, delta1, delta2): W2's outputs k W2ᵀ, W1's inputs, W1's outputs
-    (= S_0 x for each layer, reused by the solve) and dL/d(W1 h), dL/d(W2 k).
+    Returns (pre, hidden, hidden_w1, g1, g2): W2's outputs k W2ᵀ, W1's inputs, W1's outputs
+    (= S_0 x for each layer, reused by the solve) and the errors ∂(½L)/∂(W1 h), ∂(½L)/∂(W2 k).
     """
     pre = k @ w2.mT
     hidden = F.silu(pre)  # W1's layer inputs, at the chunk-start state
     hidden_w1 = hidden @ w1.mT
-    target = v + F.silu(v @ w2.mT) @ w1.mT  # v̂ = M(v)
-    delta1 = 2 * (k + hidden_w1 - target)  # dL/d(W1 h)
-    delta2 = silu_grad(pre) * (delta1 @ w1)  # dL/d(W2 k)
-    return pre, hidden, hidden_w1, delta1, delta2
+    goal = v + F.silu(v @ w2.mT) @ w1.mT if target == "self" else v  # v̂ = M(v), or v
+    g1 = k + hidden_w1 - goal  # ∂(½L)/∂(W1 h)
+    g2 = silu_grad(pre) * (g1 @ w1)  # ∂(½L)/∂(W2 k)
+    return pre, hidden, hidden_w1, g1, g2
 
 
-def mlp_chunk_step(state, q, k, v, eta, terms: KeyTerms):
+def mlp_chunk_step(state, q, k, v, eta, terms: KeyTerms, rule="dgd", target="self"):
     """One chunk of the MLP memory M(z) = z + W1 silu(W2 z). Shapes as in ``chunk_dgd_memory``."""
     w1, w2 = state
-    pre, hidden, hidden_w1, delta1, delta2 = mlp_gradient_factors(w1, w2, k, v)
+    pre, hidden, hidden_w1, g1, g2 = mlp_gradient_factors(w1, w2, k, v, target)
     decays = terms.decays  # both layers share alpha_t, so they share the decays
+    eta1 = layer_step(eta, hidden, rule)
+    if rule == "delta":  # W2 corrects only the error W1's write leaves (naive.py)
+        g2 = g2 * (1 - eta1 * hidden.pow(2).sum(-1))[..., None]
     z, w2 = _gated_delta_chunk(
-        w2, k, -eta[..., None] * delta2, q, eta, decays, pre, terms.k_system, terms.k_read
+        w2, k, additive_terms(terms.k_eta, pre, g2, rule), q, terms.k_eta, decays, pre, terms.k_system,
+        terms.k_read,
     )
     h_q = F.silu(z)
     o, w1 = _gated_delta_chunk(
-        w1, hidden, -eta[..., None] * delta1, h_q, eta, decays, hidden_w1,
-        delta_system(hidden, eta, decays), decays[3] * (h_q @ hidden.mT),
+        w1, hidden, additive_terms(eta1, hidden_w1, g1, rule), h_q, eta1, decays, hidden_w1,
+        delta_system(hidden, eta1, decays), decays[3] * (h_q @ hidden.mT),
     )
     return q + o, (w1, w2)
 
@@ -170,7 +191,9 @@ def mlp_chunk_step(state, q, k, v, eta, terms: KeyTerms):
 CHUNK_STEPS = {"linear": linear_chunk_step, "mlp": mlp_chunk_step}
 
 
-def chunk_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, step=None, chunk_loop=None):
+def chunk_dgd_memory(
+    q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, rule="dgd", target="self", step=None, chunk_loop=None
+):
     """Chunk-parallel DGD memory; arguments and returns as in ``naive_dgd_memory``.
 
     ``step`` replaces the per-chunk function (``fused.py`` passes a compiled one). ``chunk_loop``
@@ -203,16 +226,18 @@ def chunk_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, 
     if chunk_loop is not None:
         o, state = chunk_loop(state, q, k, v, eta, alpha)
         return o.flatten(2, 3)[:, :, :length], state
-    terms = key_terms(q, k, eta, alpha)  # every chunk at once
+    terms = key_terms(q, k, eta, alpha, rule)  # every chunk at once
     # unbind, not slicing chunk by chunk: the backward of one unbind stacks all chunk gradients
     # once, whereas each slice's backward writes into a zero tensor of the full size, which makes
     # the backward quadratic in the number of chunks.
     per_chunk_terms = [
-        KeyTerms(decays, system, read)
-        for *decays, system, read in zip(*(x.unbind(2) for x in (*terms.decays, terms.k_system, terms.k_read)))
+        KeyTerms(decays, k_eta, system, read)
+        for *decays, k_eta, system, read in zip(
+            *(x.unbind(2) for x in (*terms.decays, terms.k_eta, terms.k_system, terms.k_read))
+        )
     ]
     outputs = []
     for chunk in zip(*(x.unbind(2) for x in (q, k, v, eta)), per_chunk_terms):
-        o, state = step(state, *chunk)
+        o, state = step(state, *chunk, rule, target)
         outputs.append(o)
     return torch.stack(outputs, dim=2).flatten(2, 3)[:, :, :length], state

@@ -111,11 +111,16 @@ class _MLPChunkLoop(torch.autograd.Function):
 _triton_loop = per_item_loop(_MLPChunkLoop)
 
 
-def triton_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int):
-    """Same arguments, returns and semantics as ``chunk_dgd_memory``; ``kind="mlp"``, on CUDA
-    tensors (or CPU tensors under ``TRITON_INTERPRET=1``)."""
+def triton_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, rule="dgd", target="self"):
+    """Same arguments, returns and semantics as ``chunk_dgd_memory``; ``kind="mlp"`` with the DGD
+    rule and self-made target, on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``)."""
     if kind != "mlp":
         raise ValueError(f"impl='triton' implements kind='mlp' only, got kind={kind!r}; use impl='chunk'.")
+    if (rule, target) != ("dgd", "self"):
+        raise ValueError(
+            f"impl='triton' implements the paper's rule='dgd' with target='self' only, got rule={rule!r}, "
+            f"target={target!r}; use impl='cpu_fused' (CPU) or impl='chunk' (any device), which implement both."
+        )
     check_launchable(q, "impl='triton'", "impl='cpu_fused' or 'chunk'")
     widths = {"chunk_size": min(chunk_size, q.shape[2]), "head dim D": q.shape[-1], "hidden dim Dh": state[0].shape[-1]}
     too_wide = {name: width for name, width in widths.items() if width > MAX_WIDTH}
