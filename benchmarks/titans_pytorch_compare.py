@@ -115,7 +115,8 @@ def gpt2_init(module: nn.Module) -> None:
 
 def build_ours(args, impl: str) -> nn.Module:
     config = ModelConfig.from_preset(
-        "tiny", d_model=args.dim, n_head=args.heads, chunk_size=args.chunk_size, memory_kind="mlp", memory_impl=impl
+        "tiny", d_model=args.dim, n_head=args.heads, chunk_size=args.chunk_size, memory_kind="mlp", memory_impl=impl,
+        write_rule="paper",  # titans-pytorch implements the paper's momentum rule, so that is what is compared
     )
     layer = TitansMemoryLayer(config)
     layer.apply(gpt2_init)  # as inside the Titans backbone, then the layer's own gate/conv init

@@ -56,12 +56,14 @@ def test_memory_makes_the_output_depend_on_distant_context(family):
     assert difference > 1e-3  # far above float32 noise (~1e-6)
 
 
-def test_titans_gates_start_at_their_initial_values_after_model_init():
+@pytest.mark.parametrize(("write_rule", "names"), [("delta", ["beta", "alpha"]), ("paper", ["theta", "eta", "alpha"])])
+def test_titans_gates_start_at_their_initial_values_after_model_init(write_rule, names):
     """The backbone's generic init must not overwrite the memory layer's gate init."""
-    model = small_model(Titans)
+    model = small_model(Titans, write_rule=write_rule)
     layer = model.blocks[0].mixer
-    gates = torch.sigmoid(layer.gates(torch.randn(1, 1, model.config.d_model))).view(3, -1)
-    expected = torch.tensor(list(layer.INITIAL_GATES.values()))[:, None].expand_as(gates)
+    assert list(layer.initial_gates) == names
+    gates = torch.sigmoid(layer.gates(torch.randn(1, 1, model.config.d_model))).view(len(names), -1)
+    expected = torch.tensor(list(layer.initial_gates.values()))[:, None].expand_as(gates)
     torch.testing.assert_close(gates, expected)
 
 
@@ -98,12 +100,13 @@ def test_cms_periods_must_run_fastest_first():
         small_model(Hope, cms_periods=[16, 1])
 
 
+@pytest.mark.parametrize("write_rule", ["delta", "paper"])
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("text", [b" " * 1024, b"    return x\n" * 80])
-def test_memory_stays_finite_on_long_repetitive_text(family, text):
+def test_memory_stays_finite_on_long_repetitive_text(family, text, write_rule):
     """Repetitive bytes make every key in a chunk alike: the chunked update must not overshoot."""
     torch.manual_seed(0)
-    model = family("tiny", overrides={"n_layer": 2}).eval()
+    model = family("tiny", overrides={"n_layer": 2, "write_rule": write_rule}).eval()
     tokens = torch.tensor(list(text[:1024]))[None]
     with torch.no_grad():
         for block in model.blocks:  # emulate trained, larger memory weights
@@ -115,19 +118,26 @@ def test_memory_stays_finite_on_long_repetitive_text(family, text):
     assert logits.abs().max() < 1e3
 
 
+FAST_PATHS = [  # (family, impl, write_rule, memory_target); auto: the C++ kernels on CPU
+    (Hope, "chunk", "delta", "value"), (Hope, "auto", "delta", "value"), (Hope, "auto", "delta", "self"),
+    (Hope, "auto", "paper", "value"), (Titans, "chunk", "delta", "value"), (Titans, "auto", "delta", "value"),
+    (Titans, "chunk", "paper", "value"), (Titans, "cpu_fused", "paper", "value"),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("family", "impl"),
-    [(Hope, "chunk"), (Hope, "auto"), (Titans, "chunk"), (Titans, "cpu_fused")],  # auto: the C++ kernels on CPU
-    ids=["hope-chunk", "hope-auto", "titans-chunk", "titans-cpu_fused"],
+    ("family", "impl", "write_rule", "target"), FAST_PATHS, ids=["-".join(map(str, c[1:])) for c in FAST_PATHS]
 )
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_fast_kernels_match_the_naive_reference_in_logits_and_grads(family, impl, kind):
+def test_fast_kernels_match_the_naive_reference_in_logits_and_grads(family, impl, write_rule, target, kind):
     """The models with their fast kernels (HOPE: shared-key projection update and chunk main
     memory; Titans: chunk memory; both fused on CPU, with the fused convolution) equal their
-    token-by-token reference path, ``memory_impl="naive"``, in the forward and every gradient."""
+    token-by-token reference path, ``memory_impl="naive"``, in the forward and every gradient,
+    under either write rule."""
     overrides = {
         "n_layer": 1 if family is Hope else 2,  # Titans: a memory layer, then attention
         "d_model": 32, "n_head": 2, "chunk_size": 4, "proj_chunk_size": 4, "memory_kind": kind,
+        "write_rule": write_rule, "memory_target": target,
     }  # fmt: skip
     assert_matches_the_naive_reference(family, overrides, impl)
 
@@ -152,8 +162,15 @@ def assert_matches_the_naive_reference(family, overrides, impl, device="cpu"):
 def test_hope_with_the_triton_main_memory_matches_the_naive_reference(triton_device):
     """memory_impl="triton": HOPE's main memory through the Triton kernels (the interpreter on a
     machine without a GPU), the rest on its ATen path; logits and every gradient in float64."""
-    overrides = {"n_layer": 1, "d_model": 32, "n_head": 2, "chunk_size": 4, "proj_chunk_size": 4}
+    overrides = {"n_layer": 1, "d_model": 32, "n_head": 2, "chunk_size": 4, "proj_chunk_size": 4, "write_rule": "paper"}
     assert_matches_the_naive_reference(Hope, overrides, "triton", triton_device)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
+def test_triton_memories_refuse_the_delta_rule_naming_the_paths_that_implement_it(family, triton_device):
+    model = small_model(family, memory_impl="triton", memory_kind="mlp").to(triton_device)
+    with pytest.raises(ValueError, match="use impl='cpu_fused'.*or impl='chunk'"):
+        model(torch.randint(0, 256, (1, 12), device=triton_device))
 
 
 def test_hope_stacked_projection_readout_matches_the_residual_mlp_per_memory():
@@ -285,7 +302,7 @@ def test_titans_auto_runs_the_fused_kernel_on_cpu_and_aten_under_a_dispatch_mode
         return original(*args)
 
     monkeypatch.setattr(cpu_fused._TitansChunkLoop, "apply", counted)
-    model = small_model(Titans)  # memory_impl defaults to "auto"; 2 layers, the second attention
+    model = small_model(Titans, write_rule="paper")  # memory_impl defaults to "auto"; 2 layers, the second attention
     assert model.config.memory_impl == "auto"
     tokens = torch.randint(0, 256, (2, 20))
     model(tokens).sum().backward()
@@ -296,14 +313,35 @@ def test_titans_auto_runs_the_fused_kernel_on_cpu_and_aten_under_a_dispatch_mode
     assert calls["fused"] == memory_layers and counter.get_total_flops() > 0
 
 
+def test_titans_delta_rule_auto_runs_the_fused_dgd_kernel_on_cpu(monkeypatch):
+    """write_rule="delta" (the default): Titans' MLP memory goes through the DGD op, whose C++ loop
+    implements the rule; the Titans momentum kernel is not called."""
+    from nl_lightning.ops.dgd import cpu_fused as dgd_fused
+    from nl_lightning.ops.titans import cpu_fused as titans_fused
+
+    calls = {"dgd": 0, "titans": 0}
+    for module, cls, key in ((dgd_fused, "_MLPChunkLoop", "dgd"), (titans_fused, "_TitansChunkLoop", "titans")):
+        original = getattr(module, cls).apply
+
+        def counted(*args, original=original, key=key):
+            calls[key] += 1
+            return original(*args)
+
+        monkeypatch.setattr(getattr(module, cls), "apply", counted)
+    model = small_model(Titans)
+    assert model.config.write_rule == "delta" and model.config.memory_kind == "mlp"
+    model(torch.randint(0, 256, (2, 20))).sum().backward()
+    assert calls == {"dgd": 1, "titans": 0}
+
+
 def test_hope_dgd_max_step_sets_the_memory_step_and_rejects_non_positive_values():
     from nl_lightning.models import ModelConfig
 
     with pytest.raises(ValueError, match="dgd_max_step must be a positive number, got 0"):
         ModelConfig(dgd_max_step=0)
     torch.manual_seed(0)
-    default = Hope("tiny", overrides={"n_layer": 1}).blocks[0].mixer
-    larger = Hope("tiny", overrides={"n_layer": 1, "dgd_max_step": 32.0}).blocks[0].mixer
+    default = Hope("tiny", overrides={"n_layer": 1, "write_rule": "paper"}).blocks[0].mixer
+    larger = Hope("tiny", overrides={"n_layer": 1, "dgd_max_step": 32.0, "write_rule": "paper"}).blocks[0].mixer
     raw = torch.randn(2, 16, default.config.d_model)
     for heads in (True, False):  # main-memory heads and the projection memories
         eta_default = default._gate("eta", raw, heads=heads)
@@ -319,11 +357,36 @@ def test_hope_proj_dgd_max_step_caps_only_the_projection_memories():
     with pytest.raises(ValueError, match="proj_dgd_max_step must be a positive number, got -1"):
         ModelConfig(proj_dgd_max_step=-1)
     torch.manual_seed(0)
-    default = Hope("tiny", overrides={"n_layer": 1}).blocks[0].mixer
-    split = Hope("tiny", overrides={"n_layer": 1, "dgd_max_step": 16.0, "proj_dgd_max_step": 0.5}).blocks[0].mixer
+    default = Hope("tiny", overrides={"n_layer": 1, "write_rule": "paper"}).blocks[0].mixer
+    split = Hope(
+        "tiny", overrides={"n_layer": 1, "dgd_max_step": 16.0, "proj_dgd_max_step": 0.5, "write_rule": "paper"}
+    ).blocks[0].mixer
     raw = torch.randn(2, 16, default.config.d_model)
     torch.testing.assert_close(split._gate("eta", raw, heads=True), 32 * default._gate("eta", raw, heads=True))
     torch.testing.assert_close(split._gate("eta", raw, heads=False), default._gate("eta", raw, heads=False))
+
+
+def test_hope_delta_rule_step_is_the_gate_itself_without_a_cap():
+    """write_rule="delta": the main memory's β = σ(·) reaches one-shot sizes (no dgd_max_step, no
+    1/C); the projection memories keep their DGD cap."""
+    torch.manual_seed(0)
+    delta = Hope("tiny", overrides={"n_layer": 1, "dgd_max_step": 32.0}).blocks[0].mixer
+    paper = Hope("tiny", overrides={"n_layer": 1, "dgd_max_step": 32.0, "write_rule": "paper"}).blocks[0].mixer
+    paper.load_state_dict(delta.state_dict())
+    raw = 4 * torch.randn(2, 16, delta.config.d_model)
+    beta = delta._gate("eta", raw, heads=True)
+    bias = delta.gate_bias["eta"][: delta.config.n_head, None]
+    torch.testing.assert_close(beta, torch.sigmoid(raw.unflatten(-1, (delta.config.n_head, -1)).mean(-1).transpose(1, 2) + bias))
+    torch.testing.assert_close(paper._gate("eta", raw, heads=True), 32 / delta.config.chunk_size * beta)
+    torch.testing.assert_close(delta._gate("eta", raw, heads=False), paper._gate("eta", raw, heads=False))
+
+
+@pytest.mark.parametrize(("field", "value"), [("write_rule", "nlms"), ("memory_target", "key")])
+def test_unknown_write_rule_or_target_is_refused_naming_the_choices(field, value):
+    from nl_lightning.models import ModelConfig
+
+    with pytest.raises(ValueError, match=f"{field} must be"):
+        ModelConfig(**{field: value})
 
 
 def test_titans_model_runs_the_triton_memory_like_the_chunk_kernel(triton_linear, monkeypatch):
@@ -342,7 +405,7 @@ def test_titans_model_runs_the_triton_memory_like_the_chunk_kernel(triton_linear
     tokens = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(1)).to(device)
     results = []
     for impl in ("triton", "chunk"):
-        model = small_model(Titans, memory_kind="linear", memory_impl=impl).to(device)
+        model = small_model(Titans, memory_kind="linear", memory_impl=impl, write_rule="paper").to(device)
         logits = model(tokens)
         logits.square().mean().backward()
         results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))

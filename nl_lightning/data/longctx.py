@@ -132,23 +132,31 @@ def make_niah(
     return _insert_needle(rng, length, b"", needle, question, code, haystack)
 
 
-def make_mqar(rng: np.random.Generator, length: int, num_pairs: int = 8, num_queries: int | None = None) -> RecallSample:
+def make_mqar(
+    rng: np.random.Generator, length: int, num_pairs: int = 8, num_queries: int | None = None, min_distance: int = 0
+) -> RecallSample:
     """Multi-query associative recall: ``num_pairs`` (key, value) byte pairs at uniform random positions
     in random filler, then ``num_queries`` of the keys in random order, each followed by its value.
 
-    The answer is every queried value (the query marker is the key itself).
+    The answer is every queried value (the query marker is the key itself). ``min_distance``: every
+    pair's key lies at least this many bytes before the first query (set it above an attention
+    window to make the memory the only way to the answer).
     """
     num_queries = num_pairs if num_queries is None else num_queries
     if not 1 <= num_pairs <= len(MQAR_KEYS):
         raise ValueError(f"num_pairs must be in [1, {len(MQAR_KEYS)}] (one byte per key), got {num_pairs}")
     if not 1 <= num_queries <= num_pairs:
         raise ValueError(f"num_queries must be in [1, num_pairs={num_pairs}], got {num_queries}")
+    if not isinstance(min_distance, int) or min_distance < 0:
+        raise ValueError(f"min_distance must be a non-negative integer, got {min_distance!r}")
     context = length - 2 * num_queries
-    slots = context // 2
+    slots = max(0, (context - max(min_distance, 2)) // 2 + 1)  # pair starts 0, 2, ... ≤ context - min_distance
     if slots < num_pairs:
         raise ValueError(
-            f"length={length} cannot hold {num_pairs} pairs and {num_queries} queries "
-            f"(needs at least {2 * (num_pairs + num_queries)} bytes); raise the length or lower num_pairs"
+            f"length={length} cannot hold {num_pairs} pairs and {num_queries} queries with every key "
+            f"{min_distance} bytes before the queries (needs at least "
+            f"{2 * (num_pairs + num_queries) + max(min_distance - 2, 0)} bytes); raise the length or lower "
+            "num_pairs / min_distance"
         )
     keys = rng.choice(MQAR_KEYS, size=num_pairs, replace=False)
     values = rng.choice(MQAR_VALUES, size=num_pairs, replace=True)

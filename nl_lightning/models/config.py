@@ -34,18 +34,27 @@ class ModelConfig:
     # Triton interpreter; Titans' linear memory, HOPE's MLP main memory).
     memory_impl: str = "auto"
     conv_kernel: int = 4  # short causal depthwise convolution on q, k, v
+    # How the memories write (SPEC §2, "Write stability"): "delta" (default) is the layer-local
+    # normalised delta rule of ops/dgd/naive.py, with step gate β = σ(·) ∈ (0, 1] and no step cap:
+    # its state bound holds on any input and β = 1 stores an association in one token. "paper" is
+    # each paper's own rule with the step caps old results used: Titans' momentum rule with
+    # θ = σ·(1 − η)/C, HOPE's DGD with η = dgd_max_step·σ/C (and its self-made target).
+    write_rule: str = "delta"
+    # Target of the delta rule: "value" (v) or "self" (the memory's own v̂ = M(v), HOPE's).
+    memory_target: str = "value"
     # -- Titans --
     attn_window: int = 64  # sliding-window attention span in Titans' attention layers
     attn_every: int = 2  # every attn_every-th layer is sliding-window attention, the rest memory
     # -- HOPE --
     proj_chunk_size: int = 64  # chunk size of the self-modifying projection memories (k, v, η, α)
-    # Largest DGD step the tokens of one chunk add up to: η_t = dgd_max_step · σ(·) / chunk size.
-    # 0.5 keeps language modelling stable; it also makes one token's write tiny (≤ 0.008 at C=64),
-    # too small for one-shot recall. docs/results.md: 16 or 32 let HOPE-tiny learn one-pair recall
-    # but its language modelling diverged (NaN) within 120 steps at 8, 16 and 32; 4 was stable.
+    # write_rule="paper" only: largest DGD step the tokens of one chunk add up to,
+    # η_t = dgd_max_step · σ(·) / chunk size. 0.5 keeps language modelling stable; it also makes one
+    # token's write tiny (≤ 0.008 at C=64), too small for one-shot recall. docs/results.md: 16 or 32
+    # let HOPE-tiny learn one-pair recall but its language modelling diverged (NaN) within 120 steps
+    # at 8, 16 and 32; 4 was stable.
     dgd_max_step: float = 0.5
-    # The same cap for the self-modifying projection memories (k, v, η, α); None = dgd_max_step.
-    # Separate so the main memory's write size can be studied without changing the projections'.
+    # The same cap for the self-modifying projection memories (k, v, η, α) under either write rule
+    # (they keep the DGD rule); None = dgd_max_step.
     proj_dgd_max_step: float | None = None
     cms_periods: tuple[int, ...] = (1, 4, 16)  # training-step period of each CMS level (NestedScheduler)
     cms_hidden: int | None = None  # SwiGLU width of a CMS level; None matches Transformer++'s parameter count
@@ -76,6 +85,10 @@ class ModelConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
+        if self.write_rule not in ("delta", "paper"):
+            raise ValueError(f"write_rule must be 'delta' or 'paper', got {self.write_rule!r}")
+        if self.memory_target not in ("value", "self"):
+            raise ValueError(f"memory_target must be 'value' or 'self', got {self.memory_target!r}")
         if self.memory_kind not in ("linear", "mlp"):
             raise ValueError(f"memory_kind must be 'linear' or 'mlp', got {self.memory_kind!r}")
         if not self.cms_periods or any(not isinstance(p, int) or p <= 0 for p in self.cms_periods):

@@ -3,8 +3,10 @@
 Self-referential memory: the projections are adaptive memories,
 ``k_t = M_k(x_t), v_t = M_v(x_t), η_t = M_η(x_t), α_t = M_α(x_t)``, ``q_t = x_t W_q`` fixed. Each
 memory is a residual MLP ``M(z) = z + W1 σ(W2 z)`` whose initial state is a slow (trained)
-parameter; during a sequence each memory makes its own target ``v̂ = M(v_t)`` and updates with the
-DGD rule (``nl_lightning.ops.dgd``). Chunk-parallel form: within a chunk of ``proj_chunk_size``
+parameter; during a sequence each projection memory makes its own target ``v̂ = M(v_t)`` and
+updates with the DGD rule (``nl_lightning.ops.dgd``). The main memory writes with
+``config.write_rule``: the normalised delta rule (default; target ``config.memory_target``, step
+gate β ∈ (0, 1) with no cap) or the paper's DGD rule with its self-made target and step cap. Chunk-parallel form: within a chunk of ``proj_chunk_size``
 tokens the projections are read from the memories' chunk-start state, so one chunk's k, v, η, α
 are computed in parallel and only the chunk loop is sequential. The main memory (per head, chunk
 ``chunk_size``) is read before its own update: ``o_t = M_{memory,t−1}(q_t)``.
@@ -79,13 +81,14 @@ class SelfModifyingMemory(nn.Module):
         """Gate ``name`` from raw (B, T, d): per main-memory head (B, H, T) if ``heads``, else the
         projection memories' own gate (B, T) (each caller builds only the one it uses).
 
-        η is divided by the chunk size of the memory it drives. Within a chunk every token's
-        gradient is taken at the chunk-start state, so on repetitive text (near-identical keys)
-        C tokens add up to one step of C·η on a stale error: without the 1/C the chunked update
-        overshoots and diverges (seen as NaN after ~100 training steps on the stdlib corpus).
-        ``config.dgd_max_step`` (default 0.5; ``proj_dgd_max_step`` for the projection memories)
-        keeps that chunk step below the stability limit of the residual-MLP memories' inner loss
-        at their initial scale.
+        Under the DGD rule η is divided by the chunk size of the memory it drives. Within a chunk
+        every token's gradient is taken at the chunk-start state, so on repetitive text
+        (near-identical keys) C tokens add up to one step of C·η on a stale error: without the 1/C
+        the chunked update overshoots and diverges (seen as NaN after ~100 training steps on the
+        stdlib corpus). ``config.dgd_max_step`` (default 0.5; ``proj_dgd_max_step`` for the
+        projection memories) keeps that chunk step below the stability limit of the residual-MLP
+        memories' inner loss at their initial scale. The main memory's delta rule needs neither:
+        its gate is the step β itself (``ops/dgd/naive.py``).
         """
         h, bias = self.config.n_head, self.gate_bias[name]
         if heads:
@@ -99,7 +102,7 @@ class SelfModifyingMemory(nn.Module):
         of the projection memories."""
         config = self.config
         if heads:
-            return config.dgd_max_step / config.chunk_size
+            return 1.0 if config.write_rule == "delta" else config.dgd_max_step / config.chunk_size
         max_step = config.dgd_max_step if config.proj_dgd_max_step is None else config.proj_dgd_max_step
         return max_step / config.proj_chunk_size
 
@@ -184,11 +187,17 @@ class SelfModifyingMemory(nn.Module):
         next_q = torch.cat([q[:, :, 1:], torch.zeros_like(q[:, :, :1])], dim=2)
         read_after, _ = dgd_memory(
             next_q, k, v, eta, alpha, tuple(self.memory), kind=self.config.memory_kind,
-            chunk_size=self.config.chunk_size, impl=self.config.memory_impl,
+            chunk_size=self.config.chunk_size, impl=self.config.memory_impl, **self._write_rule(),
         )
         first = self._initial_readout(q[:, :, :1])
         out = torch.cat([first, read_after[:, :, :-1]], dim=2)
         return self.proj(self.out_norm(merge_heads(out)))
+
+    def _write_rule(self) -> dict[str, str]:
+        """The main memory's rule and target for ``dgd_memory``: "paper" is DGD with v̂ = M(v)."""
+        if self.config.write_rule == "delta":
+            return {"rule": "delta", "target": self.config.memory_target}
+        return {"rule": "dgd", "target": "self"}
 
     def _initial_readout(self, q: torch.Tensor) -> torch.Tensor:
         weights = tuple(w.unsqueeze(0) for w in self.memory)

@@ -1,9 +1,14 @@
 """Titans (LMM): neural long-term memory layers interleaved with sliding-window attention.
 
 The memory layer (SPEC §2): k = xW_K, v = xW_V, q = xW_Q (after a short causal convolution, keys
-and queries L2-normalised per head), data-dependent gates θ_t (inner learning rate), η_t
-(momentum) and α_t (forgetting) in (0, 1), and the read-out y_t = M_t(q_t) of the memory updated
-by ``nl_lightning.ops.titans``.
+and queries L2-normalised per head), data-dependent gates in (0, 1) and the read-out
+y_t = M_t(q_t) of the memory after token t's write. How it writes is ``config.write_rule``:
+
+* ``"delta"`` (default): the normalised delta rule of ``nl_lightning.ops.dgd`` (``naive.py`` has
+  its equations and state bound), gates β_t (the fraction of the error a token corrects) and α_t
+  (forgetting; the state keeps 1 − α_t);
+* ``"paper"``: Titans' surprise-with-momentum rule of ``nl_lightning.ops.titans``, gates θ_t
+  (inner learning rate, capped at σ·(1 − η)/C), η_t (momentum) and α_t (forgetting).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from nl_lightning.models.layers import CausalSelfAttention, RMSNorm, SwiGLU
 from nl_lightning.models.transformer import LanguageModelBackbone
 from nl_lightning.ops.causal_conv import cpu_fused_causal_conv
 from nl_lightning.ops.cpu_extension import KERNEL_DTYPES, wants_fused_kernel
+from nl_lightning.ops.dgd import dgd_memory
 from nl_lightning.ops.titans import titans_memory
 
 
@@ -97,8 +103,10 @@ def gate_bias(target: float) -> float:
 class TitansMemoryLayer(nn.Module):
     """Token mixer built on the Titans memory: one memory state per batch element and head."""
 
-    # Starting gates: a moderate inner step, strong momentum, little forgetting.
+    # Starting gates of the paper's rule: a moderate inner step, strong momentum, little forgetting.
     INITIAL_GATES = {"theta": 0.5, "eta": 0.9, "alpha": 0.01}
+    # Starting gates of the delta rule: half of each error corrected, little forgetting.
+    INITIAL_DELTA_GATES = {"beta": 0.5, "alpha": 0.01}
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -106,7 +114,7 @@ class TitansMemoryLayer(nn.Module):
         self.config = config
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.conv = CausalDepthwiseConv(3 * d, config.conv_kernel)
-        self.gates = nn.Linear(d, 3 * h)  # θ, η, α per head
+        self.gates = nn.Linear(d, len(self.initial_gates) * h)  # one value per gate and head
         if config.memory_kind == "linear":
             self.memory_weights = nn.ParameterList([nn.Parameter(torch.zeros(h, hd, hd))])
         else:  # residual MLP starting near the identity map
@@ -117,12 +125,16 @@ class TitansMemoryLayer(nn.Module):
         self.proj = nn.Linear(d, d, bias=False)
         self.init_weights()
 
+    @property
+    def initial_gates(self) -> dict[str, float]:
+        return self.INITIAL_DELTA_GATES if self.config.write_rule == "delta" else self.INITIAL_GATES
+
     def init_weights(self) -> None:
-        """Gates start input-independent at INITIAL_GATES; the input weights then learn to modulate them."""
+        """Gates start input-independent at their initial values; the input weights then learn to modulate them."""
         h = self.config.n_head
         with torch.no_grad():
             self.gates.weight.zero_()
-            self.gates.bias.copy_(torch.tensor([gate_bias(v) for v in self.INITIAL_GATES.values()]).repeat_interleave(h))
+            self.gates.bias.copy_(torch.tensor([gate_bias(v) for v in self.initial_gates.values()]).repeat_interleave(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, h = self.config, self.config.n_head
@@ -131,7 +143,17 @@ class TitansMemoryLayer(nn.Module):
         fused = wants_fused_kernel(c.memory_impl, qkv)
         qkv = self.conv(qkv, normalized=2 * c.d_model, group=c.head_dim, fused=fused)
         q, k, v = (split_heads(t, h) for t in qkv.chunk(3, dim=-1))
-        gate_theta, eta, alpha = torch.sigmoid(self.gates(x)).transpose(1, 2).chunk(3, dim=1)  # (B, H, T) each
+        gates = torch.sigmoid(self.gates(x)).transpose(1, 2).chunk(len(self.initial_gates), dim=1)  # (B, H, T) each
+        if c.write_rule == "delta":
+            beta, forget = gates
+            # Unit keys and β ∈ (0, 1): every token's transition is a contraction whatever the
+            # chunk size, so the step needs no cap (ops/dgd/naive.py states the bound).
+            y, _ = dgd_memory(
+                q, k, v, beta, 1 - forget, tuple(self.memory_weights), kind=c.memory_kind,
+                chunk_size=c.chunk_size, impl=c.memory_impl, rule="delta", target=c.memory_target,
+            )
+            return self.proj(self.out_norm(merge_heads(y)))
+        gate_theta, eta, alpha = gates
         # Inner step θ_t = σ(·)(1 − η_t)/C. Within a chunk all C gradients are taken at the
         # chunk-start state and momentum sums them with weight up to 1/(1 − η); on repetitive
         # text (coherent keys) the unscaled step grows to C·θ/(1 − η) times the loss curvature

@@ -1,0 +1,257 @@
+"""Recall beyond the attention window: can the memory store an association and give it back?
+
+    .venv/bin/python -m experiments.recall                 # the full study (docs/results.md, "Recall")
+    .venv/bin/python -m experiments.recall --table         # print the table of docs/data/recall.csv
+
+Every model trains on dense multi-query associative recall (Zoology's MQAR over bytes,
+``data/longctx.py``): ``--train-pairs`` key–value pairs in random filler, every one queried at the
+end, so a 256-byte sequence carries that many answers instead of one (with one answer per
+sequence a window-16 delta-rule probe stayed at chance for 1,000 steps). Then the test cells score
+the tasks of the issue, each with its keys at least ``--window`` + 1 bytes before the query, so
+sliding-window attention cannot see them and only a memory can answer:
+
+* ``pairs1``: one key–value pair, one query;
+* ``pairs4``: four pairs, one of them queried (MQAR);
+
+at 1×, 4×, 16× the training length, and 64× for the linear-time models (full attention stops at
+16×: its cost grows with the square of the length). ``--num-test`` sequences per cell at 1× and
+4×, a quarter of that at 16× and a tenth at 64× (the Wilson 95% interval shows the difference).
+
+Models, all from the ``tiny`` preset with the same training data, steps and optimizer:
+
+* ``transformer``: full causal attention (sees every key at every length it was trained for);
+* ``titans``: memory and sliding-window attention (window ``--window``) in alternate layers;
+* ``titans_swa_only``: the same with the memory layers replaced by sliding-window attention;
+* ``titans_memory_only``: memory layers only;
+* ``hope``: HOPE's self-modifying memory and CMS.
+
+Writes ``--out`` (default docs/data/recall.csv: ``model,task,train_length,test_length,n,
+exact_match,ci_low,ci_high``), the plot ``--plot`` (docs/img/recall.png) and each run's
+TensorBoard logs under ``--logs``. ``--table`` prints the markdown table of an existing CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from scipy.stats import binomtest
+
+from nl_lightning.data import RecallDataModule
+from nl_lightning.data.longctx import make_mqar
+from nl_lightning.models import Hope, Titans, TransformerPP
+from nl_lightning.modules import RecallModel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("transformer", "titans", "titans_swa_only", "titans_memory_only", "hope")
+TASKS = {"pairs1": 1, "pairs4": 4}  # name -> key–value pairs in the sequence (one queried)
+COLUMNS = ("model", "task", "train_length", "test_length", "n", "exact_match", "ci_low", "ci_high")
+# Test length as a multiple of the training length -> share of --num-test sequences.
+MULTIPLES = {1: 1.0, 4: 1.0, 16: 0.25, 64: 0.1}
+QUADRATIC = {"transformer"}  # full attention: tested up to 16×
+
+
+def build_network(name: str, window: int, overrides: dict | None = None):
+    """The model ``name`` at the tiny preset; Titans variants differ only in which layers attend."""
+    overrides = dict(overrides or {})
+    if name == "transformer":
+        return TransformerPP("tiny", overrides=overrides)
+    if name == "hope":
+        return Hope("tiny", overrides=overrides)
+    layers = {"titans": 2, "titans_swa_only": 1, "titans_memory_only": 10**6}[name]  # attn_every
+    return Titans("tiny", overrides={"attn_window": window, "attn_every": layers, **overrides})
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    task: str
+    train_length: int
+    test_length: int
+    n: int
+    exact_match: float
+    ci_low: float
+    ci_high: float
+
+
+def wilson(successes: int, n: int) -> tuple[float, float]:
+    """Wilson score 95% interval of a proportion."""
+    interval = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+@torch.no_grad()
+def score(network, task: str, length: int, n: int, min_distance: int, seed: int, batch_size: int) -> int:
+    """How many of ``n`` generated ``task`` sequences of ``length`` the network answers exactly
+    (argmax at the queried value's position)."""
+    rng = np.random.default_rng([seed, 2, length, TASKS[task]])  # split id 2: test, as RecallDataset
+    network.eval()
+    correct = 0
+    for start in range(0, n, batch_size):
+        samples = [make_mqar(rng, length, TASKS[task], 1, min_distance) for _ in range(min(batch_size, n - start))]
+        tokens = torch.from_numpy(np.stack([s.tokens for s in samples]).astype(np.int64))
+        mask = torch.from_numpy(np.stack([s.answer_mask for s in samples]))[:, 1:]
+        logits = network(tokens[:, :-1])
+        correct += int((logits[mask].argmax(-1) == tokens[:, 1:][mask]).sum())
+    return correct
+
+
+def train(name: str, args: argparse.Namespace):
+    torch.manual_seed(args.seed)
+    network = build_network(name, args.window, args.overrides)
+    optimizer = partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    module = RecallModel(network, optimizer=optimizer, warmup_steps=min(30, args.steps), lr_schedule="cosine")
+    data = RecallDataModule(
+        task="mqar", train_length=args.train_length, eval_lengths=[args.train_length], num_pairs=args.train_pairs,
+        batch_size=args.batch_size, num_val=args.batch_size, seed=args.seed,
+    )
+    trainer = Trainer(
+        max_steps=args.steps, limit_val_batches=0, logger=TensorBoardLogger(args.logs, name=f"recall_{name}"),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+        log_every_n_steps=10,
+    )
+    trainer.fit(module, datamodule=data)
+    return network
+
+
+def run(args: argparse.Namespace) -> list[Cell]:
+    cells = []
+    for name in args.models:
+        started = time.perf_counter()
+        network = train(name, args)
+        trained = time.perf_counter()
+        for task in TASKS:
+            for multiple, share in MULTIPLES.items():
+                if multiple > 16 and name in QUADRATIC:
+                    continue
+                length = multiple * args.train_length
+                n = max(1, round(share * args.num_test))
+                correct = score(network, task, length, n, args.window + 1, args.seed, args.eval_batch_size)
+                cells.append(Cell(name, task, args.train_length, length, n, correct / n, *wilson(correct, n)))
+                print(f"{name} {task} @{length}: {correct}/{n}", flush=True)
+        print(f"{name}: trained in {trained - started:.0f} s, tested in {time.perf_counter() - trained:.0f} s", flush=True)
+    return cells
+
+
+def write_csv(cells: list[Cell], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for c in cells:
+            writer.writerow([c.model, c.task, c.train_length, c.test_length, c.n, f"{c.exact_match:.4f}",
+                             f"{c.ci_low:.4f}", f"{c.ci_high:.4f}"])
+
+
+def read_csv(path: Path) -> list[Cell]:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows or tuple(rows[0]) != COLUMNS:
+        raise ValueError(f"{path} is not a recall table: expected the columns {','.join(COLUMNS)}")
+    return [Cell(r["model"], r["task"], int(r["train_length"]), int(r["test_length"]), int(r["n"]),
+                 float(r["exact_match"]), float(r["ci_low"]), float(r["ci_high"])) for r in rows]
+
+
+def table(cells: list[Cell]) -> str:
+    """Markdown: one row per (model, task), one column per test length, exact match [95% CI] (n)."""
+    lengths = sorted({c.test_length for c in cells})
+    lines = [f"| model | task | {' | '.join(f'@{n}' for n in lengths)} |", f"|---|---|{'---|' * len(lengths)}"]
+    for model in dict.fromkeys(c.model for c in cells):
+        for task in dict.fromkeys(c.task for c in cells):
+            row = {c.test_length: c for c in cells if c.model == model and c.task == task}
+            values = [f"{row[n].exact_match:.2f} [{row[n].ci_low:.2f}, {row[n].ci_high:.2f}] ({row[n].n})"
+                      if n in row else "not run (quadratic)" for n in lengths]
+            lines.append(f"| {model} | {task} | {' | '.join(values)} |")
+    return "\n".join(lines)
+
+
+def plot(cells: list[Cell], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(c.task for c in cells))
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for model in dict.fromkeys(c.model for c in cells):
+            points = sorted((c for c in cells if c.model == model and c.task == task), key=lambda c: c.test_length)
+            x = [c.test_length for c in points]
+            y = np.array([c.exact_match for c in points])
+            err = np.array([[c.exact_match - c.ci_low for c in points], [c.ci_high - c.exact_match for c in points]])
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{task} (keys beyond the window)")
+        ax.set_xlabel("test length (bytes)")
+        ax.set_ylim(-0.05, 1.05)
+    axes[0][0].set_ylabel("exact match (Wilson 95% CI)")
+    axes[0][-1].legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--train-length", type=int, default=256)
+    parser.add_argument("--train-pairs", type=int, default=16, help="key–value pairs per training sequence, all queried")
+    parser.add_argument("--window", type=int, default=16, help="Titans' attention window; test keys lie beyond it")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--num-test", type=int, default=200, help="sequences per cell at 1× and 4×")
+    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
+                        help="ModelConfig field for every model, e.g. --override memory_kind=linear")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "data" / "recall.csv")
+    parser.add_argument("--plot", type=Path, default=REPO_ROOT / "docs" / "img" / "recall.png")
+    parser.add_argument("--logs", type=Path, default=Path("runs") / "recall")
+    parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    args = parser.parse_args(argv)
+    for name in ("train_length", "train_pairs", "window", "steps", "batch_size", "num_test", "eval_batch_size"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    args.overrides = {}
+    for item in args.override:
+        field, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--override {item!r}: expected FIELD=VALUE")
+        args.overrides[field] = _literal(value)
+    return args
+
+
+def _literal(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def main(argv: list[str] | None = None) -> list[Cell]:
+    args = parse_args(argv)
+    if args.table:
+        print(table(read_csv(args.out)))
+        return read_csv(args.out)
+    started = time.perf_counter()
+    cells = run(args)
+    write_csv(cells, args.out)
+    plot(cells, args.plot)
+    print(table(cells))
+    print(f"\nwrote {args.out} and {args.plot} in {time.perf_counter() - started:.0f} s")
+    return cells
+
+
+if __name__ == "__main__":
+    main()
