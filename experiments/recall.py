@@ -3,10 +3,20 @@
     .venv/bin/python -m experiments.recall                 # the full study (docs/results.md, "Recall")
     .venv/bin/python -m experiments.recall --table         # print the table of docs/data/recall.csv
 
+On 2 cores the study runs as two one-thread halves side by side, then merges them (≈ 40 min)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m experiments.recall --models hope transformer --out runs/recall/a.csv --plot runs/recall/a.png &
+    OMP_NUM_THREADS=1 .venv/bin/python -m experiments.recall --models titans titans_swa_only titans_memory_only \
+        --out runs/recall/b.csv --plot runs/recall/b.png; wait
+    .venv/bin/python -m experiments.recall --merge runs/recall/b.csv runs/recall/a.csv
+
 Every model trains on dense multi-query associative recall (Zoology's MQAR over bytes,
-``data/longctx.py``): ``--train-pairs`` key–value pairs in random filler, every one queried at the
-end, so a 256-byte sequence carries that many answers instead of one (with one answer per
-sequence a window-16 delta-rule probe stayed at chance for 1,000 steps). Then the test cells score
+``data/longctx.py``): up to ``--train-pairs`` key–value pairs in random filler, every one queried
+at the end, so a sequence carries many answers instead of one (with one answer per sequence a
+window-16 delta-rule probe stayed at chance for 1,000 steps), and with a curriculum over length:
+32, 64, 128 then 256 bytes, a quarter of the steps each, at the same tokens per step (a
+memory-only Titans learned 16 answers per 32 bytes within 350 steps; at 128 bytes and 24 pairs it
+was still at chance after 375). Then the test cells score
 the tasks of the issue, each with its keys at least ``--window`` + 1 bytes before the query, so
 sliding-window attention cannot see them and only a memory can answer:
 
@@ -104,6 +114,15 @@ def score(network, task: str, length: int, n: int, min_distance: int, seed: int,
     return correct
 
 
+def curriculum(train_length: int) -> list[int]:
+    """Training lengths from 32 doubling up to ``train_length``, the last three stages at most and
+    each a quarter of the steps (the last gets what is left)."""
+    lengths = [train_length]
+    while lengths[0] // 2 >= 32 and len(lengths) < 4:
+        lengths.insert(0, lengths[0] // 2)
+    return lengths
+
+
 def train(name: str, args: argparse.Namespace):
     torch.manual_seed(args.seed)
     network = build_network(name, args.window, args.overrides)
@@ -112,6 +131,7 @@ def train(name: str, args: argparse.Namespace):
     data = RecallDataModule(
         task="mqar", train_length=args.train_length, eval_lengths=[args.train_length], num_pairs=args.train_pairs,
         batch_size=args.batch_size, num_val=args.batch_size, seed=args.seed,
+        curriculum=curriculum(args.train_length), curriculum_steps=max(1, args.steps // 4),
     )
     trainer = Trainer(
         max_steps=args.steps, limit_val_batches=0, logger=TensorBoardLogger(args.logs, name=f"recall_{name}"),
@@ -217,6 +237,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=REPO_ROOT / "docs" / "img" / "recall.png")
     parser.add_argument("--logs", type=Path, default=Path("runs") / "recall")
     parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="CSV",
+                        help="write the rows of these CSVs (e.g. two runs over different --models) to --out and --plot")
     args = parser.parse_args(argv)
     for name in ("train_length", "train_pairs", "window", "steps", "batch_size", "num_test", "eval_batch_size"):
         if getattr(args, name) <= 0:
@@ -244,6 +266,12 @@ def main(argv: list[str] | None = None) -> list[Cell]:
     if args.table:
         print(table(read_csv(args.out)))
         return read_csv(args.out)
+    if args.merge:
+        cells = [cell for path in args.merge for cell in read_csv(path)]
+        write_csv(cells, args.out)
+        plot(cells, args.plot)
+        print(table(cells))
+        return cells
     started = time.perf_counter()
     cells = run(args)
     write_csv(cells, args.out)

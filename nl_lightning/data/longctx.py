@@ -197,6 +197,40 @@ class RecallDataset(Dataset):
         return tokens[:-1], tokens[1:], torch.from_numpy(sample.answer_mask[1:].copy())
 
 
+class CurriculumBatches(Dataset):
+    """Whole training batches of MQAR whose length grows in stages (a curriculum over length).
+
+    Item ``step`` is the batch of optimizer step ``step``: stage ``min(step // stage_steps, last)``
+    of ``lengths``, ``tokens // length`` sequences of that length (every stage costs about the same
+    per step, so short stages see many more answers), each with ``min(num_pairs, length // 8)``
+    pairs, all queried. Deterministic in (seed, length, step), like :class:`RecallDataset`. Use it
+    with ``DataLoader(batch_size=None)`` and in order (``shuffle=False``).
+    """
+
+    def __init__(self, lengths: list[int], stage_steps: int, tokens: int, num_pairs: int, seed: int,
+                 num_batches: int = 10**6) -> None:
+        self.lengths, self.stage_steps, self.tokens = list(lengths), stage_steps, tokens
+        self.num_pairs, self.seed, self.num_batches = num_pairs, seed, num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def stage(self, step: int) -> tuple[int, int, int]:
+        """(length, sequences, pairs) of the batch of ``step``."""
+        length = self.lengths[min(step // self.stage_steps, len(self.lengths) - 1)]
+        return length, max(1, self.tokens // length), max(1, min(self.num_pairs, length // 8))
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not 0 <= step < self.num_batches:
+            raise IndexError(f"step {step} out of range for {self.num_batches} batches")
+        length, sequences, pairs = self.stage(step)
+        rng = np.random.default_rng([self.seed, SPLIT_IDS["train"], length, step, 1])
+        samples = [make_mqar(rng, length, pairs) for _ in range(sequences)]
+        tokens = torch.from_numpy(np.stack([x.tokens for x in samples]).astype(np.int64))
+        mask = torch.from_numpy(np.stack([x.answer_mask for x in samples]))
+        return tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
+
+
 class RecallDataModule(LightningDataModule):
     """Passkey / needle-in-a-haystack / MQAR at a training length, evaluated at several lengths.
 
@@ -217,6 +251,13 @@ class RecallDataModule(LightningDataModule):
         haystack_paths: NIAH haystack text (files, directories or globs); ``None``: the Python stdlib
             corpus that ``ByteLMDataModule`` builds (shared cache under ``data_dir``).
         corpus_max_bytes: cap on the haystack corpus size.
+        min_distance: MQAR only: every key at least this many bytes before the queries (above an
+            attention window, only a memory can answer).
+        curriculum: MQAR only: training lengths in stages, ending at ``train_length`` (e.g.
+            ``[32, 64, 128, 256]``), each stage but the last ``curriculum_steps`` optimizer steps
+            long, with ``batch_size · train_length`` tokens per batch (:class:`CurriculumBatches`;
+            ``num_pairs`` is capped at length / 8 and all are queried). Dense short sequences
+            teach a memory to bind keys to values far sooner than long ones (docs/results.md).
     """
 
     vocab_size = 256
@@ -239,6 +280,9 @@ class RecallDataModule(LightningDataModule):
         data_dir: str = "data",
         corpus_max_bytes: int | None = 8_000_000,
         num_workers: int = 0,
+        min_distance: int = 0,
+        curriculum: list[int] | None = None,
+        curriculum_steps: int = 100,
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -253,7 +297,20 @@ class RecallDataModule(LightningDataModule):
             raise ValueError(f"answer_digits must be at least 3 (a tenth of the codes is held out for evaluation), got {answer_digits}")
         if not eval_lengths or any(not isinstance(n, int) or n <= 1 for n in eval_lengths):
             raise ValueError(f"eval_lengths must be a non-empty list of integers > 1, got {eval_lengths!r}; e.g. [1024, 2048]")
+        if curriculum is not None:
+            if task != "mqar":
+                raise ValueError(f"curriculum applies to task='mqar' only, got task={task!r}; remove curriculum")
+            if not curriculum or curriculum[-1] != train_length or any(
+                not isinstance(n, int) or n < 16 for n in curriculum
+            ):
+                raise ValueError(
+                    f"curriculum must be lengths >= 16 ending at train_length={train_length}, got {curriculum!r}; "
+                    f"e.g. [32, 64, {train_length}]"
+                )
+            if not isinstance(curriculum_steps, int) or curriculum_steps <= 0:
+                raise ValueError(f"curriculum_steps must be a positive integer, got {curriculum_steps!r}")
         self.save_hyperparameters()
+        self.min_distance, self.curriculum, self.curriculum_steps = min_distance, curriculum, curriculum_steps
         self.task, self.train_length, self.eval_lengths = task, train_length, sorted(set(eval_lengths))
         self.num_train, self.num_val, self.num_test = num_train, num_val, num_test
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
@@ -267,7 +324,7 @@ class RecallDataModule(LightningDataModule):
 
     def _check_length(self, length: int) -> None:
         if self.task == "mqar":
-            make_mqar(np.random.default_rng(0), length, self.num_pairs, self.num_queries)
+            make_mqar(np.random.default_rng(0), length, self.num_pairs, self.num_queries, self.min_distance)
         elif self.task == "passkey":
             make_passkey(np.random.default_rng(0), length, self.answer_digits)
         else:
@@ -299,7 +356,8 @@ class RecallDataModule(LightningDataModule):
         if self.task == "mqar":
             # One-byte keys and values leave no room to hold answers out; the random filler alone
             # makes a repeated sequence between independent streams vanishingly unlikely.
-            return _Generator(make_mqar, num_pairs=self.num_pairs, num_queries=self.num_queries)
+            return _Generator(make_mqar, num_pairs=self.num_pairs, num_queries=self.num_queries,
+                              min_distance=self.min_distance)
         corpus_split = "train" if split == "train" else "val"
         return _Generator(make_niah, corpus_dir=self._build_corpus(), corpus_split=corpus_split,
                           digits=self.answer_digits, held_out=held_out)
@@ -310,6 +368,11 @@ class RecallDataModule(LightningDataModule):
     # -- Lightning hooks ----------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
+        if self.curriculum is not None:
+            batches = CurriculumBatches(self.curriculum, self.curriculum_steps, self.batch_size * self.train_length,
+                                        self.num_pairs, self.seed)
+            return DataLoader(batches, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)
         return self._loader(self.dataset("train", self.train_length, self.num_train), self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -21,8 +21,10 @@
 // with γ = exp(lg), γ_prev = exp(lgp), γ_L = γ[L-1], ρ = RA[L-1, :], KS = I + η2 PR (k kᵀ). The
 // write rule sets c, s and the layer steps η2, η1 from the gate β (naive.py):
 //   "dgd":   c = 2, s = 0, η2 = η1 = e2 = β;
-//   "delta": c = 1, s = 1, η2 = β / (|k|² + ε), η1 = β / (|hid|² + ε), e2 = η2 (1 - η1 |hid|²)
-//            (u = η (y - g) in chunk.py; W2 corrects only the error W1's write leaves).
+//   "delta": c = 1, s = 1, η2 = β / (|k|² + ε), η1 = β / (|hid|² + ε),
+//            e2 = η2 (1 - η1 |hid|²) / (κ + ε), κ = Σ_j silu'(pre_j)² |W1[:, j]|²
+//            (u = η (y - g) in chunk.py; W2 corrects the error W1's write leaves, divided by the
+//            curvature κ of the output in W2's pre-activations; naive.py).
 // The backward recomputes one chunk's forward from its saved chunk-start state and applies the
 // chain rule in reverse order.
 // tests/ops/test_dgd_memory.py checks both against the ATen chunk kernel and the token loop.
@@ -62,12 +64,14 @@ struct ChunkWork {
       gamma, gamma_prev;
   // per-token layer steps η2 (inputs k), η1 (inputs hid), their η (γ_prev - s), and the squared
   // input norms the delta rule divides by
-  std::vector<T> eta2, eta1, e2, gpe2, gpe1, norm_k, norm_hid;
+  std::vector<T> eta2, eta1, e2, gpe2, gpe1, norm_k, norm_hid, kappa;
+  std::vector<T> w1_colsq;  // |W1[:, j]|², for κ
   ChunkWork(int L, int D, int Dh, Rule rule) : L(L), D(D), Dh(Dh), rule(rule), decays(L) {
     for (auto* x : {&pre, &s_pre, &hid, &a, &s_a, &sa, &m, &r2, &lr2, &zq, &z, &s_z, &hq}) x->resize(L * Dh);
     for (auto* x : {&hw1, &d1, &r1, &lr1, &oq}) x->resize(L * D);
     for (auto* x : {&gram, &s1, &p, &rd, &gram_k, &ks, &qk, &kr}) x->resize(L * L);
-    for (auto* x : {&gamma, &gamma_prev, &eta2, &eta1, &e2, &gpe2, &gpe1, &norm_k, &norm_hid}) x->resize(L);
+    for (auto* x : {&gamma, &gamma_prev, &eta2, &eta1, &e2, &gpe2, &gpe1, &norm_k, &norm_hid, &kappa}) x->resize(L);
+    w1_colsq.resize(Dh);
   }
 
   T shift() const { return rule.delta ? T(1) : T(0); }  // s: the delta rule keeps the start state's output
@@ -94,11 +98,24 @@ struct ChunkWork {
     for (int i = 0; i < L * L; ++i) kr[i] = decays.ra[i] * qk[i];
     gemm<T>(false, true, L, Dh, D, T(1), in.k, D, w2, D, T(0), pre.data(), Dh);
     silu(LDh, pre.data(), s_pre.data(), hid.data());
+    if (rule.delta) {
+      std::fill(w1_colsq.begin(), w1_colsq.end(), T(0));
+      for (int i = 0; i < D; ++i)
+        for (int j = 0; j < Dh; ++j) w1_colsq[j] += w1[i * Dh + j] * w1[i * Dh + j];
+      for (int t = 0; t < L; ++t) {
+        T acc = 0;
+        for (int j = 0; j < Dh; ++j) {
+          const T sd = silu_d1(pre[t * Dh + j], s_pre[t * Dh + j]);
+          acc += sd * sd * w1_colsq[j];
+        }
+        kappa[t] = acc;
+      }
+    }
     for (int t = 0; t < L; ++t) {
       norm_hid[t] = dot(Dh, hid.data() + t * Dh, hid.data() + t * Dh);
       eta1[t] = layer_step(in.eta[t], norm_hid[t]);
       gpe1[t] = eta1[t] * (gamma_prev[t] - shift());
-      e2[t] = rule.delta ? eta2[t] * (T(1) - eta1[t] * norm_hid[t]) : eta2[t];
+      e2[t] = rule.delta ? eta2[t] * (T(1) - eta1[t] * norm_hid[t]) / (kappa[t] + T(rule.eps)) : eta2[t];
     }
     gemm<T>(false, true, L, D, Dh, T(1), hid.data(), Dh, w1, Dh, T(0), hw1.data(), D);
     const T c = rule.delta ? T(1) : T(2);
@@ -155,13 +172,14 @@ template <typename T>
 struct ChunkBackward {
   int L, D, Dh;
   std::vector<T> dlr1, dhid, dr1, doq, drd, dhq, dp, ds, dhw1, dd1, dz, dlr2, dr2, dzq, dpre, dm, dsa, da, dg,
-      dgpe1, dgpe2, deta1, deta2, de2, dlast, dw1_start, dw2_start, dlg, dlgp, dpr, dra, dks, dkr;
+      dgpe1, dgpe2, deta1, deta2, de2, dlast, dw1_start, dw2_start, dcolsq, dlg, dlgp, dpr, dra, dks, dkr;
   ChunkBackward(int L, int D, int Dh) : L(L), D(D), Dh(Dh) {
     for (auto* x : {&dlr1, &dr1, &doq, &dhw1, &dd1}) x->resize(L * D);
     for (auto* x : {&dhid, &dhq, &dz, &dlr2, &dr2, &dzq, &dpre, &dm, &dsa, &da}) x->resize(L * Dh);
     for (auto* x : {&drd, &dp, &ds, &dpr, &dra, &dks, &dkr}) x->resize(L * L);
     for (auto* x : {&dg, &dgpe1, &dgpe2, &deta1, &deta2, &de2, &dlast, &dlg, &dlgp}) x->resize(L);
     dw1_start.resize(D * Dh);
+    dcolsq.resize(Dh);
     dw2_start.resize(Dh * D);
   }
 
@@ -260,19 +278,33 @@ struct ChunkBackward {
     solve_backward(L, Dh, w.ks.data(), w.r2.data(), dr2.data(), dks.data());
     w2_rhs_backward(L, Dh, dr2.data(), w.pre.data(), w.s_pre.data(), w.m.data(), w.e2.data(), w.gpe2.data(),
                     de2.data(), dgpe2.data(), dm.data(), dpre.data());
-    // e2 = η2 (delta rule: η2 f, f = 1 - η1 |hid|² = 1 - β |hid|² / (|hid|² + ε)).
+    // e2 = η2 (delta rule: η2 f r, f = 1 - η1 |hid|² = 1 - β |hid|² / (|hid|² + ε), r = 1 / (κ + ε),
+    // κ = Σ_j silu'(pre_j)² |W1[:, j]|²).
+    if (w.rule.delta) std::fill(dcolsq.begin(), dcolsq.end(), T(0));
     for (int t = 0; t < L; ++t) {
       if (!w.rule.delta) {
         deta2[t] += de2[t];
         continue;
       }
       const T inv = T(1) / (w.norm_hid[t] + T(w.rule.eps));
-      deta2[t] += de2[t] * (T(1) - w.eta1[t] * w.norm_hid[t]);
-      const T df = de2[t] * w.eta2[t];
+      const T r = T(1) / (w.kappa[t] + T(w.rule.eps));
+      const T f = T(1) - w.eta1[t] * w.norm_hid[t];
+      deta2[t] += de2[t] * f * r;
+      const T df = de2[t] * w.eta2[t] * r;
       g.eta[t] -= df * w.norm_hid[t] * inv;
       const T coef = T(-2) * df * in.eta[t] * T(w.rule.eps) * inv * inv;  // d|hid|² -> dhid = 2 hid
       for (int j = 0; j < Dh; ++j) dhid[t * Dh + j] += coef * w.hid[t * Dh + j];
+      const T dkappa = -de2[t] * w.e2[t] * r;
+      for (int j = 0; j < Dh; ++j) {
+        const int i = t * Dh + j;
+        const T sd = silu_d1(w.pre[i], w.s_pre[i]);
+        dpre[i] += dkappa * T(2) * sd * silu_d2(w.pre[i], w.s_pre[i]) * w.w1_colsq[j];
+        dcolsq[j] += dkappa * sd * sd;
+      }
     }
+    if (w.rule.delta)  // |W1[:, j]|² -> dW1[:, j] = 2 W1[:, j]
+      for (int i = 0; i < D; ++i)
+        for (int j = 0; j < Dh; ++j) dw1_start[i * Dh + j] += T(2) * dcolsq[j] * w1[i * Dh + j];
     // m = d1 W1.
     gemm<T>(false, true, L, D, Dh, T(1), dm.data(), Dh, w1, Dh, T(1), dd1.data(), D);
     gemm<T>(true, false, D, Dh, L, T(1), w.d1.data(), D, dm.data(), Dh, T(1), dw1_start.data(), Dh);

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from nl_lightning.ops.activations import silu_grad
-from nl_lightning.ops.dgd.naive import nlms_step
+from nl_lightning.ops.dgd.naive import nlms_step, w2_error_scale
 
 
 def _masked_exp(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -174,8 +174,8 @@ def mlp_chunk_step(state, q, k, v, eta, terms: KeyTerms, rule="dgd", target="sel
     pre, hidden, hidden_w1, g1, g2 = mlp_gradient_factors(w1, w2, k, v, target)
     decays = terms.decays  # both layers share alpha_t, so they share the decays
     eta1 = layer_step(eta, hidden, rule)
-    if rule == "delta":  # W2 corrects only the error W1's write leaves (naive.py)
-        g2 = g2 * (1 - eta1 * hidden.pow(2).sum(-1))[..., None]
+    if rule == "delta":  # W2 corrects the error W1's write leaves, curvature-normalised (naive.py)
+        g2 = g2 * w2_error_scale(eta, hidden, pre, w1.pow(2).sum(-2).unsqueeze(-2))[..., None]
     z, w2 = _gated_delta_chunk(
         w2, k, additive_terms(terms.k_eta, pre, g2, rule), q, terms.k_eta, decays, pre, terms.k_system,
         terms.k_read,
