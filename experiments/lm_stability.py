@@ -1,0 +1,149 @@
+"""Does language modelling stay stable and as good with the delta write rule as with the paper's?
+
+    .venv/bin/python -m experiments.lm_stability            # writes docs/data/lm_stability.csv
+    .venv/bin/python -m experiments.lm_stability --table    # the tables of that CSV
+
+HOPE-tiny and Titans-tiny as ``recipes/lm/<model>_tiny.yaml`` trains them (AdamW 3e-3, 30 warm-up
+steps then cosine, 16 × 256 bytes of the stdlib corpus, gradient clipping 1.0), per seed:
+
+* the recipes' 120-step protocol (the one behind docs/results.md's LM table) with
+  ``write_rule="delta"`` (the default) and ``"paper"`` on the same seed, so same batches: the
+  paired difference in validation bits/byte at step 120;
+* 600 steps with the delta rule (validation every 120 steps): whether it stays finite.
+
+A run whose loss turns non-finite stops (``LanguageModel`` raises) and is recorded as diverged.
+The summary reports per-seed paired differences with a bootstrap 95% interval over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from functools import partial
+from pathlib import Path
+
+import lightning
+import numpy as np
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from scipy.stats import bootstrap
+
+from nl_lightning.data import ByteLMDataModule
+from nl_lightning.models import Hope, Titans
+from nl_lightning.modules import LanguageModel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = {"hope": Hope, "titans": Titans}
+COLUMNS = ("model", "write_rule", "seed", "steps", "step", "val_bpb", "diverged")
+
+
+class ValidationRecorder(Callback):
+    """(optimizer step, val/bpb) after every validation."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[int, float]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.points.append((trainer.global_step, float(trainer.callback_metrics["val/bpb"])))
+
+
+def run(model: str, write_rule: str, seed: int, steps: int, val_every: int, args) -> list[dict]:
+    lightning.seed_everything(seed, verbose=False)
+    network = FAMILIES[model]("tiny", overrides={"write_rule": write_rule})
+    module = LanguageModel(network, optimizer=partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95)),
+                           warmup_steps=30, lr_schedule="cosine")
+    data = ByteLMDataModule(paths=args.paths, seq_len=256, batch_size=16, data_dir=str(args.data_dir))
+    recorder = ValidationRecorder()
+    trainer = Trainer(
+        max_steps=steps, val_check_interval=val_every, limit_val_batches=args.val_batches, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[recorder], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
+        logger=TensorBoardLogger(args.logs, name=f"{model}_{write_rule}_{steps}_seed{seed}"),
+    )
+    diverged = False
+    try:
+        trainer.fit(module, datamodule=data)
+    except FloatingPointError:
+        diverged = True
+    rows = [dict(model=model, write_rule=write_rule, seed=seed, steps=steps, step=step, val_bpb=bpb, diverged=diverged)
+            for step, bpb in recorder.points]
+    if diverged or not rows:
+        rows.append(dict(model=model, write_rule=write_rule, seed=seed, steps=steps, step=trainer.global_step,
+                         val_bpb=float("nan"), diverged=diverged))
+    print(f"{model} {write_rule} seed {seed} {steps} steps: "
+          + ", ".join(f"{r['step']}: {r['val_bpb']:.3f}" for r in rows) + (" DIVERGED" if diverged else ""), flush=True)
+    return rows
+
+
+def paired_interval(differences: list[float]) -> tuple[float, float]:
+    """Bootstrap 95% interval of the mean of per-seed paired differences (percentile method)."""
+    if len(differences) < 2 or len(set(differences)) == 1:
+        return (differences[0], differences[0]) if differences else (math.nan, math.nan)
+    result = bootstrap((np.array(differences),), np.mean, confidence_level=0.95, n_resamples=10_000,
+                       method="percentile", random_state=0)
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def summary(rows: list[dict]) -> str:
+    lines = ["| model | step-120 val bits/byte, delta | paper | delta − paper per seed | mean [95% CI] |",
+             "|---|---|---|---|---|"]
+    short = [r for r in rows if int(r["steps"]) == 120 and int(r["step"]) == 120]
+    for model in dict.fromkeys(r["model"] for r in short):
+        by = {(r["write_rule"], int(r["seed"])): float(r["val_bpb"]) for r in short if r["model"] == model}
+        seeds = sorted({s for (_, s) in by if ("delta", s) in by and ("paper", s) in by})
+        diffs = [by["delta", s] - by["paper", s] for s in seeds]
+        low, high = paired_interval(diffs)
+        delta = " / ".join(f"{by['delta', s]:.3f}" for s in seeds)
+        paper = " / ".join(f"{by['paper', s]:.3f}" for s in seeds)
+        lines.append(f"| {model} | {delta} | {paper} | {' / '.join(f'{d:+.3f}' for d in diffs)} | "
+                     f"{np.mean(diffs):+.3f} [{low:+.3f}, {high:+.3f}] |")
+    lines += ["", "| model | seed | steps | val bits/byte at 120 / 240 / 360 / 480 / 600 | diverged |", "|---|---|---|---|---|"]
+    long = [r for r in rows if int(r["steps"]) > 120]
+    for key in dict.fromkeys((r["model"], r["write_rule"], int(r["seed"]), int(r["steps"])) for r in long):
+        points = [r for r in long if (r["model"], r["write_rule"], int(r["seed"]), int(r["steps"])) == key]
+        bpbs = " / ".join(f"{float(r['val_bpb']):.3f}" for r in points)
+        diverged = any(str(r["diverged"]) in ("True", "true", "1") for r in points)
+        lines.append(f"| {key[0]} ({key[1]}) | {key[2]} | {key[3]} | {bpbs} | {'**yes**' if diverged else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--short-steps", type=int, default=120, help="the paired delta-vs-paper protocol")
+    parser.add_argument("--long-steps", type=int, default=600, help="the stability run (delta rule); 0 skips it")
+    parser.add_argument("--val-batches", type=int, default=16)
+    parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data")
+    parser.add_argument("--paths", nargs="+", default=None, help="text files or folders (default: the stdlib corpus)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "data" / "lm_stability.csv")
+    parser.add_argument("--logs", type=Path, default=Path("runs") / "lm_stability")
+    parser.add_argument("--table", action="store_true", help="print the tables of --out and exit")
+    args = parser.parse_args(argv)
+    if args.table:
+        with args.out.open() as f:
+            rows = list(csv.DictReader(f))
+        print(summary(rows))
+        return rows
+    rows = []
+    for seed in args.seeds:  # seed-major, so machine-load drift spreads over the runs
+        for model in args.models:
+            for rule in ("delta", "paper"):
+                rows += run(model, rule, seed, args.short_steps, max(1, args.short_steps // 3), args)
+            if args.long_steps:
+                rows += run(model, "delta", seed, args.long_steps, max(1, args.long_steps // 5), args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows({**r, "val_bpb": f"{r['val_bpb']:.4f}"} for r in rows)
+    print(summary([{k: str(v) for k, v in r.items()} for r in rows]))
+    print(f"\nwrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""experiments/lm_stability.py at a test's size: every run recorded, paired intervals, divergence kept."""
+
+from __future__ import annotations
+
+import csv
+
+import experiments.lm_stability as study
+
+
+def test_short_study_records_both_rules_per_seed_and_the_long_run(tmp_path, text_dir):
+    out = tmp_path / "lm.csv"
+    rows = study.main([
+        "--models", "titans", "--seeds", "0", "1", "--short-steps", "3", "--long-steps", "5", "--val-batches", "1",
+        "--data-dir", str(tmp_path / "data"), "--paths", str(text_dir), "--out", str(out),
+        "--logs", str(tmp_path / "runs"),
+    ])
+    with out.open() as f:
+        written = list(csv.DictReader(f))
+    assert tuple(written[0]) == study.COLUMNS and len(written) == len(rows)
+    runs = {(r["write_rule"], r["seed"], r["steps"]) for r in written}
+    assert runs == {(rule, seed, steps) for seed in ("0", "1") for rule, steps in (("delta", "3"), ("paper", "3"), ("delta", "5"))}
+    assert all(r["diverged"] == "False" for r in written)
+    assert {int(r["step"]) for r in written if r["steps"] == "5"} == {1, 2, 3, 4, 5}
+
+
+def test_paired_interval_brackets_the_mean_and_collapses_for_one_seed():
+    low, high = study.paired_interval([0.01, 0.03, 0.02])
+    assert low <= 0.02 <= high and low >= 0.01 and high <= 0.03
+    assert study.paired_interval([0.05]) == (0.05, 0.05)
+
+
+def test_summary_pairs_the_rules_by_seed():
+    rows = [dict(model="hope", write_rule=rule, seed=str(s), steps="120", step="120", val_bpb=str(v), diverged="False")
+            for rule, values in (("delta", (3.0, 3.1)), ("paper", (3.2, 3.2))) for s, v in enumerate(values)]
+    text = study.summary(rows)
+    assert "-0.200 / -0.100" in text and "-0.150 [" in text
