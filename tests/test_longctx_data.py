@@ -139,3 +139,49 @@ def test_answer_accuracy_counts_whole_answers_and_bytes():
     assert per_byte.compute().item() == pytest.approx(0.75)
     with pytest.raises(ValueError, match="no answer positions"):
         exact.update(preds, targets, torch.zeros_like(mask))
+
+
+def test_mqar_min_distance_keeps_every_key_that_far_before_the_queries():
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        sample = make_mqar(rng, 128, 4, 2, min_distance=40)
+        first_query = int(np.flatnonzero(sample.answer_mask)[0]) - 1
+        keys = [i for i in range(first_query) if 128 <= sample.tokens[i] < 192]
+        assert len(keys) == 4 and first_query - max(keys) >= 40
+    with pytest.raises(ValueError, match="min_distance"):
+        make_mqar(rng, 32, 4, 1, min_distance=30)
+    with pytest.raises(ValueError, match="min_distance must be a non-negative integer"):
+        make_mqar(rng, 32, 1, 1, min_distance=-1)
+
+
+def test_mqar_without_min_distance_draws_what_it_drew_before():
+    # min_distance=0 must not change the samples behind earlier results
+    sample = make_mqar(np.random.default_rng(0), 64, 4, 1)
+    assert [i for i, t in enumerate(sample.tokens) if 128 <= t < 192] == [4, 32, 48, 56, 62]
+
+
+def test_curriculum_batches_grow_in_stages_at_constant_tokens_per_step():
+    from nl_lightning.data.longctx import CurriculumBatches
+
+    batches = CurriculumBatches([32, 64, 256], stage_steps=3, tokens=16 * 256, num_pairs=16, seed=0)
+    shapes = [batches[step][0].shape for step in range(10)]
+    assert shapes[:3] == [(128, 31)] * 3 and shapes[3:6] == [(64, 63)] * 3 and shapes[6:] == [(16, 255)] * 4
+    assert batches.stage(0) == (32, 128, 4) and batches.stage(9) == (256, 16, 16)
+    inputs, targets, mask = batches[4]
+    assert torch.equal(inputs[:, 1:], targets[:, :-1]) and (mask.sum(1) == 8).all()  # every pair queried
+    again = CurriculumBatches([32, 64, 256], stage_steps=3, tokens=16 * 256, num_pairs=16, seed=0)[4]
+    assert all(torch.equal(a, b) for a, b in zip(batches[4], again))
+
+
+def test_datamodule_curriculum_feeds_whole_batches_in_order_and_refuses_bad_settings():
+    data = RecallDataModule(task="mqar", train_length=64, num_pairs=4, batch_size=2, curriculum=[32, 64],
+                            curriculum_steps=2, eval_lengths=[64])
+    loader = data.train_dataloader()
+    shapes = [batch[0].shape for _, batch in zip(range(4), loader)]
+    assert shapes == [(4, 31), (4, 31), (2, 63), (2, 63)]
+    with pytest.raises(ValueError, match="ending at train_length=64"):
+        RecallDataModule(task="mqar", train_length=64, curriculum=[32, 128], eval_lengths=[64])
+    with pytest.raises(ValueError, match="task='mqar' only"):
+        RecallDataModule(task="passkey", train_length=512, curriculum=[256, 512])
+    with pytest.raises(ValueError, match="curriculum_steps must be a positive integer"):
+        RecallDataModule(task="mqar", train_length=64, curriculum=[64], curriculum_steps=0, eval_lengths=[64])
