@@ -17,8 +17,9 @@ window-16 delta-rule probe stayed at chance for 1,000 steps), and with a curricu
 32, 64, 128 then 256 bytes, a quarter of the steps each, at the same tokens per step (a
 memory-only Titans learned 16 answers per 32 bytes within 350 steps; at 128 bytes and 24 pairs it
 was still at chance after 375). Then the test cells score
-the tasks of the issue, each with its keys at least ``--window`` + 1 bytes before the query, so
-sliding-window attention cannot see them and only a memory can answer:
+the tasks of the issue, each with its keys at least ``--min-distance`` bytes before the query
+(default 4·window + 4: the receptive field of four stacked sliding windows and a convolution, the
+most any of these models has), so attention cannot reach them and only a memory can answer:
 
 * ``pairs1``: one key–value pair, one query;
 * ``pairs4``: four pairs, one of them queried (MQAR);
@@ -36,14 +37,16 @@ Models, all from the ``tiny`` preset with the same training data, steps and opti
 * ``hope``: HOPE's self-modifying memory and CMS.
 
 Writes ``--out`` (default docs/data/recall.csv: ``model,task,train_length,test_length,n,
-exact_match,ci_low,ci_high``), the plot ``--plot`` (docs/img/recall.png) and each run's
-TensorBoard logs under ``--logs``. ``--table`` prints the markdown table of an existing CSV.
+exact_match,ci_low,ci_high``), the plot ``--plot`` (docs/img/recall.png) and, under ``--logs``,
+each run's TensorBoard logs and trained weights (``<model>.pt``; ``--evaluate-only`` tests those
+again without training). ``--table`` prints the markdown table of an existing CSV.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -52,6 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from scipy.stats import binomtest
 
@@ -133,12 +137,19 @@ def train(name: str, args: argparse.Namespace):
         batch_size=args.batch_size, num_val=args.batch_size, seed=args.seed,
         curriculum=curriculum(args.train_length), curriculum_steps=max(1, args.steps // 4),
     )
+    # last.ckpt every 50 steps: a run that diverges keeps the weights from just before, to study.
+    checkpoint = ModelCheckpoint(dirpath=args.logs / f"{name}_checkpoints", save_last=True, save_top_k=0,
+                                 every_n_train_steps=50)
     trainer = Trainer(
         max_steps=args.steps, limit_val_batches=0, logger=TensorBoardLogger(args.logs, name=f"recall_{name}"),
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+        callbacks=[checkpoint], enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
         log_every_n_steps=10,
     )
-    trainer.fit(module, datamodule=data)
+    try:
+        trainer.fit(module, datamodule=data)
+    except FloatingPointError as error:  # recorded, not fatal: the other models still run
+        print(f"{name}: training diverged ({error}); its cells are NaN", flush=True)
+        return None
     return network
 
 
@@ -146,7 +157,15 @@ def run(args: argparse.Namespace) -> list[Cell]:
     cells = []
     for name in args.models:
         started = time.perf_counter()
-        network = train(name, args)
+        weights = args.logs / f"{name}.pt"
+        if args.evaluate_only:
+            network = build_network(name, args.window, args.overrides)
+            network.load_state_dict(torch.load(weights, map_location="cpu"))
+        else:
+            network = train(name, args)
+            if network is not None:
+                weights.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(network.state_dict(), weights)
         trained = time.perf_counter()
         for task in TASKS:
             for multiple, share in MULTIPLES.items():
@@ -154,7 +173,10 @@ def run(args: argparse.Namespace) -> list[Cell]:
                     continue
                 length = multiple * args.train_length
                 n = max(1, round(share * args.num_test))
-                correct = score(network, task, length, n, args.window + 1, args.seed, args.eval_batch_size)
+                if network is None:
+                    cells.append(Cell(name, task, args.train_length, length, n, *(float("nan"),) * 3))
+                    continue
+                correct = score(network, task, length, n, args.min_distance, args.seed, args.eval_batch_size)
                 cells.append(Cell(name, task, args.train_length, length, n, correct / n, *wilson(correct, n)))
                 print(f"{name} {task} @{length}: {correct}/{n}", flush=True)
         print(f"{name}: trained in {trained - started:.0f} s, tested in {time.perf_counter() - trained:.0f} s", flush=True)
@@ -187,7 +209,8 @@ def table(cells: list[Cell]) -> str:
     for model in dict.fromkeys(c.model for c in cells):
         for task in dict.fromkeys(c.task for c in cells):
             row = {c.test_length: c for c in cells if c.model == model and c.task == task}
-            values = [f"{row[n].exact_match:.2f} [{row[n].ci_low:.2f}, {row[n].ci_high:.2f}] ({row[n].n})"
+            values = [("training diverged" if math.isnan(row[n].exact_match) else
+                       f"{row[n].exact_match:.2f} [{row[n].ci_low:.2f}, {row[n].ci_high:.2f}] ({row[n].n})")
                       if n in row else "not run (quadratic)" for n in lengths]
             lines.append(f"| {model} | {task} | {' | '.join(values)} |")
     return "\n".join(lines)
@@ -224,7 +247,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--train-length", type=int, default=256)
     parser.add_argument("--train-pairs", type=int, default=16, help="key–value pairs per training sequence, all queried")
-    parser.add_argument("--window", type=int, default=16, help="Titans' attention window; test keys lie beyond it")
+    parser.add_argument("--window", type=int, default=16, help="Titans' attention window")
+    parser.add_argument("--min-distance", type=int, default=None,
+                        help="bytes from every test key to its query (default 4·window + 4, beyond any attention)")
+    parser.add_argument("--evaluate-only", action="store_true", help="test the weights saved under --logs")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -243,6 +269,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("train_length", "train_pairs", "window", "steps", "batch_size", "num_test", "eval_batch_size"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.min_distance is None:
+        args.min_distance = 4 * args.window + 4
     args.overrides = {}
     for item in args.override:
         field, sep, value = item.partition("=")

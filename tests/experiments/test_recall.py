@@ -16,7 +16,7 @@ def test_one_minute_study_writes_every_cell_with_wilson_intervals(tmp_path):
     out, png = tmp_path / "recall.csv", tmp_path / "recall.png"
     cells = recall.main([
         "--models", "titans", "transformer", "--steps", "2", "--train-length", "32", "--train-pairs", "4",
-        "--window", "8", "--num-test", "8", "--batch-size", "4", "--out", str(out), "--plot", str(png),
+        "--window", "8", "--min-distance", "9", "--num-test", "8", "--batch-size", "4", "--out", str(out), "--plot", str(png),
         "--logs", str(tmp_path / "runs"),
     ])
     with out.open() as f:
@@ -80,3 +80,13 @@ def test_bad_arguments_are_refused_naming_them():
     with pytest.raises(ValueError, match="not a recall table"):
         bad = Path(recall.__file__).parent / "__init__.py"
         recall.read_csv(bad)
+
+
+def test_a_diverged_model_is_recorded_as_such_and_the_study_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(recall, "train", lambda name, args: None)  # as train() reports a FloatingPointError
+    cells = recall.main([
+        "--models", "hope", "--train-length", "32", "--window", "8", "--min-distance", "9", "--num-test", "4",
+        "--out", str(tmp_path / "r.csv"), "--plot", str(tmp_path / "r.png"), "--logs", str(tmp_path / "runs"),
+    ])
+    assert cells and all(c.model == "hope" and c.exact_match != c.exact_match for c in cells)  # NaN
+    assert "training diverged" in recall.table(recall.read_csv(tmp_path / "r.csv"))

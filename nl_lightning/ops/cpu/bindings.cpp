@@ -6,9 +6,10 @@
 
 namespace nl_cpu {
 std::vector<Tensor> mlp_chunks_forward(std::vector<Tensor> inputs, Tensor w1, Tensor w2, bool delta, bool self_target,
-                                       double eps);
+                                       double eps, double curvature_eps);
 std::vector<Tensor> mlp_chunks_backward(std::vector<Tensor> inputs, Tensor w1s, Tensor w2s, Tensor dout,
-                                        Tensor dw1_end, Tensor dw2_end, bool delta, bool self_target, double eps);
+                                        Tensor dw1_end, Tensor dw2_end, bool delta, bool self_target, double eps,
+                                        double curvature_eps);
 std::vector<Tensor> shared_key_loop_forward(Tensor x, Tensor w1, Tensor w2, Tensor gate_bias, int64_t chunk,
                                             double eta_scale);
 std::vector<Tensor> shared_key_loop_backward(Tensor x, Tensor gate_bias, Tensor out, Tensor w1s, Tensor w2s,

@@ -22,7 +22,7 @@
 // write rule sets c, s and the layer steps η2, η1 from the gate β (naive.py):
 //   "dgd":   c = 2, s = 0, η2 = η1 = e2 = β;
 //   "delta": c = 1, s = 1, η2 = β / (|k|² + ε), η1 = β / (|hid|² + ε),
-//            e2 = η2 (1 - η1 |hid|²) / (κ + ε), κ = Σ_j silu'(pre_j)² |W1[:, j]|²
+//            e2 = η2 (1 - η1 |hid|²) / (κ + ε_κ), κ = Σ_j silu'(pre_j)² |W1[:, j]|²
 //            (u = η (y - g) in chunk.py; W2 corrects the error W1's write leaves, divided by the
 //            curvature κ of the output in W2's pre-activations; naive.py).
 // The backward recomputes one chunk's forward from its saved chunk-start state and applies the
@@ -50,6 +50,8 @@ struct Rule {
   bool self_target;  // v̂ = M(v) (else v)
   // ε of the delta rule's step β / (|x|² + ε) (ops/dgd/common.py, NLMS_EPS)
   double eps;
+  // ε of W2's curvature normalisation κ + ε (ops/dgd/common.py, CURVATURE_EPS)
+  double curvature_eps;
 };
 
 // Everything one chunk's forward computes; the backward recomputes it and reads it.
@@ -115,7 +117,7 @@ struct ChunkWork {
       norm_hid[t] = dot(Dh, hid.data() + t * Dh, hid.data() + t * Dh);
       eta1[t] = layer_step(in.eta[t], norm_hid[t]);
       gpe1[t] = eta1[t] * (gamma_prev[t] - shift());
-      e2[t] = rule.delta ? eta2[t] * (T(1) - eta1[t] * norm_hid[t]) / (kappa[t] + T(rule.eps)) : eta2[t];
+      e2[t] = rule.delta ? eta2[t] * (T(1) - eta1[t] * norm_hid[t]) / (kappa[t] + T(rule.curvature_eps)) : eta2[t];
     }
     gemm<T>(false, true, L, D, Dh, T(1), hid.data(), Dh, w1, Dh, T(0), hw1.data(), D);
     const T c = rule.delta ? T(1) : T(2);
@@ -287,7 +289,7 @@ struct ChunkBackward {
         continue;
       }
       const T inv = T(1) / (w.norm_hid[t] + T(w.rule.eps));
-      const T r = T(1) / (w.kappa[t] + T(w.rule.eps));
+      const T r = T(1) / (w.kappa[t] + T(w.rule.curvature_eps));
       const T f = T(1) - w.eta1[t] * w.norm_hid[t];
       deta2[t] += de2[t] * f * r;
       const T df = de2[t] * w.eta2[t] * r;
@@ -374,12 +376,12 @@ ChunkGrads<T> chunk_grads(std::vector<Tensor>& x, int64_t item, int64_t chunk, i
 
 // Forward over all chunks. Inputs (N items, n chunks, L tokens, D dims, Dh hidden):
 //   q, k, v (N, n, L, D); eta, alpha (N, n, L); w1 (N, D, Dh), w2 (N, Dh, D).
-// `delta`, `self_target`, `eps`: the write rule (struct Rule). eta holds the gate β.
+// `delta`, `self_target`, `eps`, `curvature_eps`: the write rule (struct Rule). eta holds the gate β.
 // Returns out (N, n, L, D) and the chunk-start states w1s (N, n + 1, D, Dh), w2s (N, n + 1, Dh, D)
 // (index n is the end state).
 std::vector<Tensor> mlp_chunks_forward(std::vector<Tensor> inputs, Tensor w1, Tensor w2, bool delta, bool self_target,
-                                       double eps) {
-  const Rule rule{delta, self_target, eps};
+                                       double eps, double curvature_eps) {
+  const Rule rule{delta, self_target, eps, curvature_eps};
   std::vector<Tensor> all(inputs);
   all.push_back(w1);
   all.push_back(w2);
@@ -412,8 +414,9 @@ std::vector<Tensor> mlp_chunks_forward(std::vector<Tensor> inputs, Tensor w1, Te
 // Backward: gradients of every input of mlp_chunks_forward from d(out) and d(end state).
 // Returns dq, dk, dv, deta, dalpha, dw1, dw2.
 std::vector<Tensor> mlp_chunks_backward(std::vector<Tensor> inputs, Tensor w1s, Tensor w2s, Tensor dout,
-                                        Tensor dw1_end, Tensor dw2_end, bool delta, bool self_target, double eps) {
-  const Rule rule{delta, self_target, eps};
+                                        Tensor dw1_end, Tensor dw2_end, bool delta, bool self_target, double eps,
+                                        double curvature_eps) {
+  const Rule rule{delta, self_target, eps, curvature_eps};
   std::vector<Tensor> all(inputs);
   for (const auto& t : {w1s, w2s, dout, dw1_end, dw2_end}) all.push_back(t);
   check_inputs(all, "dgd_mlp_chunks");

@@ -20,12 +20,12 @@ from torch.autograd.function import once_differentiable
 
 from nl_lightning.ops.cpu_extension import dense_grad, load_extension
 from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
-from nl_lightning.ops.dgd.common import NLMS_EPS, per_item_loop
+from nl_lightning.ops.dgd.common import CURVATURE_EPS, NLMS_EPS, per_item_loop
 
 
 class _MLPChunkLoop(torch.autograd.Function):
     """All chunks of a DGD MLP memory for N = B·H items; see ``ops/cpu/dgd_mlp_chunks.cpp`` for the
-    layouts. ``rule`` is the kernel's (delta, self_target, eps)."""
+    layouts. ``rule`` is the kernel's (delta, self_target, eps, curvature_eps)."""
 
     @staticmethod
     def forward(ctx, q, k, v, eta, alpha, w1, w2, rule):
@@ -49,7 +49,7 @@ def cpu_fused_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: i
         raise ValueError(f"impl='cpu_fused' implements kind='mlp' only, got kind={kind!r}; use impl='chunk'.")
     if q.device.type != "cpu":
         raise ValueError(f"impl='cpu_fused' runs on CPU tensors, got {q.device}; use impl='chunk' (or 'compiled').")
-    loop = per_item_loop(_MLPChunkLoop, (rule == "delta", target == "self", NLMS_EPS))
+    loop = per_item_loop(_MLPChunkLoop, (rule == "delta", target == "self", NLMS_EPS, CURVATURE_EPS))
     return chunk_dgd_memory(q, k, v, eta, alpha, state, kind=kind, chunk_size=chunk_size, chunk_loop=loop)
 
 

@@ -24,14 +24,14 @@ memory, W1's target y − g = v̂ − k is exactly what makes M(k) = v̂ with W2
 removes the fraction β'_1 = η_1 ||h||² of the error; W2 gets what is left, normalised by the
 curvature of the output in W2's pre-activations (NLMS in pre-activation space, with J = W1 diag σ'(pre)):
 
-    g_2 = (1 − β'_1) Jᵀ (M(k) − v̂) / (||J||_F² + ε),     ||J||_F² = Σ_j σ'(pre_j)² ||W1[:, j]||²
+    g_2 = (1 − β'_1) Jᵀ (M(k) − v̂) / (||J||_F² + ε_J),     ||J||_F² = Σ_j σ'(pre_j)² ||W1[:, j]||²
 
 so that, to first order, W2's write removes at most the fraction β of what W1 left, and the two
 never overshoot together. Both parts are measured (``tests/ops/test_dgd_delta_rule.py``): with
 each layer correcting the whole error a β = 1 write left up to 1.45× the error it started from, and
 with W2's step not divided by the curvature W2 grew without bound under chunking (norm 2.7e4
 after 1,024 random tokens at C = 64, β = 0.5, against 23 at C = 1). At β = 1 the write is W1's
-alone, which is the one-shot store.
+alone, which is the one-shot store. ε_J = 1 (``common.CURVATURE_EPS`` says why not smaller).
 
 Stability bound of the delta rule (any inputs; ``tests/ops/test_dgd_memory.py`` checks it on
 repeated keys, large inputs and 16K tokens). The transition A = αI − η_l x xᵀ is symmetric with
@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from nl_lightning.ops.activations import silu_grad
-from nl_lightning.ops.dgd.common import NLMS_EPS
+from nl_lightning.ops.dgd.common import CURVATURE_EPS, NLMS_EPS
 
 
 def _mv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ def w2_error_scale(beta, hidden, pre, w1_column_norms):
     start, ``W1.pow(2).sum(-2)``, broadcastable to pre."""
     left = 1 - nlms_step(beta, hidden) * hidden.pow(2).sum(-1)  # the error W1's write leaves
     curvature = (silu_grad(pre).pow(2) * w1_column_norms).sum(-1)
-    return left / (curvature + NLMS_EPS)
+    return left / (curvature + CURVATURE_EPS)
 
 
 def layer_write(w, x, y, g, eta, alpha, rule):
