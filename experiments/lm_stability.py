@@ -3,6 +3,11 @@
     .venv/bin/python -m experiments.lm_stability            # writes docs/data/lm_stability.csv
     .venv/bin/python -m experiments.lm_stability --table    # the tables of that CSV
 
+On 2 cores, one one-thread process per model, then merge:
+    OMP_NUM_THREADS=1 .venv/bin/python -m experiments.lm_stability --models hope --out runs/lm_hope.csv &
+    OMP_NUM_THREADS=1 .venv/bin/python -m experiments.lm_stability --models titans --out runs/lm_titans.csv; wait
+    .venv/bin/python -m experiments.lm_stability --merge runs/lm_hope.csv runs/lm_titans.csv
+
 HOPE-tiny and Titans-tiny as ``recipes/lm/<model>_tiny.yaml`` trains them (AdamW 3e-3, 30 warm-up
 steps then cosine, 16 × 256 bytes of the stdlib corpus, gradient clipping 1.0), per seed:
 
@@ -122,10 +127,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "data" / "lm_stability.csv")
     parser.add_argument("--logs", type=Path, default=Path("runs") / "lm_stability")
     parser.add_argument("--table", action="store_true", help="print the tables of --out and exit")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="CSV",
+                        help="write the rows of these CSVs (runs split over processes) to --out")
     args = parser.parse_args(argv)
-    if args.table:
-        with args.out.open() as f:
-            rows = list(csv.DictReader(f))
+    if args.table or args.merge:
+        rows = []
+        for path in args.merge or [args.out]:
+            with path.open() as f:
+                rows += list(csv.DictReader(f))
+        if args.merge:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with args.out.open("w", newline="") as f:
+                writer = csv.DictWriter(f, COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
         print(summary(rows))
         return rows
     rows = []

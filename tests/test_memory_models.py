@@ -296,7 +296,7 @@ def test_hope_auto_runs_both_fused_kernels_on_cpu_and_aten_under_a_dispatch_mode
 
     monkeypatch.setattr(hope, "cpu_fused_projection_loop", counting(hope.cpu_fused_projection_loop, "projection"))
     monkeypatch.setattr(cpu_fused._MLPChunkLoop, "apply", counting(cpu_fused._MLPChunkLoop.apply, "memory"))
-    model = small_model(Hope)  # memory_impl defaults to "auto"
+    model = small_model(Hope, write_rule="paper")  # memory_impl defaults to "auto"
     assert model.config.memory_impl == "auto"
     tokens = torch.randint(0, 256, (2, 20))
     model(tokens).sum().backward()
@@ -304,10 +304,53 @@ def test_hope_auto_runs_both_fused_kernels_on_cpu_and_aten_under_a_dispatch_mode
     with FlopCounterMode(display=False) as counter:
         model(tokens)
     assert calls == {"projection": 2, "memory": 2}
-    reference = small_model(Hope, memory_impl="chunk")
+    reference = small_model(Hope, memory_impl="chunk", write_rule="paper")
     with FlopCounterMode(display=False) as reference_counter:
         reference(tokens)
     assert counter.get_total_flops() == reference_counter.get_total_flops() > 0
+
+
+def test_hope_delta_rule_runs_its_projection_updates_through_the_fused_dgd_kernel(monkeypatch):
+    """write_rule="delta": the C++ projection loop (the paper's rule only) is not used; every
+    chunk's projection update and the main memory go through the DGD op's C++ MLP kernel."""
+    from nl_lightning.models import hope
+    from nl_lightning.ops.dgd import cpu_fused
+
+    calls = {"projection_loop": 0, "mlp_kernel": 0}
+    original_loop, original_kernel = hope.cpu_fused_projection_loop, cpu_fused._MLPChunkLoop.apply
+
+    def loop(*args, **kwargs):
+        calls["projection_loop"] += 1
+        return original_loop(*args, **kwargs)
+
+    def kernel(*args):
+        calls["mlp_kernel"] += 1
+        return original_kernel(*args)
+
+    monkeypatch.setattr(hope, "cpu_fused_projection_loop", loop)
+    monkeypatch.setattr(cpu_fused._MLPChunkLoop, "apply", kernel)
+    model = small_model(Hope)  # 2 blocks, projection chunks of 8
+    model(torch.randint(0, 256, (2, 20))).sum().backward()
+    # per block: the main memory once, the projections after each of the first two of three chunks
+    assert calls == {"projection_loop": 0, "mlp_kernel": 2 * (1 + 2)}
+
+
+def test_hope_projection_memories_stay_finite_over_many_chunks_with_grown_slow_weights():
+    """The failure the delta rule's slow-map target fixes: projection memories whose slow weights
+    grew (as in a HOPE trained on recall, W2 norm ~300) diverged within their second chunk update
+    under the paper's rule; under the delta rule their state stays finite over 16 chunks."""
+    torch.manual_seed(0)
+    results = {}
+    for rule in ("delta", "paper"):
+        layer = small_model(Hope, n_layer=1, proj_chunk_size=16, write_rule=rule).blocks[0].mixer
+        with torch.no_grad():
+            layer.projections[0].mul_(40.0)
+            layer.projections[1].mul_(6.0)
+            layer.gate_bias["eta"].fill_(12.0)  # the largest step each rule allows
+            layer.gate_bias["alpha"].fill_(12.0)
+            p = layer.project(F.normalize(torch.randn(2, 256, layer.config.d_model), dim=-1))
+        results[rule] = all(torch.isfinite(t).all() for t in p.values())
+    assert results == {"delta": True, "paper": False}  # the paper's rule failing shows the setup bites
 
 
 def test_titans_auto_runs_the_fused_kernel_on_cpu_and_aten_under_a_dispatch_mode(monkeypatch):
@@ -388,18 +431,20 @@ def test_hope_proj_dgd_max_step_caps_only_the_projection_memories():
 
 
 def test_hope_delta_rule_step_is_the_gate_itself_without_a_cap():
-    """write_rule="delta": the main memory's β = σ(·) reaches one-shot sizes (no dgd_max_step, no
-    1/C); the projection memories keep their DGD cap."""
+    """write_rule="delta": the memories' β = σ(·) reaches one-shot sizes (no dgd_max_step, no 1/C),
+    the main memory's and the projection memories' alike."""
     torch.manual_seed(0)
     delta = Hope("tiny", overrides={"n_layer": 1, "dgd_max_step": 32.0}).blocks[0].mixer
     paper = Hope("tiny", overrides={"n_layer": 1, "dgd_max_step": 32.0, "write_rule": "paper"}).blocks[0].mixer
     paper.load_state_dict(delta.state_dict())
     raw = 4 * torch.randn(2, 16, delta.config.d_model)
+    h = delta.config.n_head
     beta = delta._gate("eta", raw, heads=True)
-    bias = delta.gate_bias["eta"][: delta.config.n_head, None]
-    torch.testing.assert_close(beta, torch.sigmoid(raw.unflatten(-1, (delta.config.n_head, -1)).mean(-1).transpose(1, 2) + bias))
+    bias = delta.gate_bias["eta"]
+    torch.testing.assert_close(beta, torch.sigmoid(raw.unflatten(-1, (h, -1)).mean(-1).transpose(1, 2) + bias[:h, None]))
     torch.testing.assert_close(paper._gate("eta", raw, heads=True), 32 / delta.config.chunk_size * beta)
-    torch.testing.assert_close(delta._gate("eta", raw, heads=False), paper._gate("eta", raw, heads=False))
+    torch.testing.assert_close(delta._gate("eta", raw, heads=False), torch.sigmoid(raw.mean(-1) + bias[h]))
+    torch.testing.assert_close(paper._gate("eta", raw, heads=False), 32 / delta.config.proj_chunk_size * delta._gate("eta", raw, heads=False))
 
 
 @pytest.mark.parametrize(("field", "value"), [("write_rule", "nlms"), ("memory_target", "key")])

@@ -3,10 +3,17 @@
 Self-referential memory: the projections are adaptive memories,
 ``k_t = M_k(x_t), v_t = M_v(x_t), η_t = M_η(x_t), α_t = M_α(x_t)``, ``q_t = x_t W_q`` fixed. Each
 memory is a residual MLP ``M(z) = z + W1 σ(W2 z)`` whose initial state is a slow (trained)
-parameter; during a sequence each projection memory makes its own target ``v̂ = M(v_t)`` and
-updates with the DGD rule (``nl_lightning.ops.dgd``). The main memory writes with
-``config.write_rule``: the normalised delta rule (default; target ``config.memory_target``, step
-gate β ∈ (0, 1) with no cap) or the paper's DGD rule with its self-made target and step cap. Chunk-parallel form: within a chunk of ``proj_chunk_size``
+parameter; during a sequence each memory makes its own target and writes with ``config.write_rule``
+(``nl_lightning.ops.dgd``):
+
+* ``"delta"`` (default): the normalised delta rule, step gate β ∈ (0, 1) with no cap. The main
+  memory's target is ``config.memory_target``; each projection memory's is its *slow* map of the
+  value, ``v̂_□ = M_□,slow(v_t)`` (its trained initial weights), which keeps "its own target"
+  while making the target independent of the fast state: the paper's ``M_□,t−1(v_t)`` feeds the
+  state back into its own target and diverged in training (the projection memories of a HOPE
+  trained on recall at up to 128 bytes reached NaN in their second chunk update at 256 bytes;
+  ``experiments/write_stability.py`` measures the same feedback on random streams).
+* ``"paper"``: the DGD rule with ``v̂ = M_t−1(v_t)`` and the step caps ``dgd_max_step / C``. Chunk-parallel form: within a chunk of ``proj_chunk_size``
 tokens the projections are read from the memories' chunk-start state, so one chunk's k, v, η, α
 are computed in parallel and only the chunk loop is sequential. The main memory (per head, chunk
 ``chunk_size``) is read before its own update: ``o_t = M_{memory,t−1}(q_t)``.
@@ -101,8 +108,10 @@ class SelfModifyingMemory(nn.Module):
         """η = this · σ(·): the DGD step cap over the chunk size, of the main memory (``heads``) or
         of the projection memories."""
         config = self.config
+        if config.write_rule == "delta":
+            return 1.0
         if heads:
-            return 1.0 if config.write_rule == "delta" else config.dgd_max_step / config.chunk_size
+            return config.dgd_max_step / config.chunk_size
         max_step = config.dgd_max_step if config.proj_dgd_max_step is None else config.proj_dgd_max_step
         return max_step / config.proj_chunk_size
 
@@ -128,8 +137,10 @@ class SelfModifyingMemory(nn.Module):
 
     def _fused_projections(self, x: torch.Tensor) -> bool:
         """Whether ``project`` runs as one C++ kernel (``ops/cpu/dgd_shared_key_loop.cpp``): for
-        memory_impl "cpu_fused", and for "auto" where ``use_fused_kernel`` says so (CPU, kernel built)."""
-        return wants_fused_kernel(self.config.memory_impl, x)
+        memory_impl "cpu_fused", and for "auto" where ``use_fused_kernel`` says so (CPU, kernel built),
+        under the paper's rule, the one that kernel implements (under the delta rule each chunk's
+        update runs through the DGD op, whose C++ MLP kernel implements it)."""
+        return self.config.write_rule == "paper" and wants_fused_kernel(self.config.memory_impl, x)
 
     def _project_fused(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``project`` through the fused kernel: same read-outs, gates and updates as the loop below,
@@ -158,7 +169,9 @@ class SelfModifyingMemory(nn.Module):
         return z[:, None] + hidden @ w1.mT
 
     def _update_projections(self, state, key, value, eta, alpha):
-        """One chunk's DGD update of the four projection memories (shared key, value and gates)."""
+        """One chunk's update of the four projection memories (shared key, value and gates)."""
+        if self.config.write_rule == "delta":
+            return self._delta_update_projections(state, key, value, eta, alpha)
         if self.config.memory_impl != "naive":
             # One kernel call for all four memories that does the key-only work once and builds
             # no read-outs (only the state is used).
@@ -169,6 +182,22 @@ class SelfModifyingMemory(nn.Module):
         eta, alpha = (t[:, None].expand(-1, n, -1) for t in (eta, alpha))
         _, state = dgd_memory(
             key, key, value, eta, alpha, state=state, kind="mlp", chunk_size=key.shape[2], impl="naive"
+        )
+        return state
+
+    def _delta_update_projections(self, state, key, value, eta, alpha):
+        """The delta rule for the four memories, as four heads of the DGD op: every memory's target
+        is its slow map of the value, M_□,slow(v) (module docstring), so the op takes it as the
+        value with target "value". The op's read-outs are not used."""
+        n = len(PROJECTIONS)
+        slow = tuple(w.expand(key.shape[0], *w.shape) for w in self.projections)
+        goals = self._read_projections(slow, value)  # (B, 4, L, d)
+        key = key[:, None].expand(-1, n, -1, -1)
+        eta, alpha = (t[:, None].expand(-1, n, -1) for t in (eta, alpha))
+        _, state = dgd_memory(
+            key, key, goals, eta, alpha, state=state, kind="mlp", chunk_size=key.shape[2],
+            impl=self.config.memory_impl if self.config.memory_impl in ("naive", "chunk", "cpu_fused") else "auto",
+            rule="delta", target="value",
         )
         return state
 
