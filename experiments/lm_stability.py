@@ -115,6 +115,14 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_rows(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows({**r, "val_bpb": f"{r['val_bpb']:.4f}"} for r in rows)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
@@ -148,13 +156,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for model in args.models:
             for rule in ("delta", "paper"):
                 rows += run(model, rule, seed, args.short_steps, max(1, args.short_steps // 3), args)
+                write_rows(rows, args.out)  # after every run: a stopped study keeps what it measured
             if args.long_steps:
                 rows += run(model, "delta", seed, args.long_steps, max(1, args.long_steps // 5), args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows({**r, "val_bpb": f"{r['val_bpb']:.4f}"} for r in rows)
+                write_rows(rows, args.out)
     print(summary([{k: str(v) for k, v in r.items()} for r in rows]))
     print(f"\nwrote {args.out}")
     return rows

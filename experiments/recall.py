@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> list[Cell]:
                 cells.append(Cell(name, task, args.train_length, length, n, correct / n, *wilson(correct, n)))
                 print(f"{name} {task} @{length}: {correct}/{n}", flush=True)
         print(f"{name}: trained in {trained - started:.0f} s, tested in {time.perf_counter() - trained:.0f} s", flush=True)
+        write_csv(cells, args.out)  # after every model: a stopped study keeps what it measured
     return cells
 
 
@@ -203,7 +204,8 @@ def read_csv(path: Path) -> list[Cell]:
 
 
 def table(cells: list[Cell]) -> str:
-    """Markdown: one row per (model, task), one column per test length, exact match [95% CI] (n)."""
+    """Markdown: one row per (model, task), one column per test length, exact match [95% CI] (n);
+    "not run" where the CSV has no cell (full attention beyond 16×)."""
     lengths = sorted({c.test_length for c in cells})
     lines = [f"| model | task | {' | '.join(f'@{n}' for n in lengths)} |", f"|---|---|{'---|' * len(lengths)}"]
     for model in dict.fromkeys(c.model for c in cells):
@@ -211,7 +213,7 @@ def table(cells: list[Cell]) -> str:
             row = {c.test_length: c for c in cells if c.model == model and c.task == task}
             values = [("training diverged" if math.isnan(row[n].exact_match) else
                        f"{row[n].exact_match:.2f} [{row[n].ci_low:.2f}, {row[n].ci_high:.2f}] ({row[n].n})")
-                      if n in row else "not run (quadratic)" for n in lengths]
+                      if n in row else "not run" for n in lengths]
             lines.append(f"| {model} | {task} | {' | '.join(values)} |")
     return "\n".join(lines)
 
