@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--short-steps", type=int, default=120, help="the paired delta-vs-paper protocol")
+    parser.add_argument("--short-steps", type=int, default=120, help="the paired delta-vs-paper protocol; 0 skips it")
     parser.add_argument("--long-steps", type=int, default=600, help="the stability run (delta rule); 0 skips it")
     parser.add_argument("--val-batches", type=int, default=16)
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data")
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for seed in args.seeds:  # seed-major, so machine-load drift spreads over the runs
         for model in args.models:
-            for rule in ("delta", "paper"):
+            for rule in ("delta", "paper") if args.short_steps else ():
                 rows += run(model, rule, seed, args.short_steps, max(1, args.short_steps // 3), args)
                 write_rows(rows, args.out)  # after every run: a stopped study keeps what it measured
             if args.long_steps:
