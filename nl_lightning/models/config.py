@@ -53,8 +53,8 @@ class ModelConfig:
     # let HOPE-tiny learn one-pair recall but its language modelling diverged (NaN) within 120 steps
     # at 8, 16 and 32; 4 was stable.
     dgd_max_step: float = 0.5
-    # The same cap for the self-modifying projection memories (k, v, η, α) under either write rule
-    # (they keep the DGD rule); None = dgd_max_step.
+    # write_rule="paper" only: the same cap for the self-modifying projection memories (k, v, η, α);
+    # None = dgd_max_step. (Under "delta" they write with the delta rule too, uncapped.)
     proj_dgd_max_step: float | None = None
     cms_periods: tuple[int, ...] = (1, 4, 16)  # training-step period of each CMS level (NestedScheduler)
     cms_hidden: int | None = None  # SwiGLU width of a CMS level; None matches Transformer++'s parameter count

@@ -13,8 +13,9 @@ parameter; during a sequence each memory makes its own target and writes with ``
   state back into its own target and diverged in training (the projection memories of a HOPE
   trained on recall at up to 128 bytes reached NaN in their second chunk update at 256 bytes;
   ``experiments/write_stability.py`` measures the same feedback on random streams).
-* ``"paper"``: the DGD rule with ``v̂ = M_t−1(v_t)`` and the step caps ``dgd_max_step / C``. Chunk-parallel form: within a chunk of ``proj_chunk_size``
-tokens the projections are read from the memories' chunk-start state, so one chunk's k, v, η, α
+* ``"paper"``: the DGD rule with ``v̂ = M_t−1(v_t)`` and the step caps ``dgd_max_step / C``.
+
+Chunk-parallel form: within a chunk of ``proj_chunk_size`` tokens the projections are read from the memories' chunk-start state, so one chunk's k, v, η, α
 are computed in parallel and only the chunk loop is sequential. The main memory (per head, chunk
 ``chunk_size``) is read before its own update: ``o_t = M_{memory,t−1}(q_t)``.
 """
@@ -94,8 +95,8 @@ class SelfModifyingMemory(nn.Module):
         the chunked update overshoots and diverges (seen as NaN after ~100 training steps on the
         stdlib corpus). ``config.dgd_max_step`` (default 0.5; ``proj_dgd_max_step`` for the
         projection memories) keeps that chunk step below the stability limit of the residual-MLP
-        memories' inner loss at their initial scale. The main memory's delta rule needs neither:
-        its gate is the step β itself (``ops/dgd/naive.py``).
+        memories' inner loss at their initial scale. The delta rule needs neither, for the main
+        memory or the projection memories: its gate is the step β itself (``ops/dgd/naive.py``).
         """
         h, bias = self.config.n_head, self.gate_bias[name]
         if heads:
@@ -105,8 +106,8 @@ class SelfModifyingMemory(nn.Module):
         return self._eta_scale(heads) * gate if name == "eta" else gate
 
     def _eta_scale(self, heads: bool) -> float:
-        """η = this · σ(·): the DGD step cap over the chunk size, of the main memory (``heads``) or
-        of the projection memories."""
+        """η = this · σ(·): under the DGD rule the step cap over the chunk size, of the main memory
+        (``heads``) or of the projection memories; 1 under the delta rule (β = σ(·))."""
         config = self.config
         if config.write_rule == "delta":
             return 1.0
@@ -194,6 +195,8 @@ class SelfModifyingMemory(nn.Module):
         goals = self._read_projections(slow, value)  # (B, 4, L, d)
         key = key[:, None].expand(-1, n, -1, -1)
         eta, alpha = (t[:, None].expand(-1, n, -1) for t in (eta, alpha))
+        # "triton" does not implement the delta rule; it and "compiled" run this per-chunk update
+        # through "auto" (the same function), the other impls through themselves.
         _, state = dgd_memory(
             key, key, goals, eta, alpha, state=state, kind="mlp", chunk_size=key.shape[2],
             impl=self.config.memory_impl if self.config.memory_impl in ("naive", "chunk", "cpu_fused") else "auto",

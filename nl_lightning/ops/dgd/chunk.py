@@ -199,7 +199,8 @@ def chunk_dgd_memory(
     ``step`` replaces the per-chunk function (``fused.py`` passes a compiled one). ``chunk_loop``
     replaces everything after the padding: ``chunk_loop(state, q, k, v, eta, alpha)`` with inputs
     split into chunks, (B, H, N, C, ...), returns (read-outs (B, H, N, C, D), end state)
-    (``cpu_fused.py`` passes its C++ loop).
+    (``cpu_fused.py`` passes its C++ loop); such a loop carries its own rule and target, and
+    ``rule``/``target`` here are then not read.
     """
     step = CHUNK_STEPS[kind] if step is None else step
     state = tuple(state)

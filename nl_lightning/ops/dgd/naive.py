@@ -33,7 +33,7 @@ with W2's step not divided by the curvature W2 grew without bound under chunking
 after 1,024 random tokens at C = 64, β = 0.5, against 23 at C = 1). At β = 1 the write is W1's
 alone, which is the one-shot store. ε_J = 1 (``common.CURVATURE_EPS`` says why not smaller).
 
-Stability bound of the delta rule (any inputs; ``tests/ops/test_dgd_memory.py`` checks it on
+Stability bound of the delta rule (any inputs; ``tests/ops/test_dgd_delta_rule.py`` checks it on
 repeated keys, large inputs and 16K tokens). The transition A = αI − η_l x xᵀ is symmetric with
 eigenvalues α and α − β', β' = η_l ||x||² = β ||x||²/(||x||² + ε) ∈ [0, 1), so with α, β ∈ (0, 1]
 its spectral norm is ρ = max(α, |α − β'|) ≤ 1 (a contraction), and for every layer and token
