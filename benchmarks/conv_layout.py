@@ -7,7 +7,7 @@ the fused C++ kernel.
 All forms compute the same convolution (``tests/test_memory_models.py``). ``conv1d`` is the
 textbook one: transpose (B, T, D) to (B, D, T), ``nn.Conv1d``, transpose back, which leaves a
 channel-major view. ``channels-last`` is ``CausalDepthwiseConv``'s ATen path: its output and
-gradients stay in the (B, T, D) layout. ``fused`` is its C++ kernel (``ops/cpu/causal_conv.cpp``),
+gradients stay in the (B, T, D) layout. ``fused`` is its C++ kernel (``ops/conv/conv_cpu.cpp``),
 which does the normalisation too (what the models run on a CPU). Each is timed forward+backward
 together with what follows it in the models (per-head L2 normalisation over a 48-wide head),
 alternating call by call; the table gives medians and their ratios.
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from nl_lightning.models.titans import CausalDepthwiseConv  # noqa: E402
+from nl_lightning.models.layers import CausalDepthwiseConv  # noqa: E402
 
 
 def conv1d_channel_major(conv: CausalDepthwiseConv, x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ def normalize_heads(y: torch.Tensor, head_dim: int) -> torch.Tensor:
 FORMS = {
     "conv1d": lambda conv, x, head_dim: normalize_heads(conv1d_channel_major(conv, x), head_dim),
     "channels-last": lambda conv, x, head_dim: normalize_heads(conv(x), head_dim),
-    "fused": lambda conv, x, head_dim: conv(x, normalized=x.shape[-1], group=head_dim, fused=True),
+    "fused": lambda conv, x, head_dim: conv(x, normalized=x.shape[-1], group=head_dim, impl="cpu"),
 }
 
 

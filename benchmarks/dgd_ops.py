@@ -5,7 +5,7 @@
     PYTHONPATH=. python benchmarks/dgd_ops.py --device cuda        # on a GPU (synchronized timing)
 
 The default implementations are naive, chunk, compiled and, for the mlp memory, the fused kernels:
-the C++ one on CPU (cpu_fused; its first call builds the extension) and the Triton one on a GPU
+the C++ one on CPU (cpu; its first call builds the extension) and the Triton one on a GPU
 (triton; its first call compiles the kernels). Build and compile times are reported separately.
 
 Every implementation runs on the same inputs in the same process, interleaved per length, so the
@@ -57,7 +57,7 @@ def make_inputs(args, length, device=torch.device("cpu")):
 
 def forward_backward(seq, weights, args, impl):
     o, state = dgd_memory(**seq, weights=weights, kind=args.kind, chunk_size=args.chunk_size, impl=impl)
-    (o.square().mean() + sum(s.square().mean() for s in state)).backward()
+    (o.square().mean() + sum(s.square().mean() for s in state.weights)).backward()
     return o.detach()
 
 
@@ -77,7 +77,7 @@ def time_impl(seq, weights, args, impl):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kind", choices=["linear", "mlp"], default="mlp")
-    impls = ["naive", "chunk", "compiled", "cpu_fused", "triton"]
+    impls = ["naive", "chunk", "compiled", "cpu", "triton"]
     parser.add_argument("--impls", nargs="+", choices=impls, help="default: every one that applies")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--batch", type=int, default=2)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     if args.impls is None:
-        fused = {"cpu": ["cpu_fused"], "cuda": ["triton"]}.get(device.type, []) if args.kind == "mlp" else []
+        fused = {"cpu": ["cpu"], "cuda": ["triton"]}.get(device.type, []) if args.kind == "mlp" else []
         args.impls = ["naive", "chunk", "compiled"] + fused
     torch.set_num_threads(args.threads)
     if "naive" not in args.impls:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     warm_ups = (
         ("compiled", "compile"),
-        ("cpu_fused", "extension build, cached per machine"),
+        ("cpu", "extension build, cached per machine"),
         ("triton", "kernel compile, cached per machine"),
     )
     for impl, what in warm_ups:

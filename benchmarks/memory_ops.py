@@ -5,7 +5,7 @@ chunk kernels' peak memory at two sequence lengths.
     python benchmarks/memory_ops.py --lengths 512 1024 --kinds linear --repeats 5
     python benchmarks/memory_ops.py --device cuda --compiled --triton   # on a GPU, Triton column too
 
-On a CPU the fused C++ kernel (``cpu_fused``, ``nl_lightning/ops/cpu/titans_chunks.cpp``; the same
+On a CPU the fused C++ kernel (``cpu``, ``nl_lightning/ops/titans/titans_cpu.cpp``; the same
 chunked math, each (batch, head) item's loop on one thread) is a column too; ``--no-cpu-fused``
 leaves it out. Its first call builds the extension (reported apart, under a minute, cached).
 
@@ -15,7 +15,7 @@ follows an untimed call of the same implementation (``--no-settle`` turns that o
 the chunk kernel inherits the allocator state the naive loop leaves (``time_side_by_side``).
 
 Peak memory is the highest total size of live tensors during one forward+backward of the chunk
-kernels (ATen ``chunk``, ``cpu_fused`` on a CPU, Triton with ``--triton``): on CPU from ``torch.profiler``'s memory
+kernels (ATen ``chunk``, ``cpu`` on a CPU, Triton with ``--triton``): on CPU from ``torch.profiler``'s memory
 timeline, on CUDA from the caching allocator's peak counter. Inputs created before the call are
 not counted; activations, saved tensors and gradients are. Linear scaling means a ratio of about
 the ratio of lengths (8x for 1K -> 8K).
@@ -39,22 +39,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from benchmarks.devices import peak_bytes, resolve_device, synchronize  # noqa: E402
-from nl_lightning.ops.titans import (  # noqa: E402
-    chunk_titans_memory,
-    compiled_titans_memory,
-    cpu_fused_titans_memory,
-    naive_titans_memory,
-    titans_memory,
-)
+from nl_lightning.ops.titans import IMPLEMENTED, titans_memory  # noqa: E402
 
-IMPLS = {
-    "chunk": chunk_titans_memory,
-    "naive": naive_titans_memory,
-    "compiled": compiled_titans_memory,
-    "cpu_fused": cpu_fused_titans_memory,
-    # Through the dispatcher, which imports triton only when asked (linear memory only).
-    "triton": functools.partial(titans_memory, impl="triton"),
-}
+# Every implementation through the entry point (which imports triton only when asked).
+IMPLS = {name: functools.partial(titans_memory, impl=name) for name in IMPLEMENTED}
 
 
 def make_inputs(
@@ -163,14 +151,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cpu_fused = args.cpu_fused and device.type == "cpu"
-    impls = (["chunk", "naive"] + (["compiled"] if args.compiled else []) + (["cpu_fused"] if cpu_fused else [])
+    impls = (["chunk", "naive"] + (["compiled"] if args.compiled else []) + (["cpu"] if cpu_fused else [])
              + (["triton"] if args.triton else []))
     if cpu_fused:
         from nl_lightning.ops.cpu_extension import load_extension
 
         start = time.perf_counter()
         load_extension()
-        print(f"cpu_fused: extension ready in {time.perf_counter() - start:.1f} s (built once per machine, cached)")
+        print(f"cpu: extension ready in {time.perf_counter() - start:.1f} s (built once per machine, cached)")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, threads={args.threads}"
     print(
         f"Titans memory, forward+backward, float32, B={args.batch} H={args.heads} D={args.dim} "
@@ -202,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nPeak memory during forward+backward (T={short} vs T={long}):")
     for kind in args.kinds:
         triton = ["triton"] if args.triton and kind == "linear" else []
-        for impl in ["chunk"] + (["cpu_fused"] if cpu_fused else []) + triton:
+        for impl in ["chunk"] + (["cpu"] if cpu_fused else []) + triton:
             peaks = []
             for length in (short, long):
                 seq, weights = make_inputs(kind, args.batch, args.heads, length, args.dim, torch.float32, device=device)

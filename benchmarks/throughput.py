@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     baseline = rows[0]["tokens_per_s"]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"\nmatmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({PRECISIONS[args.precision]}, {where})\n")
-    print(f"| recipe | params | tokens/s | vs first | MFU |\n| --- | ---: | ---: | ---: | ---: |")
+    print("| recipe | params | tokens/s | vs first | MFU |\n| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(
             f"| {row['recipe']} | {row['params'] / 1e6:.2f}M | {row['tokens_per_s']:,.0f} | "

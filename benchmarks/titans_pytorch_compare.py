@@ -22,7 +22,7 @@ memory comes from the caching allocator's counter instead of the profiler's CPU 
 Columns (``ms`` per forward+backward):
 
 * ``ours`` - ``TitansMemoryLayer`` with the default ``memory_impl="auto"``: on a CPU the fused C++
-  kernel (``nl_lightning/ops/cpu/titans_chunks.cpp``), elsewhere the ATen chunk kernel;
+  kernel (``nl_lightning/ops/titans/titans_cpu.cpp``), elsewhere the ATen chunk kernel;
 * ``ours-chunk`` - the same with ``memory_impl="chunk"`` (the ATen chunk kernel; CPU only, on a GPU
   it is what ``ours`` runs);
 * ``ours-c`` - the same with ``memory_impl="compiled"`` (first-call compile time reported apart);
@@ -98,7 +98,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from benchmarks.devices import peak_bytes, resolve_device, synchronize  # noqa: E402
 from nl_lightning.models import ModelConfig  # noqa: E402
-from nl_lightning.models.titans import TitansMemoryLayer, gate_bias  # noqa: E402
+from nl_lightning.models.layers import gate_bias  # noqa: E402
+from nl_lightning.models.titans import TitansMemoryLayer  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------

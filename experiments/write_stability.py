@@ -42,7 +42,7 @@ def run_case(kind: str, rule: str, target: str, step: float, chunk_size: int, le
         weights = (0.1 * torch.randn(4, 48, 48, generator=gen) / 48**0.5, torch.randn(4, 48, 48, generator=gen) / 48**0.5)
     o, state = dgd_memory(q, k, v, torch.full(shape[:3], step), torch.ones(shape[:3]), weights, kind=kind,
                           chunk_size=chunk_size, impl="auto", rule=rule, target=target)
-    norms = [w.flatten(-2).norm(dim=-1).max().item() for w in state]
+    norms = [w.flatten(-2).norm(dim=-1).max().item() for w in state.weights]
     finite = bool(torch.isfinite(o).all()) and all(math.isfinite(n) for n in norms)
     return {"kind": kind, "rule": rule, "target": target, "step": step, "chunk_size": chunk_size, "finite": finite,
             "state_norm_w1": norms[0], "state_norm_w2": norms[1] if len(norms) > 1 else float("nan"),

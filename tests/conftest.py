@@ -43,9 +43,11 @@ def triton_linear(monkeypatch):
         pytest.skip("triton is not installed; install the dev extra to test the Triton kernel")
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernels are built and launched
-    from nl_lightning.ops.titans.triton_linear import triton_linear_titans_memory
+    import functools
 
-    return triton_linear_titans_memory
+    from nl_lightning.ops.titans import titans_memory
+
+    return functools.partial(titans_memory, impl="triton")
 
 
 @pytest.fixture

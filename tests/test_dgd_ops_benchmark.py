@@ -45,7 +45,7 @@ def test_inputs_are_reproducible_leaf_tensors():
 
 
 def test_fused_cpu_kernel_column_matches_the_token_loop(capsys):
-    assert_ratio_and_agreement(table_row(capsys, 20, "cpu_fused"))
+    assert_ratio_and_agreement(table_row(capsys, 20, "cpu"))
 
 
 def test_triton_column_matches_the_token_loop(capsys, triton_device):

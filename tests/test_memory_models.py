@@ -3,12 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ON_DEVICES, on_one_and_two_threads
+from conftest import ON_DEVICES
 
 from nl_lightning.models import PRESETS, Hope, Titans, TransformerPP
-from nl_lightning.models.hope import apply_residual_mlp
-from nl_lightning.models.titans import CausalDepthwiseConv, causal_depthwise_conv_naive
-from nl_lightning.ops.causal_conv import cpu_fused_causal_conv
 
 FAMILIES = [Titans, Hope]
 SMALL = {"n_layer": 2, "chunk_size": 8, "proj_chunk_size": 8, "attn_window": 8}
@@ -121,7 +118,7 @@ def test_memory_stays_finite_on_long_repetitive_text(family, text, write_rule):
 FAST_PATHS = [  # (family, impl, write_rule, memory_target); auto: the C++ kernels on CPU
     (Hope, "chunk", "delta", "value"), (Hope, "auto", "delta", "value"), (Hope, "auto", "delta", "self"),
     (Hope, "auto", "paper", "value"), (Titans, "chunk", "delta", "value"), (Titans, "auto", "delta", "value"),
-    (Titans, "chunk", "paper", "value"), (Titans, "cpu_fused", "paper", "value"),
+    (Titans, "chunk", "paper", "value"), (Titans, "cpu", "paper", "value"),
 ]  # fmt: skip
 
 
@@ -190,81 +187,16 @@ def test_hope_with_the_triton_main_memory_matches_the_naive_reference(triton_dev
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
 def test_triton_memories_refuse_the_delta_rule_naming_the_paths_that_implement_it(family, triton_device):
     model = small_model(family, memory_impl="triton", memory_kind="mlp").to(triton_device)
-    with pytest.raises(ValueError, match="use impl='cpu_fused'.*or impl='chunk'"):
+    with pytest.raises(ValueError, match="use impl='cpu'.*or impl='chunk'"):
         model(torch.randint(0, 256, (1, 12), device=triton_device))
-
-
-def test_hope_stacked_projection_readout_matches_the_residual_mlp_per_memory():
-    """The projection loop's read-out (one stacked W2 matmul for the four memories) equals
-    ``apply_residual_mlp`` per memory on a broadcast chunk, forward and gradients (float64)."""
-    mixer = small_model(Hope, n_layer=1, d_model=32, n_head=2).double().blocks[0].mixer
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn(3, 5, 32, generator=gen, dtype=torch.float64, requires_grad=True)
-    state = tuple((w.detach() + 0.1 * torch.randn(3, *w.shape, generator=gen, dtype=w.dtype)).requires_grad_()
-                  for w in mixer.projections)
-    fast = mixer._read_projections(state, z)
-    reference = apply_residual_mlp(state, z[:, None])
-    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
-    weight = torch.randn(fast.shape, generator=gen, dtype=fast.dtype)
-    grads = [torch.autograd.grad((out * weight).sum(), (z, *state)) for out in (fast, reference)]
-    for name, a, e in zip(["z", "W1", "W2"], *grads):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"grad of {name}: {m}")
-
-
-def _projection_run(mixer, x):
-    """The projection loop's read-outs and the gradients of a fixed projection of them w.r.t. the
-    input, the memories' initial weights and the two projection gate biases."""
-    p = mixer.project(x)
-    gen = torch.Generator().manual_seed(5)
-    loss = sum((out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum() for out in p.values())
-    inputs = [x, *mixer.projections, mixer.gate_bias["eta"], mixer.gate_bias["alpha"]]
-    # With a single chunk nothing is updated, so the gate biases get no gradient: zeros.
-    return [*p.values(), *torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)]
-
-
-@pytest.mark.parametrize(
-    ("length", "proj_chunk"), [(14, 4), (4, 4), (3, 8), (9, 1)], ids=["partial-last", "one-chunk", "short", "online"]
-)
-def test_hope_fused_projection_loop_matches_the_aten_loop_float64(length, proj_chunk):
-    """``shared_key_loop.cpp`` (reads, gates, key normalisation, decays, DGD updates, hand-written
-    backward) against ``project``'s ATen loop: read-outs and every gradient, float64."""
-    overrides = {"n_layer": 1, "d_model": 32, "n_head": 2, "proj_chunk_size": proj_chunk}
-    aten = small_model(Hope, **overrides, memory_impl="chunk").double().blocks[0].mixer
-    fused = small_model(Hope, **overrides, memory_impl="cpu_fused").double().blocks[0].mixer
-    gen = torch.Generator().manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(3, length, 32, generator=gen, dtype=torch.float64), dim=-1)
-    x.requires_grad_()
-    names = ["k", "v", "eta", "alpha", "grad x", "grad W1", "grad W2", "grad eta bias", "grad alpha bias"]
-    for name, a, e in zip(names, _projection_run(fused, x), _projection_run(aten, x)):
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
-
-
-def test_hope_fused_projection_loop_gives_identical_results_on_one_and_two_threads():
-    """One batch element per thread with its own scratch: the thread count must not change a bit."""
-    mixer = small_model(Hope, n_layer=1, d_model=32, n_head=2, proj_chunk_size=4, memory_impl="cpu_fused")
-    mixer = mixer.blocks[0].mixer
-    x = torch.nn.functional.normalize(torch.randn(3, 14, 32), dim=-1).requires_grad_()
-    runs = on_one_and_two_threads(lambda: _projection_run(mixer, x))
-    for a, e in zip(runs[1], runs[0]):
-        torch.testing.assert_close(a, e, atol=0, rtol=0)
-
-
-def test_hope_fused_projection_loop_matches_float32_at_tiny_size():
-    aten = Hope("tiny", overrides={"n_layer": 1, "memory_impl": "chunk"}).blocks[0].mixer
-    fused = Hope("tiny", overrides={"n_layer": 1, "memory_impl": "cpu_fused"}).blocks[0].mixer
-    fused.load_state_dict(aten.state_dict())
-    gen = torch.Generator().manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(2, 150, 192, generator=gen), dim=-1).requires_grad_()
-    for a, e in zip(_projection_run(fused, x), _projection_run(aten, x)):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("setting", ["bfloat16 model", "autocast"])
-def test_fused_kernels_in_half_precision_match_the_aten_path(family, setting):
+def test_cpu_kernels_in_half_precision_match_the_aten_path(family, setting):
     """The fused kernels compute in float32 and hand back the dtype the ATen path would."""
     aten = small_model(family, memory_impl="chunk")
-    fused = small_model(family, memory_impl="cpu_fused")
+    fused = small_model(family, memory_impl="cpu")
     tokens = torch.randint(0, 256, (2, 20))
     logits = []
     for model in (aten, fused):
@@ -277,13 +209,13 @@ def test_fused_kernels_in_half_precision_match_the_aten_path(family, setting):
     torch.testing.assert_close(logits[1].float(), logits[0].float(), atol=0.1, rtol=0.05)
 
 
-def test_hope_auto_runs_both_fused_kernels_on_cpu_and_aten_under_a_dispatch_mode(monkeypatch):
+def test_hope_auto_runs_both_cpu_kernels_on_cpu_and_aten_under_a_dispatch_mode(monkeypatch):
     """memory_impl="auto" (the default) uses the C++ kernels on CPU, and the ATen path while a
     dispatch mode must see every op (here the FLOP counter, which counts the same work either way)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nl_lightning.models import hope
-    from nl_lightning.ops.dgd import cpu_fused
+    from nl_lightning.ops.dgd import cpu as dgd_cpu
+    from nl_lightning.ops.projection import cpu as projection_cpu
 
     calls = {"projection": 0, "memory": 0}
 
@@ -294,8 +226,8 @@ def test_hope_auto_runs_both_fused_kernels_on_cpu_and_aten_under_a_dispatch_mode
 
         return counted
 
-    monkeypatch.setattr(hope, "cpu_fused_projection_loop", counting(hope.cpu_fused_projection_loop, "projection"))
-    monkeypatch.setattr(cpu_fused._MLPChunkLoop, "apply", counting(cpu_fused._MLPChunkLoop.apply, "memory"))
+    monkeypatch.setattr(projection_cpu._ProjectionLoop, "apply", counting(projection_cpu._ProjectionLoop.apply, "projection"))
+    monkeypatch.setattr(dgd_cpu._MLPChunkLoop, "apply", counting(dgd_cpu._MLPChunkLoop.apply, "memory"))
     model = small_model(Hope, write_rule="paper")  # memory_impl defaults to "auto"
     assert model.config.memory_impl == "auto"
     tokens = torch.randint(0, 256, (2, 20))
@@ -310,14 +242,14 @@ def test_hope_auto_runs_both_fused_kernels_on_cpu_and_aten_under_a_dispatch_mode
     assert counter.get_total_flops() == reference_counter.get_total_flops() > 0
 
 
-def test_hope_delta_rule_runs_its_projection_updates_through_the_fused_dgd_kernel(monkeypatch):
+def test_hope_delta_rule_runs_its_projection_updates_through_the_cpu_dgd_kernel(monkeypatch):
     """write_rule="delta": the C++ projection loop (the paper's rule only) is not used; every
     chunk's projection update and the main memory go through the DGD op's C++ MLP kernel."""
-    from nl_lightning.models import hope
-    from nl_lightning.ops.dgd import cpu_fused
+    from nl_lightning.ops.dgd import cpu as dgd_cpu
+    from nl_lightning.ops.projection import cpu as projection_cpu
 
     calls = {"projection_loop": 0, "mlp_kernel": 0}
-    original_loop, original_kernel = hope.cpu_fused_projection_loop, cpu_fused._MLPChunkLoop.apply
+    original_loop, original_kernel = projection_cpu._ProjectionLoop.apply, dgd_cpu._MLPChunkLoop.apply
 
     def loop(*args, **kwargs):
         calls["projection_loop"] += 1
@@ -327,8 +259,8 @@ def test_hope_delta_rule_runs_its_projection_updates_through_the_fused_dgd_kerne
         calls["mlp_kernel"] += 1
         return original_kernel(*args)
 
-    monkeypatch.setattr(hope, "cpu_fused_projection_loop", loop)
-    monkeypatch.setattr(cpu_fused._MLPChunkLoop, "apply", kernel)
+    monkeypatch.setattr(projection_cpu._ProjectionLoop, "apply", loop)
+    monkeypatch.setattr(dgd_cpu._MLPChunkLoop, "apply", kernel)
     model = small_model(Hope)  # 2 blocks, projection chunks of 8
     model(torch.randint(0, 256, (2, 20))).sum().backward()
     # per block: the main memory once, the projections after each of the first two of three chunks
@@ -353,10 +285,10 @@ def test_hope_projection_memories_stay_finite_over_many_chunks_with_grown_slow_w
     assert results == {"delta": True, "paper": False}  # the paper's rule failing shows the setup bites
 
 
-def test_titans_auto_runs_the_fused_kernel_on_cpu_and_aten_under_a_dispatch_mode(monkeypatch):
+def test_titans_auto_runs_the_cpu_kernel_on_cpu_and_aten_under_a_dispatch_mode(monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nl_lightning.ops.titans import cpu_fused
+    from nl_lightning.ops.titans import cpu as cpu_fused
 
     calls = {"fused": 0}
     original = cpu_fused._TitansChunkLoop.apply
@@ -377,11 +309,11 @@ def test_titans_auto_runs_the_fused_kernel_on_cpu_and_aten_under_a_dispatch_mode
     assert calls["fused"] == memory_layers and counter.get_total_flops() > 0
 
 
-def test_titans_delta_rule_auto_runs_the_fused_dgd_kernel_on_cpu(monkeypatch):
+def test_titans_delta_rule_auto_runs_the_cpu_dgd_kernel_on_cpu(monkeypatch):
     """write_rule="delta" (the default): Titans' MLP memory goes through the DGD op, whose C++ loop
     implements the rule; the Titans momentum kernel is not called."""
-    from nl_lightning.ops.dgd import cpu_fused as dgd_fused
-    from nl_lightning.ops.titans import cpu_fused as titans_fused
+    from nl_lightning.ops.dgd import cpu as dgd_fused
+    from nl_lightning.ops.titans import cpu as titans_fused
 
     calls = {"dgd": 0, "titans": 0}
     for module, cls, key in ((dgd_fused, "_MLPChunkLoop", "dgd"), (titans_fused, "_TitansChunkLoop", "titans")):
@@ -458,15 +390,16 @@ def test_unknown_write_rule_or_target_is_refused_naming_the_choices(field, value
 def test_titans_model_runs_the_triton_memory_like_the_chunk_kernel(triton_linear, monkeypatch):
     """``memory_impl="triton"`` reaches the Triton kernel through the model config (interpreter on
     CPU) and gives the chunk kernel's logits and gradients."""
-    from nl_lightning.ops.titans import triton_linear as triton_module
+    from nl_lightning.ops.titans import triton as triton_module
 
     calls = []
+    original = triton_module.triton_titans_memory
 
     def counted(*args, **kwargs):
         calls.append(1)
-        return triton_linear(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(triton_module, "triton_linear_titans_memory", counted)
+    monkeypatch.setattr(triton_module, "triton_titans_memory", counted)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokens = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(1)).to(device)
     results = []
@@ -483,85 +416,6 @@ def test_titans_model_runs_the_triton_memory_like_the_chunk_kernel(triton_linear
     assert memory_grads  # the memory's slow weights are among the compared gradients
     for name, grad in grads_chunk.items():
         torch.testing.assert_close(grads_triton[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
-
-
-@pytest.mark.parametrize("fused", [False, True], ids=["aten", "fused"])
-@pytest.mark.parametrize(
-    "kernel,length", [(4, 37), (1, 9), (6, 3), (4, 300)], ids=["k4", "k1", "kernel>T", "k4-T300"]
-)  # T300: the fused backward's blocks of 128 tokens, the last one partial
-def test_causal_conv_matches_shifted_sum_reference_in_value_and_gradients(kernel, length, fused):
-    conv = CausalDepthwiseConv(5, kernel).double()
-    with torch.no_grad():
-        conv.conv.weight.normal_()  # not the identity init: every tap matters
-    x = torch.randn(2, length, 5, dtype=torch.float64, requires_grad=True)
-    fast, reference = conv(x, fused=fused), causal_depthwise_conv_naive(x, conv.conv.weight)
-    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
-    assert_same_grads(fast, reference, (x, conv.conv.weight), tol=1e-12)
-
-
-def assert_same_grads(out, reference, inputs, *, tol):
-    """Gradients of ``out`` and ``reference`` w.r.t. ``inputs`` under one random output gradient."""
-    grad = torch.randn_like(out)
-    for got, expected in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(reference, inputs, grad)):
-        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize("fused", [False, True], ids=["aten", "fused"])
-def test_causal_conv_normalizes_each_group_of_the_first_channels(fused):
-    """Titans' queries and keys: F.normalize per head over the first ``normalized`` channels, the
-    rest (values) left as the convolution gives them; values and gradients in float64, including a
-    group whose input is all zero (F.normalize's eps clamp)."""
-    conv = CausalDepthwiseConv(10, 3).double()
-    with torch.no_grad():
-        conv.conv.weight.normal_()
-    x = torch.randn(2, 140, 10, dtype=torch.float64)  # more than one of the fused backward's blocks
-    x[1, :, :4] = 0.0  # batch 1: the first group's convolution is exactly zero
-    x.requires_grad_()
-    out = conv(x, normalized=8, group=4, fused=fused)
-    plain = causal_depthwise_conv_naive(x, conv.conv.weight)
-    heads = [F.normalize(plain[..., :4], dim=-1), F.normalize(plain[..., 4:8], dim=-1)]
-    reference = torch.cat([*heads, plain[..., 8:]], -1)
-    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
-    assert_same_grads(out, reference, (x, conv.conv.weight), tol=1e-10)
-    if fused:
-        assert torch.autograd.gradcheck(lambda x, w: cpu_fused_causal_conv(x, w, normalized=8, group=4),
-                                        (x.detach()[:1, :9].requires_grad_(), conv.conv.weight))  # not at the clamp
-
-
-def test_fused_causal_conv_agrees_on_one_and_two_threads():
-    """Rows are split between threads (and the weight gradient summed from per-thread parts): the
-    thread count may change only the rounding of that sum."""
-    x = torch.randn(3, 300, 10, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(10, 1, 4, dtype=torch.float64, requires_grad=True)
-
-    def run():
-        y = cpu_fused_causal_conv(x, weight, normalized=8, group=4)
-        return (y, *torch.autograd.grad(y.square().sum(), (x, weight)))
-
-    results = on_one_and_two_threads(run)
-    for a, e in zip(results[1], results[0]):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
-
-
-def test_fused_causal_conv_rejects_what_it_cannot_run_naming_the_fix():
-    x, weight = torch.randn(1, 5, 6), torch.randn(6, 1, 3)
-    with pytest.raises(ValueError, match="float32/float64 CPU.*memory_impl='chunk'"):
-        cpu_fused_causal_conv(x.bfloat16(), weight.bfloat16())
-    with pytest.raises(ValueError, match="normalized=4 channels.*multiple of group=3"):
-        cpu_fused_causal_conv(x, weight, normalized=4, group=3)
-    with pytest.raises(ValueError, match=r"weight \(C, 1, K\)"):
-        cpu_fused_causal_conv(x, torch.randn(5, 1, 3))
-
-
-def test_causal_conv_output_and_input_gradient_keep_the_b_t_d_layout():
-    """The reason for the channels-last form: downstream per-head ops read a contiguous last dim
-    (a channel-major output made them several times slower on CPU)."""
-    conv = CausalDepthwiseConv(48, 4)
-    x = torch.randn(2, 64, 48, requires_grad=True)
-    y = conv(x)
-    assert y.is_contiguous()
-    y.backward(torch.randn_like(y))
-    assert x.grad.is_contiguous()
 
 
 @ON_DEVICES

@@ -44,10 +44,10 @@ def test_wheel_contains_and_imports_the_callbacks_package(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("nl_lightning-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "nl_lightning/callbacks/__init__.py" in names
-    from nl_lightning.ops.cpu_extension import SOURCES as KERNEL_SOURCES  # the fused CPU kernels' C++ files
+    from nl_lightning.ops.cpu_extension import OPS_DIR, SOURCES  # the C++ kernels, beside their ops
 
-    for kernel_file in [path.name for path in KERNEL_SOURCES] + ["common.h"]:
-        assert f"nl_lightning/ops/cpu/{kernel_file}" in names
+    for path in [*SOURCES, OPS_DIR / "cpu" / "common.h"]:
+        assert f"nl_lightning/ops/{path.relative_to(OPS_DIR).as_posix()}" in names
     assert not any(name.startswith("callbacks/") for name in names)
     assert any(name.endswith("entry_points.txt") for name in names)
 

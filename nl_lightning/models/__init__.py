@@ -4,7 +4,8 @@ from nl_lightning.models.classifiers import CMSClassifier, CNNClassifier, MLPCla
 from nl_lightning.models.config import PRESETS, ModelConfig
 from nl_lightning.models.hope import Hope
 from nl_lightning.models.titans import Titans
-from nl_lightning.models.transformer import LanguageModelBackbone, TransformerPP
+from nl_lightning.models.backbone import LanguageModelBackbone
+from nl_lightning.models.transformer import TransformerPP
 
 __all__ = [
     "CMSClassifier",

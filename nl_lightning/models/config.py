@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from nl_lightning.ops import IMPLS, KINDS, RENAMED_IMPLS
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -29,9 +31,10 @@ class ModelConfig:
     # -- neural memory (Titans, HOPE) --
     memory_kind: str = "mlp"  # "linear" or "mlp" (residual 2-layer MLP, M(z) = z + W1 σ(W2 z))
     chunk_size: int = 64  # tokens whose memory gradients share one chunk-start state
-    # "auto" (fastest available: the fused C++ kernels on CPU, "chunk" elsewhere), "chunk", "naive",
-    # "compiled", "cpu_fused" (CPU; HOPE's MLP memories, Titans' both kinds), "triton" (GPU, or the
-    # Triton interpreter; Titans' linear memory, HOPE's MLP main memory).
+    # The implementation every memory op of the model runs (nl_lightning/ops/contract.py): "auto"
+    # (the C++ kernels on CPU where they apply, "chunk" elsewhere), "chunk", "naive", "compiled",
+    # "cpu" (CPU; HOPE's MLP memories, Titans' both kinds), "triton" (GPU, or the Triton
+    # interpreter; Titans' linear memory, HOPE's MLP main memory under the paper rule).
     memory_impl: str = "auto"
     conv_kernel: int = 4  # short causal depthwise convolution on q, k, v
     # How the memories write (SPEC §2, "Write stability"): "delta" (default) is the layer-local
@@ -89,8 +92,14 @@ class ModelConfig:
             raise ValueError(f"write_rule must be 'delta' or 'paper', got {self.write_rule!r}")
         if self.memory_target not in ("value", "self"):
             raise ValueError(f"memory_target must be 'value' or 'self', got {self.memory_target!r}")
-        if self.memory_kind not in ("linear", "mlp"):
-            raise ValueError(f"memory_kind must be 'linear' or 'mlp', got {self.memory_kind!r}")
+        if self.memory_kind not in KINDS:
+            raise ValueError(f"memory_kind must be one of {list(KINDS)}, got {self.memory_kind!r}")
+        if self.memory_impl in RENAMED_IMPLS:
+            raise ValueError(
+                f"memory_impl={self.memory_impl!r} is now called {RENAMED_IMPLS[self.memory_impl]!r}; rename it in your config"
+            )
+        if self.memory_impl not in IMPLS:
+            raise ValueError(f"memory_impl must be one of {list(IMPLS)}, got {self.memory_impl!r}")
         if not self.cms_periods or any(not isinstance(p, int) or p <= 0 for p in self.cms_periods):
             raise ValueError(f"cms_periods must be positive integers, one per CMS level, got {self.cms_periods!r}")
         if any(not isinstance(p, int) or p <= 0 for p in self.cms_context_periods):

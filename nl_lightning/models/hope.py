@@ -22,42 +22,26 @@ are computed in parallel and only the chunk loop is sequential. The main memory 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nl_lightning.models.backbone import LanguageModelBackbone
 from nl_lightning.models.cms import ContinuumMemory
 from nl_lightning.models.config import ModelConfig
-from nl_lightning.models.layers import RMSNorm
-from nl_lightning.models.titans import CausalDepthwiseConv, gate_bias, merge_heads, split_heads
-from nl_lightning.models.transformer import LanguageModelBackbone
-from nl_lightning.ops.dgd import dgd_memory, dgd_shared_key_update
-from nl_lightning.ops.cpu_extension import wants_fused_kernel
-from nl_lightning.ops.dgd.cpu_fused import cpu_fused_projection_loop
+from nl_lightning.models.layers import (
+    CausalDepthwiseConv,
+    RMSNorm,
+    gate_bias,
+    merge_heads,
+    residual_mlp_weights,
+    split_heads,
+)
+from nl_lightning.ops import memory_read
+from nl_lightning.ops.dgd import dgd_memory
+from nl_lightning.ops.projection import projection_memories
 
-PROJECTIONS = ("k", "v", "eta", "alpha")
-
-
-def residual_mlp_weights(heads: int, dim: int, hidden: int) -> nn.ParameterList:
-    """Initial state (W1, W2) of ``M(z) = z + W1 silu(W2 z)``.
-
-    W1 starts small (the MLP part is ~10% of |z|): the curvature of the inner loss w.r.t. W2
-    grows with |W1|², and a large W1 makes the DGD steps overshoot (see ``ModelConfig.dgd_max_step``).
-    """
-    return nn.ParameterList(
-        [
-            nn.Parameter(0.1 * torch.randn(heads, dim, hidden) / math.sqrt(hidden)),
-            nn.Parameter(torch.randn(heads, hidden, dim) / math.sqrt(dim)),
-        ]
-    )
-
-
-def apply_residual_mlp(weights, z: torch.Tensor) -> torch.Tensor:
-    """M(z) for per-batch weights W1 (B, H, D, Dh), W2 (B, H, Dh, D) and z (B, H, T, D)."""
-    w1, w2 = weights
-    return z + F.silu(z @ w2.transpose(-1, -2)) @ w1.transpose(-1, -2)
+PROJECTIONS = ("k", "v", "eta", "alpha")  # the projection memories, in the op's order
 
 
 class SelfModifyingMemory(nn.Module):
@@ -117,96 +101,19 @@ class SelfModifyingMemory(nn.Module):
         return max_step / config.proj_chunk_size
 
     def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run the self-modifying projection memories over the sequence: k, v, η, α for every token."""
-        if self._fused_projections(x):
-            return self._project_fused(x)
-        batch = x.shape[0]
-        state = tuple(w.expand(batch, *w.shape) for w in self.projections)
-        # split, not slicing chunk by chunk: the backward of one split concatenates the chunks'
-        # gradients once, whereas each slice's backward writes into a zero tensor of the full size.
-        chunks = x.split(self.config.proj_chunk_size, dim=1)
-        outputs = []
-        for index, z in enumerate(chunks):
-            out = self._read_projections(state, z)  # (B, 4, C, d), read from the chunk-start state
-            outputs.append(out)
-            if index == len(chunks) - 1:  # the last chunk's update would never be read
-                break
-            k, v, eta, alpha = out.unbind(1)
-            eta, alpha = self._gate("eta", eta, heads=False), self._gate("alpha", alpha, heads=False)
-            state = self._update_projections(state, F.normalize(k, dim=-1), v, eta, alpha)
-        return dict(zip(PROJECTIONS, torch.cat(outputs, dim=2).unbind(1)))
-
-    def _fused_projections(self, x: torch.Tensor) -> bool:
-        """Whether ``project`` runs as one C++ kernel (``ops/cpu/dgd_shared_key_loop.cpp``): for
-        memory_impl "cpu_fused", and for "auto" where ``use_fused_kernel`` says so (CPU, kernel built),
-        under the paper's rule, the one that kernel implements (under the delta rule each chunk's
-        update runs through the DGD op, whose C++ MLP kernel implements it)."""
-        return self.config.write_rule == "paper" and wants_fused_kernel(self.config.memory_impl, x)
-
-    def _project_fused(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``project`` through the fused kernel: same read-outs, gates and updates as the loop below,
-        computed in float32 at least (autocast off, like the DGD kernels) and returned in x's dtype,
-        the dtype the loop's read-outs have."""
-        config, h = self.config, self.config.n_head
-        dtype = torch.promote_types(torch.promote_types(x.dtype, self.projections[0].dtype), torch.float32)
-        w1, w2 = (w.to(dtype).expand(x.shape[0], *w.shape) for w in self.projections)
-        bias = torch.stack([self.gate_bias["eta"][h], self.gate_bias["alpha"][h]]).to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            out = cpu_fused_projection_loop(
-                x.to(dtype), w1, w2, bias, chunk_size=config.proj_chunk_size, eta_scale=self._eta_scale(heads=False)
-            )
-        return dict(zip(PROJECTIONS, out.to(x.dtype).unbind(1)))
-
-    @staticmethod
-    def _read_projections(state, z: torch.Tensor) -> torch.Tensor:
-        """M(z) of the four memories for one chunk z (B, C, d) -> (B, 4, C, d).
-
-        The memories read the same z, so their W2 are stacked and applied in one matmul
-        (``apply_residual_mlp`` on a broadcast z would copy z once per memory).
-        """
-        w1, w2 = state
-        hidden = F.silu(z @ w2.flatten(-3, -2).mT)  # (B, C, 4·Dh)
-        hidden = hidden.unflatten(-1, (w2.shape[-3], -1)).transpose(1, 2)  # (B, 4, C, Dh)
-        return z[:, None] + hidden @ w1.mT
-
-    def _update_projections(self, state, key, value, eta, alpha):
-        """One chunk's update of the four projection memories (shared key, value and gates)."""
-        if self.config.write_rule == "delta":
-            return self._delta_update_projections(state, key, value, eta, alpha)
-        if self.config.memory_impl != "naive":
-            # One kernel call for all four memories that does the key-only work once and builds
-            # no read-outs (only the state is used).
-            return dgd_shared_key_update(key, value, eta, alpha, state)
-        # Reference path: the four memories as heads of the token-by-token kernel.
-        n = len(PROJECTIONS)
-        key, value = (t[:, None].expand(-1, n, -1, -1) for t in (key, value))
-        eta, alpha = (t[:, None].expand(-1, n, -1) for t in (eta, alpha))
-        _, state = dgd_memory(
-            key, key, value, eta, alpha, state=state, kind="mlp", chunk_size=key.shape[2], impl="naive"
+        """Run the self-modifying projection memories over the sequence: k, v, η, α for every token
+        (``nl_lightning.ops.projection``)."""
+        c, h = self.config, self.config.n_head
+        bias = torch.stack([self.gate_bias["eta"][h], self.gate_bias["alpha"][h]])
+        out = projection_memories(
+            x, tuple(self.projections), bias, chunk_size=c.proj_chunk_size, eta_scale=self._eta_scale(heads=False),
+            rule="delta" if c.write_rule == "delta" else "dgd", impl=c.memory_impl,
         )
-        return state
-
-    def _delta_update_projections(self, state, key, value, eta, alpha):
-        """The delta rule for the four memories, as four heads of the DGD op: every memory's target
-        is its slow map of the value, M_□,slow(v) (module docstring), so the op takes it as the
-        value with target "value". The op's read-outs are not used."""
-        n = len(PROJECTIONS)
-        slow = tuple(w.expand(key.shape[0], *w.shape) for w in self.projections)
-        goals = self._read_projections(slow, value)  # (B, 4, L, d)
-        key = key[:, None].expand(-1, n, -1, -1)
-        eta, alpha = (t[:, None].expand(-1, n, -1) for t in (eta, alpha))
-        # "triton" does not implement the delta rule; it and "compiled" run this per-chunk update
-        # through "auto" (the same function), the other impls through themselves.
-        _, state = dgd_memory(
-            key, key, goals, eta, alpha, state=state, kind="mlp", chunk_size=key.shape[2],
-            impl=self.config.memory_impl if self.config.memory_impl in ("naive", "chunk", "cpu_fused") else "auto",
-            rule="delta", target="value",
-        )
-        return state
+        return dict(zip(PROJECTIONS, out.unbind(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.config.n_head
-        x = self.conv(x, fused=wants_fused_kernel(self.config.memory_impl, x))
+        x = self.conv(x, impl=self.config.memory_impl)
         # The memories see unit-norm inputs, so their keys, targets and errors are O(1) whatever
         # the residual stream's scale.
         p = self.project(F.normalize(x, dim=-1))
@@ -232,10 +139,7 @@ class SelfModifyingMemory(nn.Module):
         return {"rule": "dgd", "target": "self"}
 
     def _initial_readout(self, q: torch.Tensor) -> torch.Tensor:
-        weights = tuple(w.unsqueeze(0) for w in self.memory)
-        if self.config.memory_kind == "linear":
-            return q @ weights[0].transpose(-1, -2)
-        return apply_residual_mlp(weights, q)
+        return memory_read(self.config.memory_kind, tuple(w.unsqueeze(0) for w in self.memory), q)
 
 
 class HopeBlock(nn.Module):

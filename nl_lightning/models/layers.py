@@ -1,10 +1,16 @@
-"""Building blocks shared by every model family: RMSNorm, RoPE, SwiGLU, causal attention."""
+"""Building blocks shared by the model families: RMSNorm, RoPE, SwiGLU, causal attention (and
+the estimate of its memory), head split/merge, gates, the memories' causal convolution and the
+residual MLP memory's initial weights."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nl_lightning.ops.conv import causal_conv
 
 
 class RMSNorm(nn.Module):
@@ -128,3 +134,60 @@ def blocked_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.
         attn_mask=mask.repeat(heads, 1, 1),
     )  # (B, H·blocks, window, d): heads and blocks share the batch-like dimension
     return out.unflatten(1, (heads, blocks)).flatten(2, 3)[:, :, :seq_len]
+
+
+def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """(B, T, H·Dh) → (B, H, T, Dh), a view."""
+    batch, seq_len, dim = x.shape
+    return x.view(batch, seq_len, n_head, dim // n_head).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, Dh) → (B, T, H·Dh)."""
+    batch, n_head, seq_len, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, seq_len, n_head * head_dim)
+
+
+def gate_bias(target: float) -> float:
+    """Bias that makes sigmoid start at ``target``."""
+    return math.log(target / (1 - target))
+
+
+class CausalDepthwiseConv(nn.Module):
+    """Per-channel causal convolution over time (``nl_lightning.ops.conv``): output t sees inputs
+    t-kernel+1 .. t only; it starts as the identity."""
+
+    def __init__(self, dim: int, kernel: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+        # Holds the (dim, 1, kernel) weight under the usual name (checkpoints, init, optimiser
+        # groups); ``forward`` applies it through the op rather than calling the Conv1d.
+        self.conv = nn.Conv1d(dim, dim, kernel, groups=dim, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        # Start as the identity (weight 1 on the current token) so the conv only learns a mix.
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, 0, -1] = 1.0
+
+    def forward(self, x: torch.Tensor, *, normalized: int = 0, group: int = 1, impl: str = "chunk") -> torch.Tensor:
+        """x: (B, T, D) → (B, T, D); then ``F.normalize`` over each group of ``group`` channels among
+        the first ``normalized`` (Titans' per-head queries and keys). ``impl``: the op's (the
+        models pass their ``memory_impl``)."""
+        return causal_conv(x, self.conv.weight, normalized=normalized, group=group, impl=impl)
+
+
+def residual_mlp_weights(heads: int, dim: int, hidden: int) -> nn.ParameterList:
+    """Initial state (W1, W2) of the residual MLP memory ``M(z) = z + W1 silu(W2 z)``
+    (``nl_lightning.ops.memory_read``).
+
+    W1 starts small (the MLP part is ~10% of |z|): the curvature of the inner loss w.r.t. W2
+    grows with |W1|², and a large W1 makes the paper rule's steps overshoot (``ModelConfig.dgd_max_step``).
+    """
+    return nn.ParameterList(
+        [
+            nn.Parameter(0.1 * torch.randn(heads, dim, hidden) / math.sqrt(hidden)),
+            nn.Parameter(torch.randn(heads, hidden, dim) / math.sqrt(dim)),
+        ]
+    )

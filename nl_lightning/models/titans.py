@@ -16,88 +16,21 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from nl_lightning.models.backbone import LanguageModelBackbone
 from nl_lightning.models.config import ModelConfig
-from nl_lightning.models.layers import CausalSelfAttention, RMSNorm, SwiGLU
-from nl_lightning.models.transformer import LanguageModelBackbone
-from nl_lightning.ops.causal_conv import cpu_fused_causal_conv
-from nl_lightning.ops.cpu_extension import KERNEL_DTYPES, wants_fused_kernel
+from nl_lightning.models.layers import (
+    CausalDepthwiseConv,
+    CausalSelfAttention,
+    RMSNorm,
+    SwiGLU,
+    gate_bias,
+    merge_heads,
+    split_heads,
+)
 from nl_lightning.ops.dgd import dgd_memory
 from nl_lightning.ops.titans import titans_memory
-
-
-class CausalDepthwiseConv(nn.Module):
-    """Per-channel causal convolution over time: output t sees inputs t-kernel+1 .. t only."""
-
-    def __init__(self, dim: int, kernel: int) -> None:
-        super().__init__()
-        self.kernel = kernel
-        # Holds the (dim, 1, kernel) weight under the usual name (checkpoints, init, optimiser
-        # groups); ``forward`` applies it in a faster layout rather than calling the Conv1d.
-        self.conv = nn.Conv1d(dim, dim, kernel, groups=dim, bias=False)
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        # Start as the identity (weight 1 on the current token) so the conv only learns a mix.
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            self.conv.weight[:, 0, -1] = 1.0
-
-    def forward(
-        self, x: torch.Tensor, *, normalized: int = 0, group: int = 1, fused: bool = False
-    ) -> torch.Tensor:
-        """x: (B, T, D) → (B, T, D), in x's (B, T, D) memory layout; then, over each group of
-        ``group`` channels among the first ``normalized``, ``F.normalize`` (Titans' per-head queries
-        and keys).
-
-        ``fused`` runs it as one C++ kernel (``ops/cpu/causal_conv.cpp``) where that applies (float32
-        or float64 CPU tensors, autocast off; the callers pass ``wants_fused_kernel`` of their
-        memory_impl), else the ATen path below, the reference.
-
-        The ATen convolution runs as a (1 × kernel) 2-d convolution on a channels-last view, whose
-        memory layout *is* (B, T, D): no transposed copy on the way in, and the output (and its
-        gradient) stays contiguous in (B, T, D). A Conv1d on ``x.transpose(1, 2)`` returns a
-        channel-major view instead, and every consumer pays for it: per-head normalisation over a
-        strided last dim, and the convolution's backward on a transposed gradient (together ≈ 2.5×
-        slower fwd+bwd at B=4, T=1024, D=576 on CPU; ``benchmarks/conv_layout.py``).
-        """
-        weight = self.conv.weight
-        kernel_dtype = x.dtype in KERNEL_DTYPES and weight.dtype == x.dtype
-        if fused and kernel_dtype and not torch.is_autocast_enabled(x.device.type):
-            return cpu_fused_causal_conv(x, weight, normalized=normalized, group=group)
-        padded = F.pad(x, (0, 0, self.kernel - 1, 0))  # (B, T + kernel - 1, D)
-        channels_last = padded.unsqueeze(1).permute(0, 3, 1, 2)  # (B, D, 1, T'), strides of (B, T', D)
-        y = F.conv2d(channels_last, weight.unsqueeze(2), groups=self.conv.groups)
-        y = y.permute(0, 2, 3, 1).squeeze(1)  # (B, T, D)
-        if not normalized:
-            return y
-        heads = F.normalize(y[..., :normalized].unflatten(-1, (-1, group)), dim=-1).flatten(-2)
-        return torch.cat([heads, y[..., normalized:]], dim=-1)
-
-
-def causal_depthwise_conv_naive(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Reference for ``CausalDepthwiseConv``: ``y_t = sum_j weight[:, 0, j] * x_{t - kernel + 1 + j}``
-    (zero before the sequence), written as shifted multiply-adds."""
-    kernel, length = weight.shape[-1], x.shape[1]
-    padded = F.pad(x, (0, 0, kernel - 1, 0))
-    return sum(weight[:, 0, j] * padded[:, j : j + length] for j in range(kernel))
-
-
-def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
-    batch, seq_len, dim = x.shape
-    return x.view(batch, seq_len, n_head, dim // n_head).transpose(1, 2)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    batch, n_head, seq_len, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, seq_len, n_head * head_dim)
-
-
-def gate_bias(target: float) -> float:
-    """Bias that makes sigmoid start at ``target``."""
-    return math.log(target / (1 - target))
 
 
 class TitansMemoryLayer(nn.Module):
@@ -140,8 +73,7 @@ class TitansMemoryLayer(nn.Module):
         c, h = self.config, self.config.n_head
         qkv = self.qkv(x)
         # Convolution, then queries and keys (the first 2·d channels) L2-normalised per head.
-        fused = wants_fused_kernel(c.memory_impl, qkv)
-        qkv = self.conv(qkv, normalized=2 * c.d_model, group=c.head_dim, fused=fused)
+        qkv = self.conv(qkv, normalized=2 * c.d_model, group=c.head_dim, impl=c.memory_impl)
         q, k, v = (split_heads(t, h) for t in qkv.chunk(3, dim=-1))
         gates = torch.sigmoid(self.gates(x)).transpose(1, 2).chunk(len(self.initial_gates), dim=1)  # (B, H, T) each
         if c.write_rule == "delta":

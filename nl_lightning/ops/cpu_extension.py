@@ -1,17 +1,16 @@
-"""Build and load the fused CPU kernels in ``cpu/`` (one C++ extension for all of them).
+"""Build and load the ops' C++ kernels (``ops/<op>/<op>_cpu.cpp``; one extension for all of them).
 
 The memory kernels' ATen chunk loops run tens of small ops per chunk, each over every (batch,
 head) pair at once; on a CPU each op streams its operands through memory and synchronises the
 thread pool, so the models spent most of their time between kernels (benchmarks/RESULTS.md,
-"Kernel bound"). The kernels in ``cpu/`` give each thread whole items instead: an item's chunk
+"Kernel bound"). The C++ kernels give each thread whole items instead: an item's chunk
 loop runs start to end with its few small matrices in cache, through BLAS calls and plain loops,
-with the backward written out by hand. Their autograd wrappers are ``ops/dgd/cpu_fused.py`` (HOPE)
-and ``ops/titans/cpu_fused.py`` (Titans).
+with the backward written out by hand. Their autograd wrappers are each op's ``cpu.py``.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler
 and ninja are needed; under a minute on 2 cores, cached afterwards under ``TORCH_EXTENSIONS_DIR``).
-float32 and float64 CPU tensors. ``memory_impl="auto"`` (the models' default) uses the kernels where
-``use_fused_kernel`` allows and the ATen kernels elsewhere.
+float32 and float64 CPU tensors. ``impl="auto"`` (the models' default) uses the kernels where
+``use_cpu_kernel`` allows and the ATen kernels elsewhere (``ops/contract.py``).
 """
 
 from __future__ import annotations
@@ -24,9 +23,12 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-SOURCE_DIR = Path(__file__).with_name("cpu")
-KERNEL_FILES = ("dgd_mlp_chunks.cpp", "dgd_shared_key_loop.cpp", "titans_chunks.cpp", "causal_conv.cpp")
-SOURCES = [SOURCE_DIR / name for name in ("bindings.cpp", *KERNEL_FILES)]
+OPS_DIR = Path(__file__).parent
+SOURCE_DIR = OPS_DIR / "cpu"  # the bindings and the helpers every kernel includes (common.h)
+# Each kernel lives next to the Python it mirrors (``ops/<op>/<op>_cpu.cpp`` beside ``cpu.py``); the
+# file names differ because the build names each object file after its source's base name.
+KERNEL_FILES = ("dgd/dgd_cpu.cpp", "projection/projection_cpu.cpp", "titans/titans_cpu.cpp", "conv/conv_cpu.cpp")
+SOURCES = [SOURCE_DIR / "bindings.cpp", *(OPS_DIR / name for name in KERNEL_FILES)]
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers (without it the items run on one
 # thread). -march=native: AVX2/FMA for the elementwise loops and substitutions, as inductor builds
 # its CPU kernels; the build's name carries a hash of the CPU's feature flags (``_cpu_tag``), so a
@@ -70,28 +72,22 @@ def load_extension():
             )
         except Exception as error:  # compiler missing, headers missing, ...
             raise RuntimeError(
-                f"could not build the fused CPU memory kernels ({SOURCE_DIR}): {error}. They need a C++ compiler "
-                "and ninja; use memory_impl='chunk' (the ATen kernel, same results) where they are missing."
+                f"could not build the C++ memory kernels ({', '.join(KERNEL_FILES)} under {OPS_DIR}): {error}. They need a C++ compiler "
+                "and ninja; use memory_impl='chunk' (the ATen kernels, same results) where they are missing."
             ) from error
     return _extension
 
 
-def use_fused_kernel(x: torch.Tensor) -> bool:
+def use_cpu_kernel(x: torch.Tensor) -> bool:
     """What memory_impl="auto" decides: the fused kernels for CPU tensors, unless something must see
     the individual ATen ops (``torch.compile`` tracing, or a dispatch mode such as the FLOP counter
     or fake tensors), and only where the extension builds."""
     if x.device.type != "cpu" or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
-    return fused_kernel_available()
+    return cpu_kernels_available()
 
 
-def wants_fused_kernel(memory_impl: str, x: torch.Tensor) -> bool:
-    """Whether a model with this ``memory_impl`` runs its fused CPU kernels on ``x``: always for
-    "cpu_fused", and for "auto" where ``use_fused_kernel`` says so."""
-    return memory_impl == "cpu_fused" or (memory_impl == "auto" and use_fused_kernel(x))
-
-
-def fused_kernel_available() -> bool:
+def cpu_kernels_available() -> bool:
     """Whether the kernel builds here; the first failure is reported once as a warning."""
     global _unavailable
     if _extension is not None:

@@ -1,4 +1,4 @@
-"""What the Triton memory kernels (``ops/titans/triton_linear.py``, ``ops/dgd/triton_mlp.py``)
+"""What the Triton memory kernels (``ops/titans/triton.py``, ``ops/dgd/triton.py``)
 share about where they run: on CUDA tensors, or on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``: slow, for testing). Imported only by those modules, so the package works
 without Triton."""

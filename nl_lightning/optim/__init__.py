@@ -2,6 +2,7 @@
 
 from nl_lightning.optim.dgd import DGD
 from nl_lightning.optim.dmgd import DMGD, DeepMomentum
+from nl_lightning.optim.inner_rules import InnerRule, MomentumSGD
 from nl_lightning.optim.level_aware import (
     LevelAwareAdamW,
     LevelAwareOptimizer,
@@ -11,7 +12,7 @@ from nl_lightning.optim.level_aware import (
 )
 from nl_lightning.optim.m3 import M3
 from nl_lightning.optim.muon import Muon
-from nl_lightning.optim.nested import InnerRule, MomentumSGD, NestedOptimizer
+from nl_lightning.optim.nested import NestedOptimizer
 from nl_lightning.optim.presets import PRESETS as NESTED_PRESETS
 
 __all__ = [

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from nl_lightning.optim.level_aware import LevelAwareOptimizer, check_finite_gradients
+from nl_lightning.optim.level_aware import LevelAwareOptimizer, check_finite_gradients, evaluate_closure
 
 
 class WatchHandle:
@@ -118,10 +118,7 @@ class _DeltaGradientDescent(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         if not self._watched and not self._warned_unwatched:
             warnings.warn(
                 "DGD has no watched linear layers, so it steps as plain gradient descent; call "
@@ -203,15 +200,8 @@ class DGD(LevelAwareOptimizer, _DeltaGradientDescent):
     or captured input raises ``FloatingPointError`` before the weights change.
     """
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def check_before_step(self) -> None:
         # every gradient and captured input, before the level schedule sums or releases anything
         check_finite_gradients(self.param_groups)
         self._check_inputs([(i, p) for i, group in enumerate(self.param_groups) for p in group["params"]
                             if "input_sq_norm" in self.state.get(p, {})])
-        super().step()
-        return loss

@@ -45,8 +45,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from nl_lightning.optim.level_aware import LevelAwareOptimizer, check_finite_gradients
-from nl_lightning.optim.nested import InnerRule
+from nl_lightning.optim.inner_rules import InnerRule
+from nl_lightning.optim.level_aware import LevelAwareOptimizer, check_finite_gradients, evaluate_closure
 
 Nonlinearity = Literal["identity", "tanh"]
 NONLINEARITIES = ("identity", "tanh")
@@ -225,10 +225,7 @@ class _DeepMomentumSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             rule = DeepMomentum(group["momentum"], group["hidden"], group["memory_lr"], group["nonlinearity"],
                                 group["clip"])
@@ -264,13 +261,6 @@ class DMGD(LevelAwareOptimizer, _DeepMomentumSGD):
     Recipe: ``optimizer: {class_path: nl_lightning.optim.DMGD, init_args: {lr: 0.03}}``.
     """
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def check_before_step(self) -> None:
         # every gradient, before the level schedule sums or releases any of them
         check_finite_gradients(self.param_groups)
-        super().step()
-        return loss

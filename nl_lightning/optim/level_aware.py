@@ -22,12 +22,21 @@ Plain PyTorch: no Lightning import here.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
 EPS = 1e-12
+
+
+def evaluate_closure(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    """The loss ``closure`` returns (None without one), evaluated with gradients on: optimizers'
+    ``step`` runs under ``torch.no_grad``."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def check_period(level: str, period) -> None:
@@ -269,10 +278,8 @@ class LevelAwareOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_level_groups", []).append(self.param_groups[-1])
 
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
+        self.check_before_step()
         params = {}
         for group in self.param_groups:
             index = self._level_group_index(group)
@@ -281,6 +288,10 @@ class LevelAwareOptimizer(torch.optim.Optimizer):
         self._level_schedule().step(params)
         super().step()
         return loss
+
+    def check_before_step(self) -> None:
+        """Checks that must see every gradient before the level schedule sums or releases any of
+        them (an optimizer that refuses non-finite gradients raises here); none by default."""
 
     def level_stats(self) -> dict[str, float]:
         """``"<name>/updates"`` and ``"<name>/surprise"`` for every group name with period > 1."""

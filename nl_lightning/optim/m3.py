@@ -39,12 +39,12 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from nl_lightning.optim.hybrid import ADAMW_MODULES, HybridCore, orthogonalised
 from nl_lightning.optim.level_aware import LevelAwareOptimizer
-from nl_lightning.optim.muon import ADAMW_MODULES, _HybridCore, orthogonalised
 from nl_lightning.optim.newton_schulz import NS_STEPS
 
 
-class _M3Core(_HybridCore):
+class _M3Core(HybridCore):
     def __init__(
         self,
         params: Iterable,

@@ -12,56 +12,12 @@ import torch
 from torch import Tensor
 
 from nl_lightning.optim.bridges import Bridge, bridge_gate, check_contraction, normalized_message, parse_bridges
+from nl_lightning.optim.dmgd import DeepMomentum
+from nl_lightning.optim.inner_rules import InnerRule
+from nl_lightning.optim.level_aware import evaluate_closure
 from nl_lightning.optim.presets import resolve_preset
 
 _MIN_THRESHOLD = 0.01  # floor on τ where the adaptive gate divides by it
-
-
-class InnerRule:
-    """How one level turns the gradient summed since its previous tick into a weight update.
-
-    Every level, the live one included, runs an ``InnerRule`` on its own per-parameter state.
-    The default is DMGD's ``DeepMomentum`` (SPEC §4, ``nl_lightning.optim.dmgd``); ``MomentumSGD``
-    is the linear-memory special case, kept selectable (``inner=MomentumSGD(0.9)``).
-    """
-
-    def init_state(self, param: Tensor) -> dict[str, Tensor]:
-        """Fresh per-parameter state (tensors only: it is checkpointed and may be sharded)."""
-        raise NotImplementedError
-
-    def prediction(self, state: dict[str, Tensor], ticks: int) -> Tensor | None:
-        """The rule's running estimate of the next summed gradient (its "momentum" m), or None
-        before it has seen one. The gradient surprise ``‖ḡ − m‖ / (‖m‖ + ε)`` is measured against it."""
-        raise NotImplementedError
-
-    def update(self, state: dict[str, Tensor], grad_sum: Tensor, lr: float) -> Tensor:
-        """Advance the state with the summed gradient and return the update to add to the weights."""
-        raise NotImplementedError
-
-
-class MomentumSGD(InnerRule):
-    """Heavy-ball momentum as in ``torch.optim.SGD``: ``b ← μ b + ḡ``, update ``−lr · b``.
-
-    Its prediction of ḡ is the bias-corrected running mean ``b (1 − μ) / (1 − μⁿ)`` after n ticks,
-    which equals ḡ exactly when the summed gradient is constant (zero surprise).
-    """
-
-    def __init__(self, momentum: float = 0.9) -> None:
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.momentum = momentum
-
-    def init_state(self, param: Tensor) -> dict[str, Tensor]:
-        return {"momentum_buffer": torch.zeros_like(param, memory_format=torch.preserve_format)}
-
-    def prediction(self, state: dict[str, Tensor], ticks: int) -> Tensor | None:
-        if ticks == 0:
-            return None
-        return state["momentum_buffer"] * ((1 - self.momentum) / (1 - self.momentum**ticks))
-
-    def update(self, state: dict[str, Tensor], grad_sum: Tensor, lr: float) -> Tensor:
-        buffer = state["momentum_buffer"].mul_(self.momentum).add_(grad_sum)
-        return buffer * -lr
 
 
 def _squared_norm(x: Tensor) -> Tensor:
@@ -160,12 +116,7 @@ class NestedOptimizer(torch.optim.Optimizer):
         check_contraction(self.bridges, self.level_names)
         total = sum(config.reg_weights)
         self.reg_weights = tuple(w / total for w in config.reg_weights) if total > 0 else ()
-        if inner is None:
-            # imported here: dmgd.py subclasses InnerRule from this module
-            from nl_lightning.optim.dmgd import DeepMomentum
-
-            inner = DeepMomentum()
-        self.inner = inner
+        self.inner = DeepMomentum() if inner is None else inner
         if not isinstance(self.inner, InnerRule):
             raise TypeError(
                 f"inner must be an InnerRule (e.g. DeepMomentum() or MomentumSGD(0.9)), got {type(self.inner).__name__}"
@@ -197,10 +148,7 @@ class NestedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         params = [(group, p) for group in self.param_groups for p in group["params"]]
         if not params:
             return loss

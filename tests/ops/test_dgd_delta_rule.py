@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from test_dgd_memory import D, DH, F64, H, T, assert_same_run, make_inputs
 
 from nl_lightning.ops.activations import silu_grad
+from nl_lightning.ops import MemoryState
 from nl_lightning.ops.dgd import dgd_memory
 from nl_lightning.ops.dgd.common import NLMS_EPS
 from nl_lightning.ops.dgd.naive import w2_error_scale
@@ -28,32 +29,32 @@ def delta_inputs(kind, *, batch=2, length=T, seed=0):
 def run_with_grads(seq, weights, **options):
     o, state = dgd_memory(**seq, weights=weights, **options)
     gen = torch.Generator().manual_seed(123)
-    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype)).sum() for x in (o, *state))
+    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype)).sum() for x in (o, *state.weights))
     return o, state, torch.autograd.grad(loss, [*seq.values(), *weights])
 
 
 @pytest.mark.parametrize(("rule", "target"), RULES, ids=["value", "self"])
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, T, 16], ids=["online", "C3", "C4", "C=T", "C>T"])
-def test_chunk_and_cpu_fused_match_naive_forward_and_grads_float64(kind, chunk_size, rule, target):
+def test_chunk_and_cpu_match_naive_forward_and_grads_float64(kind, chunk_size, rule, target):
     seq, weights = delta_inputs(kind, batch=3)  # 3·H items: more than one per thread in the C++ loop
     options = dict(kind=kind, chunk_size=chunk_size, rule=rule, target=target)
     expected = run_with_grads(seq, weights, impl="naive", **options)
     assert_same_run(run_with_grads(seq, weights, impl="chunk", **options), expected, **F64)
     if kind == "mlp":
-        assert_same_run(run_with_grads(seq, weights, impl="cpu_fused", **options), expected, **F64)
+        assert_same_run(run_with_grads(seq, weights, impl="cpu", **options), expected, **F64)
 
 
 def assert_close_to_scale(actual, expected, rel):
     """Every output and gradient within ``rel`` of the largest entry of its reference: float32 at
     model sizes, where the gradients reach 1e3 and rounding scales with them."""
     (o_a, state_a, grads_a), (o_e, state_e, grads_e) = actual, expected
-    for a, e in zip((o_a, *state_a, *grads_a), (o_e, *state_e, *grads_e)):
+    for a, e in zip((o_a, *state_a.weights, *grads_a), (o_e, *state_e.weights, *grads_e)):
         assert (a - e).abs().max() <= rel * e.abs().max(), ((a - e).abs().max(), e.abs().max())
 
 
 @pytest.mark.parametrize("target", ["value", "self"])
-def test_cpu_fused_matches_chunk_float32_at_model_sizes(target):
+def test_cpu_matches_chunk_float32_at_model_sizes(target):
     from test_dgd_memory import model_size_inputs
 
     seq, weights = model_size_inputs(batch=2, hidden=48)
@@ -61,10 +62,10 @@ def test_cpu_fused_matches_chunk_float32_at_model_sizes(target):
         seq["eta"].uniform_(0.05, 0.5)
     options = dict(kind="mlp", chunk_size=64, rule="delta", target=target)
     expected = run_with_grads(seq, weights, impl="chunk", **options)
-    assert_close_to_scale(run_with_grads(seq, weights, impl="cpu_fused", **options), expected, rel=1e-5)
+    assert_close_to_scale(run_with_grads(seq, weights, impl="cpu", **options), expected, rel=1e-5)
 
 
-def test_cpu_fused_is_as_accurate_as_chunk_in_float32_at_one_shot_steps():
+def test_cpu_is_as_accurate_as_chunk_in_float32_at_one_shot_steps():
     """β up to 1 with 64 keys in 48 dimensions: the UT systems are badly conditioned and every
     float32 implementation, the token loop included, is ~1e-3 off the float64 result; the C++ kernel
     must not be worse than the ATen one."""
@@ -77,8 +78,8 @@ def test_cpu_fused_is_as_accurate_as_chunk_in_float32_at_one_shot_steps():
     exact, _ = dgd_memory(**{n: x.double() for n, x in seq.items()}, weights=tuple(w.double() for w in weights),
                           impl="chunk", **options)
     errors = {impl: (dgd_memory(**seq, weights=weights, impl=impl, **options)[0].double() - exact).abs().max()
-              for impl in ("chunk", "cpu_fused")}
-    assert errors["cpu_fused"] <= 2 * errors["chunk"] + 1e-5, errors
+              for impl in ("chunk", "cpu")}
+    assert errors["cpu"] <= 2 * errors["chunk"] + 1e-5, errors
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -92,7 +93,7 @@ def test_compiled_implements_the_delta_rule():
 def test_triton_refuses_the_delta_rule_naming_the_paths_that_implement_it():
     pytest.importorskip("triton")
     seq, weights = make_inputs("mlp")
-    with pytest.raises(ValueError, match=r"rule='dgd'.*impl='cpu_fused'.*impl='chunk'"):
+    with pytest.raises(ValueError, match=r"rule='dgd'.*impl='cpu'.*impl='chunk'"):
         dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl="triton", rule="delta", target="value")
 
 
@@ -119,7 +120,7 @@ def test_linear_memory_stores_an_association_in_one_token(impl, chunk_size):
         if t == 0:
             (w,) = (x.expand(1, *x.shape) for x in weights)
         else:
-            _, (w,) = dgd_memory(**{n: x[:, :, :t] for n, x in seq.items()}, weights=weights, **options)
+            _, ((w,), _) = dgd_memory(**{n: x[:, :, :t] for n, x in seq.items()}, weights=weights, **options)
         k, v = seq["k"][:, :, t], seq["v"][:, :, t]
         before = (w.detach() @ k[..., None]).squeeze(-1)  # W_{t-1} k_t
         # y = (1 - β') W k + β' v with β' = |k|²/(|k|² + ε) = 1 - 1e-3: the error shrinks a thousandfold.
@@ -168,11 +169,11 @@ def run_with_bound(seq, weights, *, kind, chunk_size, target, impl="chunk"):
     """Run a chunk per call and return the final state and, per layer, the documented bound
     ||W_t|| <= rho_t ||W_{t-1}|| + eta ||y - g|| ||x|| followed token by token (B, H)."""
     batch = seq["q"].shape[0]
-    state = tuple(w.expand(batch, *w.shape) for w in weights)
+    state = MemoryState(tuple(w.expand(batch, *w.shape) for w in weights))
     bounds = [w.flatten(-2).norm(dim=-1).expand(batch, -1) for w in weights]
     for start in range(0, seq["q"].shape[2], chunk_size):
         part = {n: x[:, :, start : start + chunk_size] for n, x in seq.items()}
-        terms = layer_terms(kind, state, part["k"], part["v"], part["eta"], target)
+        terms = layer_terms(kind, state.weights, part["k"], part["v"], part["eta"], target)
         for t in range(part["q"].shape[2]):
             beta, alpha = part["eta"][:, :, t], part["alpha"][:, :, t]
             for i, (x, u) in enumerate(terms):
@@ -182,7 +183,7 @@ def run_with_bound(seq, weights, *, kind, chunk_size, target, impl="chunk"):
                 bounds[i] = rho * bounds[i] + eta * u[:, :, t].norm(dim=-1) * norm.sqrt()
         _, state = dgd_memory(**part, state=state, kind=kind, chunk_size=chunk_size, impl=impl, rule="delta",
                               target=target)
-    return state, bounds
+    return state.weights, bounds
 
 
 def adversarial_inputs(case, kind, length, dtype=torch.float64):
@@ -211,7 +212,7 @@ def adversarial_inputs(case, kind, length, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("case", ["repeated-key", "large-norm", "random-gates"])
-@pytest.mark.parametrize(("kind", "impl"), [("linear", "chunk"), ("mlp", "chunk"), ("mlp", "cpu_fused")])
+@pytest.mark.parametrize(("kind", "impl"), [("linear", "chunk"), ("mlp", "chunk"), ("mlp", "cpu")])
 def test_state_stays_finite_and_within_the_documented_bound(case, kind, impl):
     seq, weights = adversarial_inputs(case, kind, length=256)
     state, bounds = run_with_bound(seq, weights, kind=kind, chunk_size=16, target="value", impl=impl)
@@ -231,7 +232,7 @@ def test_mlp_inner_layer_stays_small_under_chunking_on_random_associations(beta)
     v = torch.randn(*shape, generator=gen)
     weights = (0.1 * torch.randn(4, 48, 48, generator=gen) / 48**0.5, torch.randn(4, 48, 48, generator=gen) / 48**0.5)
     for chunk_size in (8, 64):
-        o, (w1, w2) = dgd_memory(q, k, v, torch.full(shape[:3], beta), torch.ones(shape[:3]), weights, kind="mlp",
+        o, ((w1, w2), _) = dgd_memory(q, k, v, torch.full(shape[:3], beta), torch.ones(shape[:3]), weights, kind="mlp",
                                  chunk_size=chunk_size, impl="auto", rule="delta", target="value")
         assert w2.flatten(-2).norm(dim=-1).max() < 20  # measured 6.6-7.8 (it starts at 6.9)
         assert o.abs().max() < 20

@@ -17,7 +17,8 @@ from conftest import ON_DEVICES, on_one_and_two_threads
 
 import nl_lightning.ops.dgd as dgd_ops
 from nl_lightning.ops import cpu_extension
-from nl_lightning.ops.dgd import dgd_memory, dgd_shared_key_update
+from nl_lightning.ops import MemoryState
+from nl_lightning.ops.dgd import dgd_memory
 
 B, H, T, D, DH = 2, 2, 10, 4, 6
 F64 = dict(atol=1e-10, rtol=1e-10)
@@ -72,7 +73,7 @@ def run_with_grads(seq, weights, *, kind, chunk_size, impl):
     """Forward, then gradients of a fixed random projection of (o, final state) w.r.t. every input."""
     o, state = dgd_memory(**seq, weights=weights, kind=kind, chunk_size=chunk_size, impl=impl)
     gen = torch.Generator().manual_seed(123)
-    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)).sum() for x in (o, *state))
+    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)).sum() for x in (o, *state.weights))
     grads = torch.autograd.grad(loss, [*seq.values(), *weights])
     return o, state, grads
 
@@ -111,56 +112,56 @@ def test_compiled_matches_chunk_float32(kind, device):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, T, 16], ids=["online", "C3", "C4", "C=T", "C>T"])
-def test_cpu_fused_matches_naive_forward_and_grads_float64(chunk_size):
+def test_cpu_matches_naive_forward_and_grads_float64(chunk_size):
     """The C++ chunk loop (hand-written backward) against the token-by-token definition."""
     seq, weights = make_inputs("mlp", batch=3)  # 3·H = 6 items: more than one per thread
     expected = run_with_grads(seq, weights, kind="mlp", chunk_size=chunk_size, impl="naive")
-    actual = run_with_grads(seq, weights, kind="mlp", chunk_size=chunk_size, impl="cpu_fused")
+    actual = run_with_grads(seq, weights, kind="mlp", chunk_size=chunk_size, impl="cpu")
     assert_same_run(actual, expected, **F64)
 
 
-def test_cpu_fused_matches_chunk_float32_at_model_sizes():
+def test_cpu_matches_chunk_float32_at_model_sizes():
     """float32 (the polynomial exp, BLAS) at HOPE-tiny's head size, several chunks and a partial one."""
     seq, weights = model_size_inputs(batch=2, hidden=48)
     expected = run_with_grads(seq, weights, kind="mlp", chunk_size=64, impl="chunk")
-    actual = run_with_grads(seq, weights, kind="mlp", chunk_size=64, impl="cpu_fused")
+    actual = run_with_grads(seq, weights, kind="mlp", chunk_size=64, impl="cpu")
     assert_same_run(actual, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_cpu_fused_gradients_when_only_the_read_outs_are_used():
+def test_cpu_gradients_when_only_the_read_outs_are_used():
     # The end state gets no gradient (None in the backward), as in HOPE's main memory.
     seq, weights = make_inputs("mlp")
     grads = {}
-    for impl in ("chunk", "cpu_fused"):
+    for impl in ("chunk", "cpu"):
         o, _ = dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl=impl)
         grads[impl] = torch.autograd.grad(o.square().sum(), [*seq.values(), *weights])
-    for a, e in zip(grads["cpu_fused"], grads["chunk"]):
+    for a, e in zip(grads["cpu"], grads["chunk"]):
         torch.testing.assert_close(a, e, **F64)
 
 
-def test_cpu_fused_gives_identical_results_on_one_and_two_threads():
+def test_cpu_gives_identical_results_on_one_and_two_threads():
     """One (batch, head) item per thread with the thread's own scratch: the thread count must not
     change a single bit (a shared buffer would show up here)."""
     seq, weights = make_inputs("mlp", batch=3, dtype=torch.float32)
-    runs = on_one_and_two_threads(lambda: run_with_grads(seq, weights, kind="mlp", chunk_size=4, impl="cpu_fused"))
+    runs = on_one_and_two_threads(lambda: run_with_grads(seq, weights, kind="mlp", chunk_size=4, impl="cpu"))
     assert_same_run(runs[1], runs[0], atol=0, rtol=0)
 
 
-def test_cpu_fused_backward_matches_finite_differences():
+def test_cpu_backward_matches_finite_differences():
     seq, weights = make_inputs("mlp", batch=1, length=5)
     names = list(seq)
 
     def fn(*xs):
-        o, state = dgd_memory(**dict(zip(names, xs[:5])), weights=xs[5:], kind="mlp", chunk_size=2, impl="cpu_fused")
-        return o, *state
+        o, state = dgd_memory(**dict(zip(names, xs[:5])), weights=xs[5:], kind="mlp", chunk_size=2, impl="cpu")
+        return o, *state.weights
 
     assert torch.autograd.gradcheck(fn, (*seq.values(), *weights), fast_mode=True)
 
 
-def test_cpu_fused_refuses_the_linear_kind_naming_the_fix():
+def test_cpu_refuses_the_linear_kind_naming_the_fix():
     seq, weights = make_inputs("linear")
     with pytest.raises(ValueError, match="kind='mlp' only, got kind='linear'; use impl='chunk'"):
-        dgd_memory(**seq, weights=weights, kind="linear", chunk_size=4, impl="cpu_fused")
+        dgd_memory(**seq, weights=weights, kind="linear", chunk_size=4, impl="cpu")
 
 
 def _device_for(impl, request):
@@ -237,7 +238,7 @@ def test_triton_kernels_compile_once_for_any_length_and_chunk_size():
     # chunk size would recompile, and the backward kernel takes minutes to compile.
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed; install the dev extra to test the Triton kernels")
-    source = (Path(dgd_ops.__file__).parent / "triton_mlp_kernels.py").read_text()
+    source = (Path(dgd_ops.__file__).parent / "triton_kernels.py").read_text()
     assert source.count("@triton.jit(do_not_specialize=RUNTIME_INTS)") == 2
     assert 'RUNTIME_INTS = ["N", "C", "D", "DH"]' in source
 
@@ -248,7 +249,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from nl_lightning.ops.dgd import triton_mlp
+from nl_lightning.ops.dgd import triton as triton_mlp
 
 arch, shared_limit = int(sys.argv[1]), int(sys.argv[2])
 options = triton_mlp.launch_options(64, 48, 48, torch.float32)  # HOPE-tiny's main memory
@@ -281,24 +282,24 @@ def test_triton_kernels_compile_for_cuda_within_the_shared_memory(arch, shared_k
 
 
 def _count_calls(monkeypatch):
-    calls = {"cpu_fused": 0, "chunk": 0}
+    calls = {"cpu": 0, "chunk": 0}
     for name in calls:
-        original = dgd_ops._IMPLS[name]
+        original = dgd_ops._FUNCTIONS[name]
 
         def counted(*args, name=name, original=original, **kwargs):
             calls[name] += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setitem(dgd_ops._IMPLS, name, counted)
+        monkeypatch.setitem(dgd_ops._FUNCTIONS, name, counted)
     return calls
 
 
-@pytest.mark.parametrize(("kind", "expected"), [("mlp", "cpu_fused"), ("linear", "chunk")])
+@pytest.mark.parametrize(("kind", "expected"), [("mlp", "cpu"), ("linear", "chunk")])
 def test_auto_picks_the_fused_kernel_for_mlp_memories_on_cpu(monkeypatch, kind, expected):
     calls = _count_calls(monkeypatch)
     seq, weights = make_inputs(kind)
     dgd_memory(**seq, weights=weights, kind=kind, chunk_size=4, impl="auto")
-    assert calls == {"cpu_fused": int(expected == "cpu_fused"), "chunk": int(expected == "chunk")}
+    assert calls == {"cpu": int(expected == "cpu"), "chunk": int(expected == "chunk")}
 
 
 def test_auto_falls_back_to_chunk_with_one_warning_when_the_kernel_cannot_build(monkeypatch, unbuildable_cpu_kernels):
@@ -309,7 +310,7 @@ def test_auto_falls_back_to_chunk_with_one_warning_when_the_kernel_cannot_build(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # reported once, not on every call
         dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl="auto")
-    assert calls == {"cpu_fused": 0, "chunk": 2}
+    assert calls == {"cpu": 0, "chunk": 2}
 
 
 def test_chunk_backward_matches_finite_differences():
@@ -318,7 +319,7 @@ def test_chunk_backward_matches_finite_differences():
 
     def fn(*xs):
         o, state = dgd_memory(**dict(zip(names, xs[:5])), weights=xs[5:], kind="mlp", chunk_size=2)
-        return o, *state
+        return o, *state.weights
 
     assert torch.autograd.gradcheck(fn, (*seq.values(), *weights), fast_mode=True)
 
@@ -326,7 +327,7 @@ def test_chunk_backward_matches_finite_differences():
 @pytest.mark.parametrize("impl", ["naive", "chunk"])
 def test_linear_online_step_is_the_dgd_rule(impl):
     seq, (w,) = make_inputs("linear", batch=1, length=1)
-    o, (w_new,) = dgd_memory(**seq, weights=(w,), kind="linear", chunk_size=1, impl=impl)
+    o, ((w_new,), _) = dgd_memory(**seq, weights=(w,), kind="linear", chunk_size=1, impl=impl)
     w0 = w[0].detach()
     q, k, v = (seq[n][0, 0, 0].detach() for n in "qkv")
     eta, alpha = seq["eta"][0, 0, 0].item(), seq["alpha"][0, 0, 0].item()
@@ -341,7 +342,7 @@ def test_linear_online_step_is_the_dgd_rule(impl):
 @pytest.mark.parametrize("impl", ["naive", "chunk"])
 def test_mlp_step_uses_inner_gradient_with_constant_target(impl):
     seq, (w1, w2) = make_inputs("mlp", batch=1, length=1)
-    _, (w1_new, w2_new) = dgd_memory(**seq, weights=(w1, w2), kind="mlp", chunk_size=1, impl=impl)
+    _, ((w1_new, w2_new), _) = dgd_memory(**seq, weights=(w1, w2), kind="mlp", chunk_size=1, impl=impl)
     k, v = (seq[n][0, 0, 0].detach() for n in "kv")
     eta, alpha = seq["eta"][0, 0, 0].item(), seq["alpha"][0, 0, 0].item()
     a1, a2 = w1[0].detach().clone().requires_grad_(), w2[0].detach().clone().requires_grad_()
@@ -368,14 +369,14 @@ def test_batch_elements_do_not_share_state(kind):
         changed[name][1] = torch.randn_like(changed[name][1])
     o2, state2 = dgd_memory(**changed, weights=weights, kind=kind, chunk_size=3)
     torch.testing.assert_close(o2[0], o[0], **F64)
-    for a, b in zip(state2, state):
+    for a, b in zip(state2.weights, state.weights):
         torch.testing.assert_close(a[0], b[0], **F64)
         assert not torch.allclose(a[1], b[1])
 
 
 @pytest.mark.parametrize(
     ("kind", "impl"),
-    [("linear", "naive"), ("linear", "chunk"), ("mlp", "naive"), ("mlp", "chunk"), ("mlp", "cpu_fused"),
+    [("linear", "naive"), ("linear", "chunk"), ("mlp", "naive"), ("mlp", "chunk"), ("mlp", "cpu"),
      ("mlp", "triton")],
 )
 def test_output_at_t_ignores_later_tokens(kind, impl, request):
@@ -390,11 +391,11 @@ def test_output_at_t_ignores_later_tokens(kind, impl, request):
     assert not torch.allclose(o2[:, :, t0:], o[:, :, t0:])
 
 
-@pytest.mark.parametrize("impl", ["naive", "chunk", "cpu_fused", "triton"])
+@pytest.mark.parametrize("impl", ["naive", "chunk", "cpu", "triton"])
 def test_sequence_shorter_than_chunk_still_updates_state(impl, request):
     seq, weights = make_inputs("mlp", length=3, device=_device_for(impl, request))
     _, state = dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=8, impl=impl)
-    for initial, final in zip(weights, state):
+    for initial, final in zip(weights, state.weights):
         assert not torch.allclose(final, initial.expand_as(final))
     _, online_state = dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=3, impl="naive")
     for a, b in zip(state, online_state):  # one chunk either way
@@ -417,12 +418,12 @@ def test_state_passed_over_two_calls_equals_one_call(kind, chunk_size, split):
     o2, state = dgd_memory(**second, state=mid, kind=kind, chunk_size=chunk_size)
     o = torch.cat([o1, o2], dim=2)
     gen = torch.Generator().manual_seed(123)
-    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype)).sum() for x in (o, *state))
+    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype)).sum() for x in (o, *state.weights))
     grads = torch.autograd.grad(loss, [*seq.values(), *weights])
     assert_same_run((o, state, grads), whole, **F64)
 
 
-@pytest.mark.parametrize("impl", ["chunk", "cpu_fused", "triton"])
+@pytest.mark.parametrize("impl", ["chunk", "cpu", "triton"])
 def test_tiny_alpha_stays_finite_and_matches_naive(impl, request):
     # prod(alpha) over the chunk is ~1e-400, far below float64's smallest normal: a kernel that
     # divided by cumulative products would produce inf/nan here.
@@ -431,7 +432,7 @@ def test_tiny_alpha_stays_finite_and_matches_naive(impl, request):
         seq["alpha"].fill_(1e-40)
     expected = run_with_grads(seq, weights, kind="mlp", chunk_size=T, impl="naive")
     actual = run_with_grads(seq, weights, kind="mlp", chunk_size=T, impl=impl)
-    for x in (actual[0], *actual[1], *actual[2]):
+    for x in (actual[0], *actual[1].weights, *actual[2]):
         assert torch.isfinite(x).all()
     assert_same_run(actual, expected, **F64)
 
@@ -442,9 +443,9 @@ def test_bfloat16_inputs_run_in_float32_and_return_bfloat16():
     up = {n: x.detach().float() for n, x in seq.items()}
     up_weights = tuple(w.detach().float() for w in weights)
     o32, state32 = dgd_memory(**up, weights=up_weights, kind="mlp", chunk_size=4)
-    assert o.dtype == torch.bfloat16 and all(s.dtype == torch.bfloat16 for s in state)
+    assert o.dtype == torch.bfloat16 and all(s.dtype == torch.bfloat16 for s in state.weights)
     torch.testing.assert_close(o, o32.to(torch.bfloat16), atol=0, rtol=0)
-    for a, b in zip(state, state32):
+    for a, b in zip(state.weights, state32.weights):
         torch.testing.assert_close(a, b.to(torch.bfloat16), atol=0, rtol=0)
 
 
@@ -461,7 +462,7 @@ def _bad_calls():
     seq, weights = make_inputs("mlp")
     seq = {n: x.detach() for n, x in seq.items()}
     weights = tuple(w.detach() for w in weights)
-    state = tuple(w.expand(B, *w.shape) for w in weights)
+    state = MemoryState(tuple(w.expand(B, *w.shape) for w in weights))
     ok = dict(seq, weights=weights, kind="mlp", chunk_size=4)
     return [
         ("kind", dict(ok, kind="gru"), "kind='gru'"),
@@ -469,16 +470,19 @@ def _bad_calls():
         ("chunk-zero", dict(ok, chunk_size=0), "chunk_size=0"),
         ("chunk-negative", dict(ok, chunk_size=-2), "chunk_size=-2"),
         ("chunk-float", dict(ok, chunk_size=2.0), "chunk_size=2.0"),
-        ("q-3d", dict(ok, q=seq["q"][0]), r"q must be \(B, H, T, D\)"),
+        ("q-3d", dict(ok, q=seq["q"][0]), r"q must be \(B, H, T, Dk\)"),
         ("k-shape", dict(ok, k=seq["k"][:, :, :5]), r"k must have q's shape"),
-        ("eta-shape", dict(ok, eta=seq["eta"][..., None]), r"eta must be \(B, H, T\)"),
+        ("eta-shape", dict(ok, eta=seq["eta"][..., None]), r"eta must be one value per \(batch, head, token\)"),
         ("dtype", dict(ok, v=seq["v"].float()), "v is torch.float32"),
         ("weights-count", dict(ok, weights=weights[:1]), r"must be \(W1, W2\); got 1"),
         ("weights-shape", dict(ok, weights=(weights[0], weights[1][:, :3])), r"weights\[1\]"),
         ("linear-weights", dict(ok, kind="linear"), r"must be \(W,\); got 2"),
         ("both", dict(ok, state=state), "exactly one of `weights`"),
         ("neither", dict(ok, weights=None), "exactly one of `weights`"),
-        ("state-no-batch", dict(ok, weights=None, state=weights), r"leading dims \(B, H\)"),
+        ("state-no-batch", dict(ok, weights=None, state=MemoryState(weights)), r"leading dims \(B, H\)"),
+        ("state-not-a-memory-state", dict(ok, weights=None, state=state.weights), "must be the MemoryState"),
+        ("state-with-momentum", dict(ok, weights=None, state=MemoryState(state.weights, state.weights)), "no momentum"),
+        ("renamed-impl", dict(ok, impl="cpu_fused"), "impl='cpu_fused' is now called impl='cpu'"),
     ]
 
 
@@ -488,66 +492,6 @@ def test_bad_inputs_raise_value_error_naming_the_value(case, kwargs, message):
         dgd_memory(**kwargs)
 
 
-def _shared_stream(memories=3, length=T, dtype=torch.float64):
-    """One key/value/gate stream and M mlp memories at their chunk start, as HOPE's projections."""
-    seq, _ = make_inputs("mlp", length=length, dtype=dtype)
-    gen = torch.Generator().manual_seed(1)
-    shared = {name: x.detach()[:, 0].clone().requires_grad_() for name, x in seq.items() if name != "q"}
-    state = tuple(
-        (0.3 * torch.randn(B, memories, *shape, generator=gen, dtype=dtype)).requires_grad_()
-        for shape in ((D, DH), (DH, D))
-    )
-    return shared, state
-
-
-@pytest.mark.parametrize("length", [1, 4, T])
-def test_shared_key_update_matches_naive_per_memory_forward_and_grads_float64(length):
-    shared, state = _shared_stream(length=length)
-    inputs = [*shared.values(), *state]
-    memories = state[0].shape[1]
-    k, v = (shared[n][:, None].expand(-1, memories, -1, -1) for n in "kv")
-    eta, alpha = (shared[n][:, None].expand(-1, memories, -1) for n in ("eta", "alpha"))
-    # The reference: the memories as heads of the token-by-token kernel, one chunk of L tokens.
-    _, expected = dgd_memory(k, k, v, eta, alpha, state=state, kind="mlp", chunk_size=length, impl="naive")
-    actual = dgd_shared_key_update(shared["k"], shared["v"], shared["eta"], shared["alpha"], state)
-    gen = torch.Generator().manual_seed(123)
-    weights = [torch.randn(s.shape, generator=gen, dtype=s.dtype) for s in expected]
-    grads = [
-        torch.autograd.grad(sum((s * w).sum() for s, w in zip(out, weights)), inputs) for out in (actual, expected)
-    ]
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, **F64)
-    for name, a, e in zip(["k", "v", "eta", "alpha", "W1", "W2"], *grads):
-        torch.testing.assert_close(a, e, **F64, msg=lambda m, name=name: f"grad of {name}: {m}")
-
-
-def test_shared_key_update_runs_bfloat16_in_float32():
-    shared, state = _shared_stream(dtype=torch.bfloat16)
-    out = dgd_shared_key_update(*shared.values(), state)
-    up = dgd_shared_key_update(*(x.detach().float() for x in shared.values()), tuple(s.detach().float() for s in state))
-    assert all(s.dtype == torch.bfloat16 for s in out)
-    for a, b in zip(out, up):
-        torch.testing.assert_close(a, b.to(torch.bfloat16), atol=0, rtol=0)
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (lambda s, st: (dict(s, k=s["k"][0]), st), r"k and v must both be \(B, L, D\)"),
-        (lambda s, st: (dict(s, eta=s["eta"][:, :3]), st), r"eta must be \(B, L\)"),
-        (lambda s, st: (s, st[:1]), r"state must be \(W1, W2\)"),
-        (lambda s, st: (s, (st[0], st[1][:, :, :2])), r"W1 \(B, M, D, Dh\), W2 \(B, M, Dh, D\)"),
-        (lambda s, st: (dict(s, v=s["v"].float()), st), "v is torch.float32"),
-    ],
-    ids=["k-rank", "eta-shape", "state-count", "state-shape", "dtype"],
-)
-def test_shared_key_update_rejects_bad_inputs_naming_them(change, message):
-    shared, state = _shared_stream()
-    shared, state = change({n: x.detach() for n, x in shared.items()}, tuple(s.detach() for s in state))
-    with pytest.raises(ValueError, match=message):
-        dgd_shared_key_update(*shared.values(), state)
-
-
 def test_fused_kernel_build_name_depends_on_the_cpu_features(monkeypatch):
     # -march=native binaries must not be shared between machines with different instruction sets.
     tags = []
@@ -555,4 +499,4 @@ def test_fused_kernel_build_name_depends_on_the_cpu_features(monkeypatch):
         monkeypatch.setattr(cpu_extension.Path, "read_text", lambda self, flags=flags: f"model name : X\nflags : {flags}\n")
         tags.append(cpu_extension._cpu_tag())
     assert tags[0] != tags[1]
-    assert all(len(tag) == 10 and int(tag, 16) >= 0 for tag in tags)
+    assert all(len(tag) == 10 and set(tag) <= set("0123456789abcdef") for tag in tags)

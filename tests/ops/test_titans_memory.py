@@ -3,8 +3,10 @@ reference."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,17 +17,11 @@ import torch.nn.functional as F
 
 from conftest import ON_DEVICES, on_one_and_two_threads
 
-from nl_lightning.ops.titans import (
-    MemoryState,
-    chunk_titans_memory,
-    compiled_titans_memory,
-    cpu_fused_titans_memory,
-    naive_titans_memory,
-    titans_memory,
-)
+from nl_lightning.ops import memory_read
+from nl_lightning.ops.titans import MemoryState, titans_memory
 from nl_lightning.ops.titans.chunk import _LinearHandOver, linear_chunk_step
 from nl_lightning.ops.titans.coefficients import chunk_coefficients
-from nl_lightning.ops.titans.common import loss_grad_factors, memory_forward
+from nl_lightning.ops.titans.common import loss_grad_factors
 
 B, H, T, D, DH = 2, 2, 11, 4, 6
 F64 = dict(atol=1e-10, rtol=1e-10)
@@ -34,10 +30,18 @@ KINDS = pytest.mark.parametrize("kind", ["linear", "mlp"])
 # Every implementation that runs on the CPU without Triton, with the memory kinds it supports.
 KIND_IMPLS = pytest.mark.parametrize(
     ("kind", "impl"),
-    [("linear", "naive"), ("linear", "chunk"), ("linear", "cpu_fused"), ("mlp", "naive"), ("mlp", "chunk"),
-     ("mlp", "cpu_fused")],
+    [("linear", "naive"), ("linear", "chunk"), ("linear", "cpu"), ("mlp", "naive"), ("mlp", "chunk"),
+     ("mlp", "cpu")],
 )
 GATES = ("theta", "eta", "alpha")
+
+
+def impl(name):
+    """``titans_memory`` through implementation ``name`` (the entry point validates and upcasts)."""
+    return functools.partial(titans_memory, impl=name)
+
+
+naive, chunk, compiled, cpu = impl("naive"), impl("chunk"), impl("compiled"), impl("cpu")
 
 
 def make_inputs(kind, *, batch=B, length=T, dtype=torch.float64, seed=0, device="cpu", dv=D, dk=D):
@@ -96,7 +100,7 @@ def test_explicit_memory_gradient_equals_autograd_of_squared_error(kind):
     seq, weights = make_inputs(kind, batch=1, length=3)
     ws = [w.detach().unsqueeze(0).requires_grad_() for w in weights]
     k, v = seq["k"].detach(), seq["v"].detach()
-    loss = (memory_forward(kind, ws, k) - v).square().sum()
+    loss = (memory_read(kind, ws, k) - v).square().sum()
     expected = torch.autograd.grad(loss, ws)
     explicit = [(u.mT @ x) for u, x in loss_grad_factors(kind, ws, k, v)]  # summed over tokens
     for e, g in zip(expected, explicit):
@@ -108,15 +112,15 @@ def test_explicit_memory_gradient_equals_autograd_of_squared_error(kind):
 @pytest.mark.parametrize("chunk_size", [1, 4, T, 16], ids=["online", "C4-not-dividing-T", "C=T", "C>T"])
 def test_chunk_matches_naive_forward_and_grads_float64(kind, chunk_size, device):
     seq, weights = make_inputs(kind, device=device)
-    expected = run_with_grads(naive_titans_memory, seq, weights, kind=kind, chunk_size=chunk_size)
-    actual = run_with_grads(chunk_titans_memory, seq, weights, kind=kind, chunk_size=chunk_size)
+    expected = run_with_grads(naive, seq, weights, kind=kind, chunk_size=chunk_size)
+    actual = run_with_grads(chunk, seq, weights, kind=kind, chunk_size=chunk_size)
     assert_same_run(actual, expected, **F64)
 
 
 def test_chunk_matches_naive_with_different_key_and_value_widths():
     seq, weights = make_inputs("linear", dv=3)
-    expected = run_with_grads(naive_titans_memory, seq, weights, kind="linear", chunk_size=4)
-    actual = run_with_grads(chunk_titans_memory, seq, weights, kind="linear", chunk_size=4)
+    expected = run_with_grads(naive, seq, weights, kind="linear", chunk_size=4)
+    actual = run_with_grads(chunk, seq, weights, kind="linear", chunk_size=4)
     assert_same_run(actual, expected, **F64)
 
 
@@ -127,11 +131,11 @@ def test_chunk_stays_finite_and_exact_under_strong_forgetting():
     with torch.no_grad():
         seq["alpha"].fill_(0.9)
         seq["eta"].fill_(1e-3)
-    expected = run_with_grads(naive_titans_memory, seq, weights, kind="linear", chunk_size=64)
-    assert_same_run(run_with_grads(chunk_titans_memory, seq, weights, kind="linear", chunk_size=64), expected, **F64)
+    expected = run_with_grads(naive, seq, weights, kind="linear", chunk_size=64)
+    assert_same_run(run_with_grads(chunk, seq, weights, kind="linear", chunk_size=64), expected, **F64)
     seq32 = {n: x.detach().float().requires_grad_() for n, x in seq.items()}
     weights32 = [w.detach().float().requires_grad_() for w in weights]
-    outputs, grads = run_with_grads(chunk_titans_memory, seq32, weights32, kind="linear", chunk_size=64)
+    outputs, grads = run_with_grads(chunk, seq32, weights32, kind="linear", chunk_size=64)
     assert all(torch.isfinite(x).all() for x in (*outputs, *grads))
 
 
@@ -143,8 +147,8 @@ def test_chunk_matches_naive_when_gates_reach_zero_or_one(kind):
     with torch.no_grad():
         seq["eta"][:, :, [2, 6]] = 0.0
         seq["alpha"][:, :, [5, 6]] = 1.0
-    expected = run_with_grads(naive_titans_memory, seq, weights, kind=kind, chunk_size=4)
-    actual = run_with_grads(chunk_titans_memory, seq, weights, kind=kind, chunk_size=4)
+    expected = run_with_grads(naive, seq, weights, kind=kind, chunk_size=4)
+    actual = run_with_grads(chunk, seq, weights, kind=kind, chunk_size=4)
     assert_same_run(actual, expected, **F64)
 
 
@@ -200,7 +204,7 @@ def test_linear_hand_over_backward_matches_finite_differences():
 
 
 @KINDS
-@pytest.mark.parametrize("impl", ["chunk", "cpu_fused"])
+@pytest.mark.parametrize("impl", ["chunk", "cpu"])
 def test_saturated_gates_give_finite_float32_grads_matching_naive(kind, impl):
     # Gates exactly at 0 or 1 all over a 64-token chunk (memory wiped, momentum frozen or
     # wiped, no write) in float32: every output and gradient is finite and agrees with the
@@ -212,7 +216,7 @@ def test_saturated_gates_give_finite_float32_grads_matching_naive(kind, impl):
         seq["alpha"][:, :, ::7] = 1.0
         seq["alpha"][:, :, 2::4] = 0.0
         seq["theta"][:, :, ::11] = 0.0
-    expected = run_with_grads(naive_titans_memory, seq, weights, kind=kind, chunk_size=64)
+    expected = run_with_grads(naive, seq, weights, kind=kind, chunk_size=64)
     outputs, grads = run_with_grads(titans_memory, seq, weights, kind=kind, chunk_size=64, impl=impl)
     assert all(torch.isfinite(x).all() for x in (*outputs, *grads))
     assert_same_run((outputs, grads), expected, atol=1e-4, rtol=1e-3)
@@ -223,8 +227,8 @@ def test_saturated_gates_give_finite_float32_grads_matching_naive(kind, impl):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor import
 def test_compiled_matches_chunk_float32(kind, device):
     seq, weights = make_inputs(kind, length=13, dtype=torch.float32, device=device)
-    expected = run_with_grads(chunk_titans_memory, seq, weights, kind=kind, chunk_size=4)
-    actual = run_with_grads(compiled_titans_memory, seq, weights, kind=kind, chunk_size=4)
+    expected = run_with_grads(chunk, seq, weights, kind=kind, chunk_size=4)
+    actual = run_with_grads(compiled, seq, weights, kind=kind, chunk_size=4)
     assert_same_run(actual, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -235,16 +239,16 @@ def test_compiled_matches_chunk_float32(kind, device):
 @pytest.mark.parametrize(
     "chunk_size", [1, 4, 3, T, 16], ids=["online", "C4-not-dividing-T", "C3-not-dividing-T", "C=T", "C>T"]
 )
-def test_cpu_fused_matches_naive_forward_and_grads_float64(kind, chunk_size):
+def test_cpu_matches_naive_forward_and_grads_float64(kind, chunk_size):
     # MLP: hidden width 6 != head size 4; linear: value width 3 != key width 4.
     seq, weights = make_inputs(kind, dv=3 if kind == "linear" else D)
-    expected = run_with_grads(naive_titans_memory, seq, weights, kind=kind, chunk_size=chunk_size)
-    actual = run_with_grads(cpu_fused_titans_memory, seq, weights, kind=kind, chunk_size=chunk_size)
+    expected = run_with_grads(naive, seq, weights, kind=kind, chunk_size=chunk_size)
+    actual = run_with_grads(cpu, seq, weights, kind=kind, chunk_size=chunk_size)
     assert_same_run(actual, expected, **F64)
 
 
 @KINDS
-def test_cpu_fused_matches_chunk_float32_at_layer_size(kind):
+def test_cpu_matches_chunk_float32_at_layer_size(kind):
     # The Titans-tiny layer's head size (48) and chunk (64), a partial last chunk, the layer's gate
     # ranges (small θ, strong momentum); float32 against the float64 ATen chunk kernel.
     gen = torch.Generator().manual_seed(3)
@@ -268,55 +272,55 @@ def test_cpu_fused_matches_chunk_float32_at_layer_size(kind):
             tuple(w.to(dtype).requires_grad_() for w in weights),
         )
 
-    expected = run_with_grads(chunk_titans_memory, *leaves(torch.float64), kind=kind, chunk_size=64)
-    actual = run_with_grads(cpu_fused_titans_memory, *leaves(torch.float32), kind=kind, chunk_size=64)
+    expected = run_with_grads(chunk, *leaves(torch.float64), kind=kind, chunk_size=64)
+    actual = run_with_grads(cpu, *leaves(torch.float32), kind=kind, chunk_size=64)
     for a, e in zip((*actual[0], *actual[1]), (*expected[0], *expected[1])):
         scale = e.abs().max().item()
         assert (a.double() - e).abs().max().item() <= 1e-4 * max(scale, 1e-3)
 
 
 @KINDS
-def test_cpu_fused_backward_matches_finite_differences(kind):
+def test_cpu_backward_matches_finite_differences(kind):
     seq, weights = make_inputs(kind, batch=1, length=7)
     names = list(seq)
 
     def fn(*xs):
-        y, state = cpu_fused_titans_memory(**dict(zip(names, xs[:6])), weights=xs[6:], kind=kind, chunk_size=3)
+        y, state = cpu(**dict(zip(names, xs[:6])), weights=xs[6:], kind=kind, chunk_size=3)
         return (y, *state.weights, *state.momentum)
 
     assert torch.autograd.gradcheck(fn, (*seq.values(), *weights))
 
 
 @KINDS
-def test_cpu_fused_gradients_when_only_the_read_outs_are_used(kind):
+def test_cpu_gradients_when_only_the_read_outs_are_used(kind):
     # The end state gets no gradient (None into the backward); the read-outs' gradients still match.
     seq, weights = make_inputs(kind)
     grads = {}
-    for impl in ("chunk", "cpu_fused"):
+    for impl in ("chunk", "cpu"):
         y, _ = titans_memory(**seq, weights=weights, kind=kind, chunk_size=4, impl=impl)
         grads[impl] = torch.autograd.grad((y * y).sum(), [*seq.values(), *weights])
-    for a, e in zip(grads["cpu_fused"], grads["chunk"]):
+    for a, e in zip(grads["cpu"], grads["chunk"]):
         torch.testing.assert_close(a, e, **F64)
 
 
 @KINDS
-def test_cpu_fused_gives_identical_results_on_one_and_two_threads(kind):
+def test_cpu_gives_identical_results_on_one_and_two_threads(kind):
     """Each (batch, head) item runs start to end on one thread with that thread's own scratch, so
     the thread count must not change a single bit (a shared buffer would show up here)."""
     seq, weights = make_inputs(kind, batch=3, length=21, dtype=torch.float32)
     runs = on_one_and_two_threads(
-        lambda: run_with_grads(cpu_fused_titans_memory, seq, weights, kind=kind, chunk_size=4)
+        lambda: run_with_grads(cpu, seq, weights, kind=kind, chunk_size=4)
     )
     assert_same_run(runs[1], runs[0], atol=0, rtol=0)
 
 
-def test_cpu_fused_computes_half_precision_inputs_in_float32():
+def test_cpu_computes_half_precision_inputs_in_float32():
     seq, weights = make_inputs("mlp", dtype=torch.float32)
     half = {n: x.detach().bfloat16().requires_grad_() for n, x in seq.items()}
     half_weights = tuple(w.detach().bfloat16().requires_grad_() for w in weights)
-    y, state = cpu_fused_titans_memory(**half, weights=half_weights, kind="mlp", chunk_size=4)
+    y, state = cpu(**half, weights=half_weights, kind="mlp", chunk_size=4)
     assert y.dtype == torch.bfloat16 and all(w.dtype == torch.bfloat16 for w in state.weights)
-    y32, _ = cpu_fused_titans_memory(
+    y32, _ = cpu(
         **{n: x.detach().bfloat16().float() for n, x in seq.items()},
         weights=tuple(w.detach().bfloat16().float() for w in weights), kind="mlp", chunk_size=4,
     )
@@ -325,24 +329,24 @@ def test_cpu_fused_computes_half_precision_inputs_in_float32():
     assert all(x.grad is not None and x.grad.dtype == torch.bfloat16 for x in (*half.values(), *half_weights))
 
 
-def test_cpu_fused_refuses_tensors_off_the_cpu_naming_the_fix():
+def test_cpu_refuses_tensors_off_the_cpu_naming_the_fix():
     seq, weights = make_inputs("linear")
     seq = {n: x.detach().to("meta") for n, x in seq.items()}
     weights = tuple(w.detach().to("meta") for w in weights)
     with pytest.raises(ValueError, match="CPU tensors.*impl='chunk'"):
-        cpu_fused_titans_memory(**seq, weights=weights, kind="linear", chunk_size=4)
+        cpu(**seq, weights=weights, kind="linear", chunk_size=4)
 
 
 def _count_impls(monkeypatch):
     from nl_lightning.ops import titans
 
-    calls = {"cpu_fused": 0, "chunk": 0}
-    for impl, name in (("cpu_fused", "cpu_fused_titans_memory"), ("chunk", "chunk_titans_memory")):
-        def counted(*args, _original=getattr(titans, name), _impl=impl, **kwargs):
+    calls = {"cpu": 0, "chunk": 0}
+    for name in calls:
+        def counted(*args, _original=titans._FUNCTIONS[name], _impl=name, **kwargs):
             calls[_impl] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(titans, name, counted)
+        monkeypatch.setitem(titans._FUNCTIONS, name, counted)
     return calls
 
 
@@ -353,10 +357,10 @@ def test_auto_uses_the_fused_kernel_on_cpu_and_aten_under_a_dispatch_mode(monkey
     calls = _count_impls(monkeypatch)
     seq, weights = make_inputs(kind)
     titans_memory(**seq, weights=weights, kind=kind, chunk_size=4, impl="auto")
-    assert calls == {"cpu_fused": 1, "chunk": 0}
+    assert calls == {"cpu": 1, "chunk": 0}
     with FlopCounterMode(display=False):  # a dispatch mode must see the ATen ops
         titans_memory(**seq, weights=weights, kind=kind, chunk_size=4, impl="auto")
-    assert calls == {"cpu_fused": 1, "chunk": 1}
+    assert calls == {"cpu": 1, "chunk": 1}
 
 
 def test_auto_falls_back_to_chunk_with_one_warning_when_the_kernels_cannot_build(
@@ -371,7 +375,7 @@ def test_auto_falls_back_to_chunk_with_one_warning_when_the_kernels_cannot_build
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         titans_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl="auto")
-    assert calls == {"cpu_fused": 0, "chunk": 2}
+    assert calls == {"cpu": 0, "chunk": 2}
 
 
 @CHUNKS
@@ -380,7 +384,7 @@ def test_triton_linear_matches_chunk_forward_and_grads(triton_linear, chunk_size
     seq, weights = make_inputs("linear", dv=3)
     seq = {n: x.detach().to(device).requires_grad_() for n, x in seq.items()}
     weights = [w.detach().to(device).requires_grad_() for w in weights]
-    expected = run_with_grads(chunk_titans_memory, seq, weights, kind="linear", chunk_size=chunk_size)
+    expected = run_with_grads(chunk, seq, weights, kind="linear", chunk_size=chunk_size)
     actual = run_with_grads(triton_linear, seq, weights, kind="linear", chunk_size=chunk_size)
     assert_same_run(actual, expected, **F64)
 
@@ -400,7 +404,7 @@ def test_triton_linear_at_layer_size_in_float32_matches_the_float64_chunk_kernel
         outputs, grads = run_with_grads(fn, inputs, ws, kind="linear", chunk_size=chunk_size)
         return [*outputs, *grads]
 
-    expected = run(chunk_titans_memory, torch.float64)
+    expected = run(chunk, torch.float64)
     actual = run(triton_linear, torch.float32)
     names = ["y", "W", "S", "grad q", "grad k", "grad v", "grad theta", "grad eta", "grad alpha", "grad W0"]
     for name, a, e in zip(names, actual, expected, strict=True):
@@ -410,9 +414,9 @@ def test_triton_linear_at_layer_size_in_float32_matches_the_float64_chunk_kernel
 
 def test_triton_linear_continues_from_a_passed_state(triton_linear):
     seq, weights = make_inputs("linear", length=12)
-    y, state = chunk_titans_memory(**seq, weights=weights, kind="linear", chunk_size=4)
-    _, mid = chunk_titans_memory(**{n: x[:, :, :8] for n, x in seq.items()}, weights=weights, chunk_size=4)
-    y2, end = triton_linear(**{n: x[:, :, 8:] for n, x in seq.items()}, weights=weights, chunk_size=4, state=mid)
+    y, state = chunk(**seq, weights=weights, kind="linear", chunk_size=4)
+    _, mid = chunk(**{n: x[:, :, :8] for n, x in seq.items()}, weights=weights, kind="linear", chunk_size=4)
+    y2, end = triton_linear(**{n: x[:, :, 8:] for n, x in seq.items()}, kind="linear", chunk_size=4, state=mid)
     torch.testing.assert_close(y2, y[:, :, 8:], **F64)
     for a, e in zip((*end.weights, *end.momentum), (*state.weights, *state.momentum)):
         torch.testing.assert_close(a, e, **F64)
@@ -424,7 +428,7 @@ def test_triton_kernels_compile_once_for_any_length_and_chunk_size():
     # 64-wide blocks (on the H200 a C=48 test spent its whole time limit compiling).
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed; install the dev extra to test the Triton kernel")
-    from nl_lightning.ops.titans import triton_linear as module
+    from nl_lightning.ops.titans import triton as module
 
     for kernel in module._kernels(False):
         runtime = {p.name for p in kernel.params if p.do_not_specialize}
@@ -435,7 +439,7 @@ CUDA_COMPILE_CHECK = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from nl_lightning.ops.titans import triton_linear as module
+from nl_lightning.ops.titans import triton as module
 
 options = module._launch_options(64, 32, 32)
 blocks = {name: options.pop(name) for name in ("BLOCK_C", "BLOCK_DK", "BLOCK_DV")}
@@ -500,11 +504,11 @@ def test_sequence_shorter_than_chunk_updates_memory(kind, impl):
 @KIND_IMPLS
 def test_two_calls_with_state_passing_equal_one_call(kind, impl):
     seq, weights = make_inputs(kind, length=12)
-    run = dict(weights=weights, kind=kind, chunk_size=4, impl=impl)
-    y, state = titans_memory(**seq, **run)
+    run = dict(kind=kind, chunk_size=4, impl=impl)
+    y, state = titans_memory(**seq, weights=weights, **run)
     first = {n: x[:, :, :8] for n, x in seq.items()}  # split on a chunk boundary
     second = {n: x[:, :, 8:] for n, x in seq.items()}
-    y1, mid = titans_memory(**first, **run)
+    y1, mid = titans_memory(**first, weights=weights, **run)
     y2, end = titans_memory(**second, **run, state=mid)
     torch.testing.assert_close(torch.cat([y1, y2], dim=2), y, **F64)
     for a, e in zip((*end.weights, *end.momentum), (*state.weights, *state.momentum)):
@@ -537,19 +541,28 @@ BAD_INPUTS = {
     "negative chunk size": (_bad(chunk_size=-2), "chunk_size=-2"),
     "float chunk size": (_bad(chunk_size=4.0), "chunk_size=4.0"),
     "3-d q": (_bad(q=torch.zeros(B, T, D, dtype=torch.float64)), "q must be"),
-    "k unlike q": (_bad(k=torch.zeros(B, H, T, D + 1, dtype=torch.float64)), "k must have the shape"),
+    "k unlike q": (_bad(k=torch.zeros(B, H, T, D + 1, dtype=torch.float64)), "k must have q's shape"),
     "gate per head only": (_bad(theta=torch.zeros(B, H, dtype=torch.float64)), "theta must be"),
     "float32 alpha": (_bad(alpha=torch.zeros(B, H, T)), "alpha is torch.float32"),
-    "per-batch weights": (_bad(weights=(torch.zeros(B, H, D, D, dtype=torch.float64),)), "initial weight 0"),
-    "two weights for linear": (_bad(weights=(torch.zeros(H, D, D), torch.zeros(H, D, D))), "one weight"),
+    "per-batch weights": (_bad(weights=(torch.zeros(B, H, D, D, dtype=torch.float64),)), "weights[0] of (W,)"),
+    "two weights for linear": (_bad(weights=(torch.zeros(H, D, D), torch.zeros(H, D, D))), "must be (W,); got 2"),
     "mlp with Dk != Dv": (
         _bad(kind="mlp", v=torch.zeros(B, H, T, D + 1, dtype=torch.float64)),
         "Dk == Dv",
     ),
     "state without batch dim": (
-        _bad(state=MemoryState((torch.zeros(H, D, D),), (torch.zeros(H, D, D),))),
-        "one state per batch",
+        _bad(weights=None, state=MemoryState((torch.zeros(H, D, D),), (torch.zeros(H, D, D),))),
+        "leading dims (B, H)",
     ),
+    "state without momentum": (
+        _bad(weights=None, state=MemoryState((torch.zeros(B, H, D, D, dtype=torch.float64),))),
+        "state.momentum for kind='linear' must be (W,); got 0",
+    ),
+    "weights and state": (
+        _bad(state=MemoryState((torch.zeros(B, H, D, D),), (torch.zeros(B, H, D, D),))),
+        "exactly one of `weights`",
+    ),
+    "renamed impl": (_bad(impl="cpu_fused"), "impl='cpu_fused' is now called impl='cpu'"),
     "empty sequence": (_bad(**{n: x[:, :, :0] for n, x in make_inputs("linear")[0].items()}), "T=0"),
 }
 
@@ -557,7 +570,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
 def test_bad_inputs_raise_a_value_error_naming_the_problem(case):
     args, match = BAD_INPUTS[case]
-    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(match)):
         titans_memory(**args)
 
 

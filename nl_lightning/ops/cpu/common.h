@@ -309,7 +309,7 @@ void gram_backward(int L, int cols, T* g, const T* x, int ldx, T* dx, int lddx) 
   gemm<T>(false, false, L, cols, L, T(1), g, L, x, ldx, T(1), dx, lddx);
 }
 
-// The decays of one chunk from its retention gates α (chunk.py's _chunk_decays): log α (α clamped
+// The decays of one chunk from its retention gates α (chunk.py's chunk_decays): log α (α clamped
 // to the smallest normal), lg_t = Σ_{j<=t} log α_j, lgp_t = lg_{t-1} (0 at t = 0), the ratio
 // RA[t, i] = exp(Σ_{i<j<=t} log α_j) for i <= t (segment sums, never differences of cumulative
 // sums) and PR[t, i] = RA[t-1, i] for i < t; both 0 elsewhere.

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from nl_lightning.ops.activations import silu_grad
+from nl_lightning.ops.contract import MemoryState
 from nl_lightning.ops.dgd.naive import nlms_step, w2_error_scale
 
 
@@ -40,7 +41,7 @@ def _masked_exp(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, log_ratio, float("-inf")).exp()
 
 
-def _chunk_decays(alpha: torch.Tensor):
+def chunk_decays(alpha: torch.Tensor):
     """Log cumulative retention of one chunk and the decay-ratio matrices built from it.
 
     Every log-ratio is a direct sum of the log(alpha_j) it covers (a segment sum, as in Mamba-2's
@@ -74,7 +75,7 @@ class KeyTerms(NamedTuple):
     one small set per chunk); only the state hand-over stays sequential.
     """
 
-    decays: tuple  # ``_chunk_decays(alpha)``
+    decays: tuple  # ``chunk_decays(alpha)``
     k_eta: torch.Tensor  # the step of the layer whose inputs are the keys (rule "delta": beta / (||k||² + eps))
     k_system: torch.Tensor  # the UT system of that layer
     k_read: torch.Tensor  # ratio * (q kᵀ): how token t's read-out sees the keys of the chunk
@@ -94,7 +95,7 @@ def layer_step(eta, x, rule):
 
 def key_terms(q, k, eta, alpha, rule="dgd") -> KeyTerms:
     """``KeyTerms`` of chunks of q, k (..., C, D) and gates (..., C)."""
-    decays = _chunk_decays(alpha)
+    decays = chunk_decays(alpha)
     k_eta = layer_step(eta, k, rule)
     return KeyTerms(decays, k_eta, delta_system(k, k_eta, decays), decays[3] * (q @ k.mT))
 
@@ -132,7 +133,7 @@ def _gated_delta_chunk(s0, x, u, q, eta, decays, x_s0, system, read):
         x, q: (B, H, L, Din) layer inputs and read-out queries.
         u: (B, H, L, Dout) additive update vectors.
         eta: (B, H, L).
-        decays: ``_chunk_decays(alpha)`` for this chunk.
+        decays: ``chunk_decays(alpha)`` for this chunk.
         x_s0: x @ s0.mT; system: ``delta_system(x, eta, decays)``; read: ratio * (q @ x.mT).
 
     Returns:
@@ -192,21 +193,20 @@ CHUNK_STEPS = {"linear": linear_chunk_step, "mlp": mlp_chunk_step}
 
 
 def chunk_dgd_memory(
-    q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, rule="dgd", target="self", step=None, chunk_loop=None
+    q, k, v, eta, alpha, start: MemoryState, *, kind: str, chunk_size: int, rule="dgd", target="self", step=None,
+    chunk_loop=None,
 ):
     """Chunk-parallel DGD memory; arguments and returns as in ``naive_dgd_memory``.
 
-    ``step`` replaces the per-chunk function (``fused.py`` passes a compiled one). ``chunk_loop``
+    ``step`` replaces the per-chunk function (``compiled.py`` passes a compiled one). ``chunk_loop``
     replaces everything after the padding: ``chunk_loop(state, q, k, v, eta, alpha)`` with inputs
-    split into chunks, (B, H, N, C, ...), returns (read-outs (B, H, N, C, D), end state)
-    (``cpu_fused.py`` passes its C++ loop); such a loop carries its own rule and target, and
+    split into chunks, (B, H, N, C, ...), returns (read-outs (B, H, N, C, D), end weights)
+    (``cpu.py`` passes its C++ loop); such a loop carries its own rule and target, and
     ``rule``/``target`` here are then not read.
     """
     step = CHUNK_STEPS[kind] if step is None else step
-    state = tuple(state)
+    state = tuple(start.weights)
     batch, heads, length, _ = q.shape
-    if length == 0:
-        return q.new_empty(q.shape), state
     # A sequence shorter than the chunk is one chunk either way; shrinking C saves the padding.
     chunk_size = min(chunk_size, length)
     pad = -length % chunk_size
@@ -226,7 +226,7 @@ def chunk_dgd_memory(
     eta, alpha = (x.unflatten(2, (n_chunks, chunk_size)) for x in (eta, alpha))
     if chunk_loop is not None:
         o, state = chunk_loop(state, q, k, v, eta, alpha)
-        return o.flatten(2, 3)[:, :, :length], state
+        return o.flatten(2, 3)[:, :, :length], MemoryState(state)
     terms = key_terms(q, k, eta, alpha, rule)  # every chunk at once
     # unbind, not slicing chunk by chunk: the backward of one unbind stacks all chunk gradients
     # once, whereas each slice's backward writes into a zero tensor of the full size, which makes
@@ -241,4 +241,4 @@ def chunk_dgd_memory(
     for chunk in zip(*(x.unbind(2) for x in (q, k, v, eta)), per_chunk_terms):
         o, state = step(state, *chunk, rule, target)
         outputs.append(o)
-    return torch.stack(outputs, dim=2).flatten(2, 3)[:, :, :length], state
+    return torch.stack(outputs, dim=2).flatten(2, 3)[:, :, :length], MemoryState(state)

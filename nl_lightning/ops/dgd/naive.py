@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from nl_lightning.ops.activations import silu_grad
+from nl_lightning.ops.contract import MemoryState
 from nl_lightning.ops.dgd.common import CURVATURE_EPS, NLMS_EPS
 
 
@@ -126,13 +127,13 @@ def _mlp_token(start, state, q, k, v, eta, alpha, rule, target):
 _TOKEN_STEPS = {"linear": _linear_token, "mlp": _mlp_token}
 
 
-def naive_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, rule: str = "dgd", target: str = "self"):
+def naive_dgd_memory(q, k, v, eta, alpha, start: MemoryState, *, kind: str, chunk_size: int, rule="dgd", target="self"):
     """Run the memory over a sequence one token at a time.
 
     Args:
         q, k, v: (B, H, T, D) queries, keys and values.
         eta, alpha: (B, H, T) step gate (η of DGD, β of the delta rule) and retention, in (0, 1].
-        state: per-batch weights before the first token: ``(W,)`` with W (B, H, D, D) for
+        start: per-batch weights before the first token: ``(W,)`` with W (B, H, D, D) for
             ``kind="linear"``; ``(W1, W2)`` with W1 (B, H, D, Dh), W2 (B, H, Dh, D) for ``"mlp"``.
         kind: ``"linear"`` or ``"mlp"``.
         chunk_size: tokens per chunk whose gradients share the chunk-start state (1 = online).
@@ -141,16 +142,16 @@ def naive_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, 
 
     Returns:
         o: (B, H, T, D), o_t = M_t(q_t) read after token t's update; and the state after the last
-        token, in the same layout as ``state``.
+        token, in the layout of ``start``.
     """
     token_step = _TOKEN_STEPS[kind]
-    state = tuple(state)
+    state = tuple(start.weights)
     outputs = []
     for t in range(q.shape[2]):
         if t % chunk_size == 0:
-            start = state
+            anchor = state  # the chunk start: every target and gradient in the chunk is taken here
         o_t, state = token_step(
-            start,
+            anchor,
             state,
             q[:, :, t],
             k[:, :, t],
@@ -161,6 +162,4 @@ def naive_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, 
             target,
         )
         outputs.append(o_t)
-    if not outputs:
-        return q.new_empty(q.shape), state
-    return torch.stack(outputs, dim=2), state
+    return torch.stack(outputs, dim=2), MemoryState(state)

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .coefficients import ChunkCoefficients, chunk_coefficients
-from .common import MemoryState, Weights, check_inputs, initial_state
+from nl_lightning.ops.contract import MemoryState
 
 __all__ = ["ChunkCoefficients", "chunk_coefficients", "chunk_titans_memory", "linear_chunk_step", "mlp_chunk_step"]
 
@@ -230,28 +230,15 @@ def run_chunks(
     chunk_size: int,
     step: Callable | None = None,
 ) -> tuple[Tensor, MemoryState]:
-    """Run every chunk from ``start``; ``step`` replaces the kind's eager chunk step (``fused.py``
+    """Run every chunk from ``start``; ``step`` replaces the kind's eager chunk step (``compiled.py``
     passes the compiled one)."""
     if kind == "linear":
         return _linear_memory(q, k, v, coefficients, start, chunk_size, step or linear_chunk_step)
     return _mlp_memory(q, k, v, coefficients, start, chunk_size, step or mlp_chunk_step)
 
 
-def chunk_titans_memory(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    theta: Tensor,
-    eta: Tensor,
-    alpha: Tensor,
-    weights: Weights,
-    *,
-    kind: str = "linear",
-    chunk_size: int = 64,
-    state: MemoryState | None = None,
-) -> tuple[Tensor, MemoryState]:
-    """Chunk-parallel Titans memory; same arguments and results as ``naive_titans_memory``."""
-    ws = check_inputs(q, k, v, theta, eta, alpha, weights, kind, chunk_size, state)
+def chunk_titans_memory(q, k, v, theta, eta, alpha, start: MemoryState, *, kind: str, chunk_size: int):
+    """Chunk-parallel Titans memory (the op contract's signature, ``ops/contract.py``)."""
     C = min(chunk_size, q.shape[2])  # one chunk longer than the sequence == the whole sequence
     coefficients = chunk_coefficients(theta, eta, alpha, C)
-    return run_chunks(kind, q, k, v, coefficients, initial_state(ws, q.shape[0], state), C)
+    return run_chunks(kind, q, k, v, coefficients, start, C)

@@ -18,32 +18,16 @@ expression in q, k, v, the gates and the initial weights.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from .common import MemoryState, Weights, check_inputs, initial_state, loss_grad_factors, memory_forward
+from nl_lightning.ops.contract import MemoryState, memory_read
+
+from .common import loss_grad_factors
 
 
-def naive_titans_memory(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    theta: Tensor,
-    eta: Tensor,
-    alpha: Tensor,
-    weights: Weights,
-    *,
-    kind: str = "linear",
-    chunk_size: int = 1,
-    state: MemoryState | None = None,
-) -> tuple[Tensor, MemoryState]:
-    """Reference Titans memory: ``q, k: (B, H, T, Dk)``, ``v: (B, H, T, Dv)``, gates ``(B, H, T)``.
-
-    Returns ``y: (B, H, T, Dv)`` and the final :class:`MemoryState`. When ``state`` is given the
-    memory starts from it instead of from ``weights`` (which still fix kind and shapes).
-    """
-    ws = check_inputs(q, k, v, theta, eta, alpha, weights, kind, chunk_size, state)
-    W, S = initial_state(ws, q.shape[0], state)
-    W, S = list(W), list(S)
+def naive_titans_memory(q, k, v, theta, eta, alpha, start: MemoryState, *, kind: str, chunk_size: int):
+    """Reference Titans memory: ``q, k: (B, H, T, Dk)``, ``v: (B, H, T, Dv)``, gates ``(B, H, T)``,
+    from the per-batch ``start`` state. Returns ``y: (B, H, T, Dv)`` and the end :class:`MemoryState`."""
+    W, S = list(start.weights), list(start.momentum)
     anchor = W
     ys = []
     # Tokens via unbind rather than indexing: the backward of one unbind is a single stack, the
@@ -57,5 +41,5 @@ def naive_titans_memory(
             grad = u.mT @ x  # (B, H, Dout, Din): the rank-1 gradient of this token
             S[i] = et * S[i] - th * grad
             W[i] = (1 - al) * W[i] + S[i]
-        ys.append(memory_forward(kind, W, qt))
+        ys.append(memory_read(kind, W, qt))
     return torch.cat(ys, dim=2), MemoryState(tuple(W), tuple(S))

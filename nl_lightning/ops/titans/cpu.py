@@ -1,4 +1,4 @@
-"""The Titans memory's chunk loop as one C++ kernel on the CPU (``ops/cpu/titans_chunks.cpp``), for
+"""The Titans memory's chunk loop as one C++ kernel on the CPU (``titans_cpu.cpp``), for
 both memory kinds.
 
 ``chunk.py`` computes the gate coefficients with C-step scans over all chunks and runs every
@@ -12,16 +12,15 @@ as ``chunk_titans_memory``.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from nl_lightning.ops.cpu_extension import KERNEL_DTYPES, dense_grad, load_extension
 
-from .common import MemoryState, Weights, check_inputs, initial_state
+from nl_lightning.ops.contract import MemoryState
 
 
 class _TitansChunkLoop(torch.autograd.Function):
-    """All chunks of a Titans memory for N = B·H items; layouts in ``titans_chunks.cpp``. The state
+    """All chunks of a Titans memory for N = B·H items; layouts in ``titans_cpu.cpp``. The state
     is one ``[W; S]`` block per weight: two for the MLP memory, one for the linear memory."""
 
     @staticmethod
@@ -45,32 +44,19 @@ class _TitansChunkLoop(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def cpu_fused_titans_memory(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    theta: Tensor,
-    eta: Tensor,
-    alpha: Tensor,
-    weights: Weights,
-    *,
-    kind: str = "linear",
-    chunk_size: int = 64,
-    state: MemoryState | None = None,
-) -> tuple[Tensor, MemoryState]:
-    """Same arguments and results as ``chunk_titans_memory``; CPU tensors only."""
+def cpu_titans_memory(q, k, v, theta, eta, alpha, start: MemoryState, *, kind: str, chunk_size: int):
+    """Same contract and results as ``chunk_titans_memory``; CPU tensors only."""
     if q.device.type != "cpu":
-        raise ValueError(f"impl='cpu_fused' runs on CPU tensors, got {q.device}; use impl='chunk' (or 'triton').")
-    ws = check_inputs(q, k, v, theta, eta, alpha, weights, kind, chunk_size, state)
+        raise ValueError(f"impl='cpu' runs on CPU tensors, got {q.device}; use impl='chunk' (or 'triton').")
+    if q.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"impl='cpu' computes in float32 or float64, got {q.dtype}; call it through titans_memory.")
     B, H, T, D = q.shape
-    start = initial_state(ws, B, state)
-    dtype = q.dtype if q.dtype in KERNEL_DTYPES else torch.float32  # bf16, fp16: computed in float32
-    items = lambda x: x.flatten(0, 1).to(dtype)  # noqa: E731 - (B, H, ...) -> (B·H, ...)
-    # One block per weight, [W; S] (titans_chunks.cpp): [W1; S1], [W2; S2] or [W; S].
+    items = lambda x: x.flatten(0, 1)  # noqa: E731 - (B, H, ...) -> (B·H, ...)
+    # One block per weight, [W; S] (titans_cpu.cpp): [W1; S1], [W2; S2] or [W; S].
     blocks = [items(torch.stack([w, s], dim=2)) for w, s in zip(start.weights, start.momentum)]
     y, *ends = _TitansChunkLoop.apply(
         kind, min(chunk_size, T), *(items(x) for x in (q, k, v, theta, eta, alpha)), *blocks
     )
-    unflat = lambda x: x.unflatten(0, (B, H)).to(q.dtype)  # noqa: E731
+    unflat = lambda x: x.unflatten(0, (B, H))  # noqa: E731
     weights, momentum = zip(*(unflat(end).unbind(2) for end in ends))
     return unflat(y), MemoryState(tuple(weights), tuple(momentum))

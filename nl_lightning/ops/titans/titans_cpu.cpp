@@ -25,7 +25,7 @@
 // the chain rule in reverse order. tests/ops/test_titans_memory.py checks both kernels against the
 // token loop and the ATen chunk kernel.
 
-#include "common.h"
+#include "../cpu/common.h"
 
 #include <ATen/Parallel.h>
 

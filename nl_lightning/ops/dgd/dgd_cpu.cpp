@@ -29,7 +29,7 @@
 // chain rule in reverse order.
 // tests/ops/test_dgd_memory.py checks both against the ATen chunk kernel and the token loop.
 
-#include "common.h"
+#include "../cpu/common.h"
 
 #include <ATen/Parallel.h>
 

@@ -20,7 +20,7 @@
 // the GEMM outputs the forward kept (ProjectionWork::save).
 // tests/test_memory_models.py checks it against the ATen loop (float64, forward and gradients).
 
-#include "common.h"
+#include "../cpu/common.h"
 
 #include <ATen/Parallel.h>
 

@@ -1,4 +1,4 @@
-"""The DGD MLP memory's chunk loop as Triton kernels (``triton_mlp_kernels.py``): one launch for
+"""The DGD MLP memory's chunk loop as Triton kernels (``triton_kernels.py``): one launch for
 the forward and one for the backward, one program per (batch, head) item.
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``: slow,
@@ -28,7 +28,7 @@ MAX_WIDTH = 64
 @functools.lru_cache(maxsize=None)
 def _kernel_module():
     """The kernels' module and the mode it was jitted in, imported on first use."""
-    return importlib.import_module("nl_lightning.ops.dgd.triton_mlp_kernels"), interpreting()
+    return importlib.import_module("nl_lightning.ops.dgd.triton_kernels"), interpreting()
 
 
 def kernels():
@@ -111,7 +111,7 @@ class _MLPChunkLoop(torch.autograd.Function):
 _triton_loop = per_item_loop(_MLPChunkLoop)
 
 
-def triton_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, rule="dgd", target="self"):
+def triton_dgd_memory(q, k, v, eta, alpha, start, *, kind: str, chunk_size: int, rule="dgd", target="self"):
     """Same arguments, returns and semantics as ``chunk_dgd_memory``; ``kind="mlp"`` with the DGD
     rule and self-made target, on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``)."""
     if kind != "mlp":
@@ -119,14 +119,14 @@ def triton_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int,
     if (rule, target) != ("dgd", "self"):
         raise ValueError(
             f"impl='triton' implements the paper's rule='dgd' with target='self' only, got rule={rule!r}, "
-            f"target={target!r}; use impl='cpu_fused' (CPU) or impl='chunk' (any device), which implement both."
+            f"target={target!r}; use impl='cpu' (CPU) or impl='chunk' (any device), which implement both."
         )
-    check_launchable(q, "impl='triton'", "impl='cpu_fused' or 'chunk'")
-    widths = {"chunk_size": min(chunk_size, q.shape[2]), "head dim D": q.shape[-1], "hidden dim Dh": state[0].shape[-1]}
+    check_launchable(q, "impl='triton'", "impl='cpu' or 'chunk'")
+    widths = {"chunk_size": min(chunk_size, q.shape[2]), "head dim D": q.shape[-1], "hidden dim Dh": start.weights[0].shape[-1]}
     too_wide = {name: width for name, width in widths.items() if width > MAX_WIDTH}
     if too_wide:
         raise ValueError(
             f"impl='triton' keeps a chunk's C x D tiles on chip and supports widths up to {MAX_WIDTH} "
             f"(HOPE's tiny and small presets); got {too_wide}. Use impl='chunk', or a smaller chunk_size."
         )
-    return chunk_dgd_memory(q, k, v, eta, alpha, state, kind=kind, chunk_size=chunk_size, chunk_loop=_triton_loop)
+    return chunk_dgd_memory(q, k, v, eta, alpha, start, kind=kind, chunk_size=chunk_size, chunk_loop=_triton_loop)

@@ -23,10 +23,10 @@ def _compiled_step(kind: str):
     return _compiled_steps[kind]
 
 
-def compiled_dgd_memory(q, k, v, eta, alpha, state, *, kind: str, chunk_size: int, rule="dgd", target="self"):
+def compiled_dgd_memory(q, k, v, eta, alpha, start, *, kind: str, chunk_size: int, rule="dgd", target="self"):
     """Same arguments, returns and semantics as ``chunk_dgd_memory``; each chunk step is compiled
     (the write rule and target are constants of the traced graph: one compile per choice)."""
     step = _compiled_step(kind)
     return chunk_dgd_memory(
-        q, k, v, eta, alpha, state, kind=kind, chunk_size=chunk_size, rule=rule, target=target, step=step
+        q, k, v, eta, alpha, start, kind=kind, chunk_size=chunk_size, rule=rule, target=target, step=step
     )

@@ -10,7 +10,7 @@
 // after it is six more passes over the tensor forward and backward. Here every row (b, t) is one
 // pass over its channels, vectorised, with the weights in (K, C) order.
 
-#include "common.h"
+#include "../cpu/common.h"
 
 #include <ATen/Parallel.h>
 

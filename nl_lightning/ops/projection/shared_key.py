@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from nl_lightning.ops.activations import silu_grad
-from nl_lightning.ops.dgd.chunk import _chunk_decays
+from nl_lightning.ops.dgd.chunk import chunk_decays
 
 
 def shared_key_mlp_update(k, v, eta, alpha, state):
@@ -43,7 +43,7 @@ def shared_key_mlp_update(k, v, eta, alpha, state):
     """
     w1, w2 = state
     memories, hidden_dim = w2.shape[1], w2.shape[2]
-    log_gamma, log_gamma_prev, prev_ratio, ratio = _chunk_decays(alpha)  # (B, L), (B, L, L)
+    log_gamma, log_gamma_prev, prev_ratio, ratio = chunk_decays(alpha)  # (B, L), (B, L, L)
     gamma_end = log_gamma[:, -1].exp()  # γ_L
     eta_prev = eta * log_gamma_prev.exp()  # η_t γ_{t-1}
     last = ratio[:, -1, :, None]  # ρ_i = γ_L / γ_i, (B, L, 1)

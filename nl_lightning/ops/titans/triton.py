@@ -32,7 +32,7 @@ from torch import Tensor
 from nl_lightning.ops.triton_launch import check_launchable, interpreting, on_device
 
 from .chunk import chunk_coefficients
-from .common import MemoryState, Weights, check_inputs, initial_state
+from nl_lightning.ops.contract import MemoryState
 
 
 # Sums are written as tl.reduce with Triton's own add combinator instead of tl.sum: tl.sum is a
@@ -261,44 +261,27 @@ class _LinearChunkFunction(torch.autograd.Function):
         return (*grads_in, *grads_coeffs, dW0, dS0)
 
 
-def triton_linear_titans_memory(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    theta: Tensor,
-    eta: Tensor,
-    alpha: Tensor,
-    weights: Weights,
-    *,
-    kind: str = "linear",
-    chunk_size: int = 64,
-    state: MemoryState | None = None,
-) -> tuple[Tensor, MemoryState]:
+def triton_titans_memory(q, k, v, theta, eta, alpha, start: MemoryState, *, kind: str, chunk_size: int):
     """Linear Titans memory through the Triton kernels; same contract as ``chunk_titans_memory``.
 
     Runs on CUDA tensors, or on CPU tensors while ``TRITON_INTERPRET=1`` is set (Triton's
-    interpreter: slow, for testing). Backward runs the Triton backward kernel too. Half-precision inputs are computed in float32 and cast back.
+    interpreter: slow, for testing). Backward runs the Triton backward kernel too.
     """
-    ws = check_inputs(q, k, v, theta, eta, alpha, weights, kind, chunk_size, state)
     if kind != "linear":
         raise ValueError(
-            f"the Triton kernel implements kind='linear' only; got kind={kind!r}. "
-            "Use impl='chunk' or impl='compiled' for the MLP memory."
+            f"impl='triton' implements kind='linear' only for the Titans memory; got kind={kind!r}. "
+            "Use impl='cpu', 'chunk' or 'compiled' for the MLP memory."
         )
     check_launchable(q, "the Triton memory kernel", "impl='chunk'")
-    out_dtype = q.dtype
-    compute_dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     C = min(chunk_size, T)
     N = -(-T // C)
-    cast = lambda t: t.to(compute_dtype)  # noqa: E731
-    cf = chunk_coefficients(cast(theta), cast(eta), cast(alpha), C)
-    start = initial_state(ws, B, state)
-    W0, S0 = cast(start.weights[0]), cast(start.momentum[0])
+    cf = chunk_coefficients(theta, eta, alpha, C)
+    W0, S0 = start.weights[0], start.momentum[0]
 
     def tokens(t: Tensor) -> Tensor:  # (B, H, T, D) -> padded, contiguous (B*H, N*C, D)
-        return F.pad(cast(t), (0, 0, 0, N * C - T)).reshape(B * H, N * C, t.shape[-1]).contiguous()
+        return F.pad(t, (0, 0, 0, N * C - T)).reshape(B * H, N * C, t.shape[-1]).contiguous()
 
     # The kernels take the theta-scaled mix (the chunk kernel scales its keys by theta instead).
     coeffs = (
@@ -309,6 +292,5 @@ def triton_linear_titans_memory(
         tokens(q), tokens(k), tokens(v), *flat,
         W0.reshape(B * H, Dv, Dk).contiguous(), S0.reshape(B * H, Dv, Dk).contiguous(),
     )  # fmt: skip
-    y = y.view(B, H, N * C, Dv)[:, :, :T].to(out_dtype)
-    state_out = MemoryState((W.view(B, H, Dv, Dk).to(out_dtype),), (S.view(B, H, Dv, Dk).to(out_dtype),))
-    return y, state_out
+    y = y.view(B, H, N * C, Dv)[:, :, :T]
+    return y, MemoryState((W.view(B, H, Dv, Dk),), (S.view(B, H, Dv, Dk),))

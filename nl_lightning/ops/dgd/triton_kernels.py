@@ -1,4 +1,4 @@
-"""Triton kernels for the DGD MLP memory's chunk loop (``triton_mlp.py`` launches them).
+"""Triton kernels for the DGD MLP memory's chunk loop (``triton.py`` launches them).
 
 The GPU port of ``ops/cpu/dgd_mlp_chunks.cpp``: the same equations, names and
 forward/backward split, written as tile operations. One program runs the whole chunk loop of one
@@ -24,7 +24,7 @@ forward saved and walks the chunks in reverse, carrying dL/dW1, dL/dW2 in regist
 Rows past the chunk (C is padded to a power of two) load η = 0, α = 1 and zero q, k, v, so
 they leave the state and every real row unchanged; columns past D and Dh are zero throughout.
 
-This module jits its functions at import, so it is imported on first use (``triton_mlp.py``):
+This module jits its functions at import, so it is imported on first use (``triton.py``):
 Triton fixes each function as compiled or interpreted (``TRITON_INTERPRET=1``) when it is jitted.
 Only Triton builtins are called, no functions of Triton's standard library (``tl.sum``,
 ``tl.cumsum``, ``tl.zeros``): those are jitted when ``triton.language`` is first imported,

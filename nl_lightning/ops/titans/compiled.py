@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .chunk import chunk_coefficients, linear_chunk_step, mlp_chunk_step, run_chunks
-from .common import MemoryState, Weights, check_inputs, initial_state
+from nl_lightning.ops.contract import MemoryState
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,30 +27,16 @@ def compiled_chunk_step(kind: str):
     return torch.compile(linear_chunk_step if kind == "linear" else mlp_chunk_step, fullgraph=True)
 
 
-def compiled_titans_memory(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    theta: Tensor,
-    eta: Tensor,
-    alpha: Tensor,
-    weights: Weights,
-    *,
-    kind: str = "linear",
-    chunk_size: int = 64,
-    state: MemoryState | None = None,
-) -> tuple[Tensor, MemoryState]:
+def compiled_titans_memory(q, k, v, theta, eta, alpha, start: MemoryState, *, kind: str, chunk_size: int):
     """Chunk-parallel Titans memory with a compiled chunk step; same contract as the chunk one."""
-    ws = check_inputs(q, k, v, theta, eta, alpha, weights, kind, chunk_size, state)
     C = min(chunk_size, q.shape[2])
     coefficients = chunk_coefficients(theta, eta, alpha, C)
     # Contiguous start state: the first chunk then has the same strides as every later one,
     # so the compiled step is not recompiled for the broadcast (stride-0) initial weights.
     # Likewise, the zero initial momentum is marked as requiring grad when anything does, so the
     # first chunk does not compile a separate graph for a constant input.
-    start = initial_state(ws, q.shape[0], state)
     tracked = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, theta, eta, alpha, *ws, *start.weights, *start.momentum)
+        t.requires_grad for t in (q, k, v, theta, eta, alpha, *start.weights, *start.momentum)
     )
 
     def prepare(t: Tensor) -> Tensor:
