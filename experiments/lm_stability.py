@@ -35,11 +35,11 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from scipy.stats import bootstrap
 
+from experiments.common import REPO_ROOT, add_output_arguments
 from nl_lightning.data import ByteLMDataModule
 from nl_lightning.models import Hope, Titans
 from nl_lightning.modules import LanguageModel
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = {"hope": Hope, "titans": Titans}
 COLUMNS = ("model", "write_rule", "seed", "steps", "step", "val_bpb", "diverged")
 
@@ -132,11 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--val-batches", type=int, default=16)
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data")
     parser.add_argument("--paths", nargs="+", default=None, help="text files or folders (default: the stdlib corpus)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "data" / "lm_stability.csv")
-    parser.add_argument("--logs", type=Path, default=Path("runs") / "lm_stability")
-    parser.add_argument("--table", action="store_true", help="print the tables of --out and exit")
-    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="CSV",
-                        help="write the rows of these CSVs (runs split over processes) to --out")
+    add_output_arguments(parser, "lm_stability", "runs split over processes")
     args = parser.parse_args(argv)
     if args.table or args.merge:
         rows = []

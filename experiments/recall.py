@@ -59,12 +59,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from scipy.stats import binomtest
 
+from experiments.common import REPO_ROOT, add_output_arguments
 from nl_lightning.data import RecallDataModule
 from nl_lightning.data.longctx import make_mqar
 from nl_lightning.models import Hope, Titans, TransformerPP
 from nl_lightning.modules import RecallModel
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("transformer", "titans", "titans_swa_only", "titans_memory_only", "hope")
 TASKS = {"pairs1": 1, "pairs4": 4}  # name -> key–value pairs in the sequence (one queried)
 COLUMNS = ("model", "task", "train_length", "test_length", "n", "exact_match", "ci_low", "ci_high")
@@ -261,12 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                         help="ModelConfig field for every model, e.g. --override memory_kind=linear")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "data" / "recall.csv")
     parser.add_argument("--plot", type=Path, default=REPO_ROOT / "docs" / "img" / "recall.png")
-    parser.add_argument("--logs", type=Path, default=Path("runs") / "recall")
-    parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
-    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="CSV",
-                        help="write the rows of these CSVs (e.g. two runs over different --models) to --out and --plot")
+    add_output_arguments(parser, "recall", "e.g. two runs over different --models; --plot too")
     args = parser.parse_args(argv)
     for name in ("train_length", "train_pairs", "window", "steps", "batch_size", "num_test", "eval_batch_size"):
         if getattr(args, name) <= 0:

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from experiments.common import DATA_DIR
 from nl_lightning.ops.dgd import dgd_memory
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("kind", "rule", "target", "step", "chunk_size", "finite", "state_norm_w1", "state_norm_w2", "max_readout")
 
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "data" / "write_stability.csv")
+    parser.add_argument("--out", type=Path, default=DATA_DIR / "write_stability.csv")
     args = parser.parse_args(argv)
     rows = [run_case(*case, args.length, args.seed) for case in cases()]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from conftest import load_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nl_lightning.cli import main
-from nl_lightning.evaluation import attention_score_bytes
+from nl_lightning.models.layers import attention_score_bytes
 from nl_lightning.models import Titans, TransformerPP
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

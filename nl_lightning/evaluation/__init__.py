@@ -2,8 +2,6 @@
 
 from nl_lightning.evaluation.longctx import (
     LengthResult,
-    attention_memory_excess,
-    attention_score_bytes,
     evaluate_by_length,
     log_to_tensorboard,
     plot_accuracy_vs_length,
@@ -13,8 +11,6 @@ from nl_lightning.evaluation.longctx import (
 
 __all__ = [
     "LengthResult",
-    "attention_memory_excess",
-    "attention_score_bytes",
     "evaluate_by_length",
     "log_to_tensorboard",
     "plot_accuracy_vs_length",

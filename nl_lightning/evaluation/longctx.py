@@ -1,11 +1,9 @@
 """Accuracy vs context length for a trained :class:`RecallModel`: one ``trainer.test`` per length.
 
 Each length is tested on its own so one that does not fit is skipped with a message instead of
-ending the whole evaluation. The attention scores are the length-dependent memory worth
-estimating: sliding-window attention (Titans) materialises its scores — dense (T, T) up to two
-windows, then 2·window per query (``blocked_sliding_window_attention``, linear in T). Full
-causal attention (Transformer++, ``is_causal=True``) uses the fused kernels on CPU and GPU,
-whose memory is linear in T, so it counts zero (only a real out-of-memory error skips it).
+ending the whole evaluation; what fits is estimated beside the attention
+(``models.layers.attention_score_bytes``), and only a real out-of-memory error skips a length
+that the estimate passed.
 """
 
 from __future__ import annotations
@@ -18,9 +16,8 @@ from typing import Callable
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from torch import nn
 
-from nl_lightning.models.layers import CausalSelfAttention
+from nl_lightning.models.layers import attention_memory_excess
 
 
 @dataclass(frozen=True)
@@ -35,42 +32,6 @@ class LengthResult:
     num_samples: int
     seconds: float
     status: str = "ok"
-
-
-def attention_score_bytes(network: nn.Module, length: int, batch_size: int) -> int:
-    """Peak bytes of the score tensors that sliding-window attention materialises at ``length``.
-
-    Counted per layer as float32 scores and their softmax plus the boolean mask, following
-    ``CausalSelfAttention``'s paths: dense (B, H, T, T) scores when window < T ≤ 2·window, blocked
-    (B, H, T', 2·window) scores above (T' = T rounded up to a multiple of the window). Layers run
-    one after another, so the peak is one layer's worth. Full causal attention or a window ≥ T
-    counts zero (fused kernel).
-    """
-    per_layer = []
-    for module in network.modules():
-        if not isinstance(module, CausalSelfAttention) or module.window is None or module.window >= length:
-            continue
-        window = module.window
-        if length > 2 * window:
-            padded = -(-length // window) * window
-            per_layer.append(batch_size * module.n_head * padded * 2 * window * 4 * 2 + padded * 2 * window)
-        else:
-            per_layer.append(batch_size * module.n_head * length * length * 4 * 2 + length * length)
-    return max(per_layer, default=0)
-
-
-def attention_memory_excess(network: nn.Module, length: int, batch_size: int, memory_budget_gb: float) -> str | None:
-    """Why ``length`` does not fit ``memory_budget_gb`` of attention scores, or ``None`` when it does.
-
-    The message names the length, the estimated bytes and the budget; callers add their own fix.
-    """
-    if memory_budget_gb <= 0:
-        raise ValueError(f"memory_budget_gb must be positive, got {memory_budget_gb}")
-    needed = attention_score_bytes(network, length, batch_size)
-    if needed <= memory_budget_gb * 2**30:
-        return None
-    return (f"sliding-window attention at {length} needs ~{needed / 2**30:.2f} GiB of scores "
-            f"({needed:,} bytes at batch {batch_size}) > memory budget {memory_budget_gb} GiB")
 
 
 def evaluate_by_length(

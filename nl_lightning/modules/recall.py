@@ -10,8 +10,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
 
-from nl_lightning.evaluation.longctx import attention_memory_excess
 from nl_lightning.metrics import AnswerAccuracy
+from nl_lightning.models.layers import attention_memory_excess
 from nl_lightning.modules.language_model import LanguageModel
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

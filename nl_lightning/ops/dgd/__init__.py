@@ -31,12 +31,7 @@ from nl_lightning.ops.dgd.naive import naive_dgd_memory
 
 
 IMPLEMENTED = ("naive", "chunk", "compiled", "cpu", "triton")
-_FUNCTIONS = {
-    "naive": naive_dgd_memory,
-    "chunk": chunk_dgd_memory,
-    "compiled": compiled_dgd_memory,
-    "cpu": cpu_dgd_memory,
-}
+_FUNCTIONS = dict(naive=naive_dgd_memory, chunk=chunk_dgd_memory, compiled=compiled_dgd_memory, cpu=cpu_dgd_memory)  # triton: on use
 
 __all__ = ["IMPLEMENTED", "RULES", "TARGETS", "MemoryState", "dgd_memory"]
 

@@ -19,12 +19,7 @@ from nl_lightning.ops.titans.naive import naive_titans_memory
 
 
 IMPLEMENTED = ("naive", "chunk", "compiled", "cpu", "triton")
-_FUNCTIONS = {
-    "naive": naive_titans_memory,
-    "chunk": chunk_titans_memory,
-    "compiled": compiled_titans_memory,
-    "cpu": cpu_titans_memory,
-}
+_FUNCTIONS = dict(naive=naive_titans_memory, chunk=chunk_titans_memory, compiled=compiled_titans_memory, cpu=cpu_titans_memory)  # triton: on use
 
 __all__ = ["IMPLEMENTED", "KINDS", "MemoryState", "titans_memory"]
 
