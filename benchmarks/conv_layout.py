@@ -4,7 +4,7 @@ the fused C++ kernel.
     .venv/bin/python benchmarks/conv_layout.py                  # D = 192 (HOPE-tiny) and 576 (Titans q|k|v)
     .venv/bin/python benchmarks/conv_layout.py --dims 576 --threads 2
 
-All forms compute the same convolution (``tests/test_memory_models.py``). ``conv1d`` is the
+All forms compute the same convolution (``tests/ops/test_conv.py``). ``conv1d`` is the
 textbook one: transpose (B, T, D) to (B, D, T), ``nn.Conv1d``, transpose back, which leaves a
 channel-major view. ``channels-last`` is ``CausalDepthwiseConv``'s ATen path: its output and
 gradients stay in the (B, T, D) layout. ``fused`` is its C++ kernel (``ops/conv/conv_cpu.cpp``),

@@ -43,22 +43,23 @@ PER_TEST=()
 python3 -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=150)
 TINY=(--override=--data.init_args.seq_len=1024 --override=--data.init_args.max_bytes=2000000)
 # In order of what is least known: later steps are the first cut when the lease runs short.
-# -P: the checkout must not shadow the installed package (it lacks nl_lightning.callbacks).
+# -P and --import-mode=append: the checkout must not shadow the installed package (it lacks
+# nl_lightning.callbacks); tests/ is a package, so pytest puts the checkout on sys.path, last.
 # HOPE's DGD memory as Triton kernels (impl="triton"), checked only under the interpreter so far:
 # the tests at the model's head size (the 64-wide kernels compile in about half a minute), then its
 # timing against the ATen chunk kernel at HOPE-tiny's shape (D = Dh = 48, C = 64; same blocks, so
 # the compiled kernels come from Triton's cache), then HOPE-tiny's training step with it (tokens/s;
 # the MFU column misses the Triton kernels' FLOPs, which torch's FLOP counter cannot see).
-step dgd_triton 300 "${INSTALLED[@]}" python3 -P -m pytest -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k triton \
-    tests/ops/test_dgd_memory.py tests/test_memory_models.py
+step dgd_triton 300 "${INSTALLED[@]}" python3 -P -m pytest --import-mode=append -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k triton \
+    tests/ops/test_dgd.py tests/models/test_memory_models.py
 step dgd_ops_triton 120 python3 benchmarks/dgd_ops.py --device cuda --impls naive chunk triton --dim 48 --hidden 48 \
     --batch 4 --heads 4 --lengths 1024 2048 --repeats 5
 step throughput_hope_triton 150 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,hope}_tiny.yaml \
     --device cuda --steps 10 --warmup 3 "${TINY[@]}" --override=--data.init_args.batch_size=4 \
     "--override=--model.init_args.network.init_args.overrides={memory_impl: triton}"
-step tests 240 "${INSTALLED[@]}" python3 -P -m pytest -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k "${TESTS:-cuda or triton}" \
-    tests/ops tests/test_memory_models.py tests/test_dgd_ops_benchmark.py tests/test_benchmark_devices.py \
-    tests/test_throughput_benchmark.py
+step tests 240 "${INSTALLED[@]}" python3 -P -m pytest --import-mode=append -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k "${TESTS:-cuda or triton}" \
+    tests/ops tests/models/test_memory_models.py tests/benchmarks/test_dgd_ops.py tests/benchmarks/test_devices.py \
+    tests/benchmarks/test_throughput.py
 step throughput_tiny 100 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,titans,hope}_tiny.yaml \
     --device cuda --steps 10 --warmup 3 "${TINY[@]}" --override=--data.init_args.batch_size=4
 # The same with every step replayed from a CUDA graph: the launch cost taken out of both sides.

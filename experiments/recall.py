@@ -34,7 +34,9 @@ Models, all from the ``tiny`` preset with the same training data, steps and opti
 * ``titans``: memory and sliding-window attention (window ``--window``) in alternate layers;
 * ``titans_swa_only``: the same with the memory layers replaced by sliding-window attention;
 * ``titans_memory_only``: memory layers only;
-* ``hope``: HOPE's self-modifying memory and CMS.
+* ``hope``: HOPE's self-modifying memory and CMS;
+* ``titans_shift``, ``hope_shift``: the same with ``key_shift`` (``ModelConfig``): the memories'
+  keys start from the previous token, the induction prior.
 
 Writes ``--out`` (default docs/data/recall.csv: ``model,task,train_length,test_length,n,
 exact_match,ci_low,ci_high``), the plot ``--plot`` (docs/img/recall.png) and, under ``--logs``,
@@ -65,7 +67,7 @@ from nl_lightning.data.longctx import make_mqar
 from nl_lightning.models import Hope, Titans, TransformerPP
 from nl_lightning.modules import RecallModel
 
-MODELS = ("transformer", "titans", "titans_swa_only", "titans_memory_only", "hope")
+MODELS = ("transformer", "titans", "titans_swa_only", "titans_memory_only", "hope", "titans_shift", "hope_shift")
 TASKS = {"pairs1": 1, "pairs4": 4}  # name -> key–value pairs in the sequence (one queried)
 COLUMNS = ("model", "task", "train_length", "test_length", "n", "exact_match", "ci_low", "ci_high")
 # Test length as a multiple of the training length -> share of --num-test sequences.
@@ -74,8 +76,11 @@ QUADRATIC = {"transformer"}  # full attention: tested up to 16×
 
 
 def build_network(name: str, window: int, overrides: dict | None = None):
-    """The model ``name`` at the tiny preset; Titans variants differ only in which layers attend."""
+    """The model ``name`` at the tiny preset; Titans variants differ only in which layers attend,
+    ``*_shift`` models only in ``key_shift`` (their keys start from the previous token)."""
     overrides = dict(overrides or {})
+    if name.endswith("_shift"):
+        name, overrides = name.removesuffix("_shift"), {**overrides, "key_shift": True}
     if name == "transformer":
         return TransformerPP("tiny", overrides=overrides)
     if name == "hope":
@@ -279,6 +284,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _literal(value: str):
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
     for cast in (int, float):
         try:
             return cast(value)

@@ -18,7 +18,7 @@ RECIPES = sorted((REPO_ROOT / "recipes").rglob("*.yaml"))
 # Recipes whose folder has its own module and smoke test (run there with folder-specific overrides
 # and logged tags): DeepSpeed targets GPUs (its CPU path runs with the CPU strategy in
 # test_deepspeed_cpu.py); continual and long-context recipes train task streams / synthetic tasks;
-# sweep specs drive benchmarks/continual_sweep.py (tests/test_continual_sweep.py).
+# sweep specs drive benchmarks/continual_sweep.py (tests/benchmarks/test_continual_sweep.py).
 OWN_SMOKE_TESTS = {"deepspeed", "continual", "longctx", "sweeps"}
 TRAINABLE_HERE = [r for r in RECIPES if not OWN_SMOKE_TESTS & set(r.relative_to(REPO_ROOT / "recipes").parts)]
 

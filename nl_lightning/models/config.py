@@ -37,6 +37,11 @@ class ModelConfig:
     # interpreter; Titans' linear memory, HOPE's MLP main memory under the paper rule).
     memory_impl: str = "auto"
     conv_kernel: int = 4  # short causal depthwise convolution on q, k, v
+    # The memories' keys start from the previous token (their convolution starts as a one-token shift,
+    # learnable like the rest): token t writes "what follows x_{t-1}", the induction prior with which a
+    # query x_s reads back what followed x_s before. Without it the memories of the recall study learned
+    # to return the last value they stored, not the queried key's (docs/results.md, "Recall").
+    key_shift: bool = False
     # How the memories write (SPEC §2, "Write stability"): "delta" (default) is the layer-local
     # normalised delta rule of ops/dgd/naive.py, with step gate β = σ(·) ∈ (0, 1] and no step cap:
     # its state bound holds on any input and β = 1 stores an association in one token. "paper" is
@@ -92,6 +97,10 @@ class ModelConfig:
             raise ValueError(f"write_rule must be 'delta' or 'paper', got {self.write_rule!r}")
         if self.memory_target not in ("value", "self"):
             raise ValueError(f"memory_target must be 'value' or 'self', got {self.memory_target!r}")
+        if not isinstance(self.key_shift, bool):
+            raise ValueError(f"ModelConfig.key_shift must be true or false, got {self.key_shift!r}")
+        if self.key_shift and self.conv_kernel < 2:
+            raise ValueError(f"key_shift needs conv_kernel >= 2 to reach the previous token, got {self.conv_kernel}")
         if self.memory_kind not in KINDS:
             raise ValueError(f"memory_kind must be one of {list(KINDS)}, got {self.memory_kind!r}")
         if self.memory_impl in RENAMED_IMPLS:

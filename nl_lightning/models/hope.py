@@ -54,6 +54,9 @@ class SelfModifyingMemory(nn.Module):
         d, h, hd = config.d_model, config.n_head, config.head_dim
         self.config = config
         self.conv = CausalDepthwiseConv(d, config.conv_kernel)
+        # The keys are M_k's read-outs; under key_shift a convolution over them starts as the previous
+        # token's (ModelConfig.key_shift), so token t writes what follows x_{t-1}.
+        self.key_conv = CausalDepthwiseConv(d, config.conv_kernel, shifted=(0, d)) if config.key_shift else None
         self.q_proj = nn.Linear(d, d, bias=False)
         # The four projection memories share keys, values and gates, so they are stacked as the
         # "heads" of one memory and updated by a single kernel call per chunk.
@@ -118,7 +121,8 @@ class SelfModifyingMemory(nn.Module):
         # the residual stream's scale.
         p = self.project(F.normalize(x, dim=-1))
         q = F.normalize(split_heads(self.q_proj(x), h), dim=-1)
-        k = F.normalize(split_heads(p["k"], h), dim=-1)
+        keys = p["k"] if self.key_conv is None else self.key_conv(p["k"], impl=self.config.memory_impl)
+        k = F.normalize(split_heads(keys, h), dim=-1)
         v = split_heads(p["v"], h)
         eta, alpha = self._gate("eta", p["eta"], heads=True), self._gate("alpha", p["alpha"], heads=True)
         # o_t = M_{t-1}(q_t): read token t+1's query after token t's update, and the first

@@ -199,11 +199,16 @@ def gate_bias(target: float) -> float:
 
 class CausalDepthwiseConv(nn.Module):
     """Per-channel causal convolution over time (``nl_lightning.ops.conv``): output t sees inputs
-    t-kernel+1 .. t only; it starts as the identity."""
+    t-kernel+1 .. t only. It starts as the identity, except the channels ``shifted = (start, end)``,
+    which start as the previous token (output t = input t-1)."""
 
-    def __init__(self, dim: int, kernel: int) -> None:
+    def __init__(self, dim: int, kernel: int, shifted: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.kernel = kernel
+        if shifted is not None and (kernel < 2 or not 0 <= shifted[0] < shifted[1] <= dim):
+            raise ValueError(
+                f"shifted={shifted} needs a kernel of at least 2 taps (got {kernel}) and a channel range within [0, {dim}]"
+            )
+        self.kernel, self.shifted = kernel, shifted
         # Holds the (dim, 1, kernel) weight under the usual name (checkpoints, init, optimiser
         # groups); ``forward`` applies it through the op rather than calling the Conv1d.
         self.conv = nn.Conv1d(dim, dim, kernel, groups=dim, bias=False)
@@ -214,6 +219,10 @@ class CausalDepthwiseConv(nn.Module):
         with torch.no_grad():
             self.conv.weight.zero_()
             self.conv.weight[:, 0, -1] = 1.0
+            if self.shifted is not None:
+                start, end = self.shifted
+                self.conv.weight[start:end, 0, -1] = 0.0
+                self.conv.weight[start:end, 0, -2] = 1.0
 
     def forward(self, x: torch.Tensor, *, normalized: int = 0, group: int = 1, impl: str = "chunk") -> torch.Tensor:
         """x: (B, T, D) → (B, T, D); then ``F.normalize`` over each group of ``group`` channels among

@@ -46,7 +46,8 @@ class TitansMemoryLayer(nn.Module):
         d, h, hd = config.d_model, config.n_head, config.head_dim
         self.config = config
         self.qkv = nn.Linear(d, 3 * d, bias=False)
-        self.conv = CausalDepthwiseConv(3 * d, config.conv_kernel)
+        # channels: queries, keys, values; keys start from the previous token under key_shift
+        self.conv = CausalDepthwiseConv(3 * d, config.conv_kernel, shifted=(d, 2 * d) if config.key_shift else None)
         self.gates = nn.Linear(d, len(self.initial_gates) * h)  # one value per gate and head
         if config.memory_kind == "linear":
             self.memory_weights = nn.ParameterList([nn.Parameter(torch.zeros(h, hd, hd))])

@@ -21,7 +21,7 @@ the distant past, so the defaults decay them (0.95, 0.99, 0.9) like Muon's and A
 Why the RMS normalisation is the default: ``O`` has a fixed size (orthogonal, RMS ≈ 1/√fan-in)
 whatever the gradient's scale, but ``√V`` is the gradient's scale. Plain division therefore makes
 the step ∝ 1/|g|: coordinates with tiny gradients (at the first step V = g², so every coordinate
-gets |O|/|g|) take huge steps — tests/test_muon_m3.py measures a first update over a thousand times
+gets |O|/|g|) take huge steps — tests/optim/test_hybrid.py measures a first update over a thousand times
 lr, and benchmarks/optimizers.py shows the resulting loss. Normalising keeps √V's *relative*
 per-coordinate preconditioning and Muon's step size, so ``lr`` means what it means for ``Muon``.
 

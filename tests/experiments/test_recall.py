@@ -72,6 +72,19 @@ def test_titans_variants_differ_only_in_which_layers_attend():
     assert counts == {"titans": (2, 2), "titans_swa_only": (4, 0), "titans_memory_only": (0, 4)}
 
 
+@pytest.mark.parametrize("name", ["titans", "hope"])
+def test_shift_variants_differ_only_in_key_shift(name):
+    base, shifted = recall.build_network(name, window=16), recall.build_network(f"{name}_shift", window=16)
+    assert not base.config.key_shift and shifted.config.key_shift
+    assert base.config == type(base.config)(**{**vars(shifted.config), "key_shift": False})
+
+
+def test_override_reads_booleans_numbers_and_names():
+    args = recall.parse_args(["--override", "key_shift=true", "--override", "chunk_size=16",
+                              "--override", "memory_kind=linear"])
+    assert args.overrides == {"key_shift": True, "chunk_size": 16, "memory_kind": "linear"}
+
+
 def test_bad_arguments_are_refused_naming_them():
     with pytest.raises(SystemExit):
         recall.parse_args(["--steps", "0"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_dgd_memory import D, DH, F64, H, T, assert_same_run, make_inputs
+from tests.ops.test_dgd import D, DH, F64, H, T, assert_same_run, make_inputs
 
 from nl_lightning.ops.activations import silu_grad
 from nl_lightning.ops import MemoryState
@@ -55,7 +55,7 @@ def assert_close_to_scale(actual, expected, rel):
 
 @pytest.mark.parametrize("target", ["value", "self"])
 def test_cpu_matches_chunk_float32_at_model_sizes(target):
-    from test_dgd_memory import model_size_inputs
+    from tests.ops.test_dgd import model_size_inputs
 
     seq, weights = model_size_inputs(batch=2, hidden=48)
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_cpu_is_as_accurate_as_chunk_in_float32_at_one_shot_steps():
     """β up to 1 with 64 keys in 48 dimensions: the UT systems are badly conditioned and every
     float32 implementation, the token loop included, is ~1e-3 off the float64 result; the C++ kernel
     must not be worse than the ATen one."""
-    from test_dgd_memory import model_size_inputs
+    from tests.ops.test_dgd import model_size_inputs
 
     seq, weights = model_size_inputs(batch=2, hidden=48)
     seq, weights = {n: x.detach() for n, x in seq.items()}, tuple(w.detach() for w in weights)

@@ -17,7 +17,7 @@ from nl_lightning.callbacks import EWC, ExperienceReplay, ReservoirBuffer, Synap
 from nl_lightning.cli import main
 from nl_lightning.modules import ContinualClassifier
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTINUAL_RECIPES = sorted((REPO_ROOT / "recipes/continual").glob("*.yaml"))
 
 

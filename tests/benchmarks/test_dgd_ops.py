@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, REPO_ROOT, load_script
+from tests.conftest import DEVICES, REPO_ROOT, load_script
 
 
 def load_dgd_ops():

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import load_script
+from tests.conftest import load_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nl_lightning.cli import main
 from nl_lightning.models.layers import attention_score_bytes
 from nl_lightning.models import Titans, TransformerPP
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LONGCTX_RECIPES = sorted((REPO_ROOT / "recipes/longctx").glob("*.yaml"))
 # Every recipe (3 tasks × 3 networks) trains two steps in the default suite: ≈ 100 s together on
 # 2 loaded cores, HOPE and Titans on MQAR being the slowest (≈ 25 s each).

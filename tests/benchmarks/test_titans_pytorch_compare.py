@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from conftest import REPO_ROOT, load_script
+from tests.conftest import REPO_ROOT, load_script
 
 
 def load():

@@ -4,7 +4,7 @@ against the shifted-sum reference, in value and gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import on_one_and_two_threads
+from tests.conftest import on_one_and_two_threads
 
 from nl_lightning.models.layers import CausalDepthwiseConv
 from nl_lightning.ops.conv import causal_conv

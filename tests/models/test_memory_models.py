@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ON_DEVICES
+from tests.conftest import ON_DEVICES
 
 from nl_lightning.models import PRESETS, Hope, Titans, TransformerPP
 
@@ -385,6 +385,45 @@ def test_unknown_write_rule_or_target_is_refused_naming_the_choices(field, value
 
     with pytest.raises(ValueError, match=f"{field} must be"):
         ModelConfig(**{field: value})
+
+
+def test_key_shift_starts_the_keys_from_the_previous_token_and_nothing_else():
+    """ModelConfig.key_shift: Titans' key channels of the q/k/v convolution, and HOPE's convolution
+    over its key read-outs, start as a one-token shift; queries and values keep the identity."""
+    titans = small_model(Titans, key_shift=True).blocks[0].mixer
+    d = titans.config.d_model
+    x = torch.randn(2, 9, 3 * d)
+    y = titans.conv(x)
+    torch.testing.assert_close(y[..., d : 2 * d], torch.cat([torch.zeros_like(x[:, :1, :d]), x[:, :-1, d : 2 * d]], 1))
+    torch.testing.assert_close(y[..., :d], x[..., :d])
+    torch.testing.assert_close(y[..., 2 * d :], x[..., 2 * d :])
+    hope = small_model(Hope, key_shift=True).blocks[0].mixer
+    keys = torch.randn(2, 9, d)
+    torch.testing.assert_close(hope.key_conv(keys)[:, 1:], keys[:, :-1])
+    assert small_model(Hope).blocks[0].mixer.key_conv is None  # off by default: the model is unchanged
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
+def test_key_shift_keeps_the_models_causal(family):
+    model = small_model(family, key_shift=True)
+    tokens = torch.randint(0, 256, (2, 30))
+    changed = tokens.clone()
+    changed[:, 17] = (changed[:, 17] + 5) % 256
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    torch.testing.assert_close(after[:, :17], before[:, :17])
+    assert not torch.allclose(after[:, 17:], before[:, 17:])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"key_shift": "yes"}, "key_shift must be true or false"),
+    ({"key_shift": True, "conv_kernel": 1}, "key_shift needs conv_kernel >= 2"),
+])
+def test_bad_key_shift_settings_are_refused_naming_the_fix(overrides, message):
+    from nl_lightning.models import ModelConfig
+
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**overrides)
 
 
 def test_titans_model_runs_the_triton_memory_like_the_chunk_kernel(triton_linear, monkeypatch):

@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_script
+from tests.conftest import load_script
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from nl_lightning import models
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_throughput():
@@ -78,7 +78,7 @@ def test_bf16_mixed_precision_runs_the_memory_models(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "torch.bfloat16" in out  # the MFU denominator is the bf16 matmul rate
     (row,) = [line for line in out.splitlines() if line.startswith("| recipes/lm/hope_tiny.yaml")]
-    assert float(row.split("|")[3].replace(",", "")) > 0
+    assert 0 < float(row.split("|")[3].replace(",", "")) < 1e7  # tokens/s of a tiny model on a CPU
 
 
 def test_cuda_device_without_a_gpu_is_refused_with_the_fix(monkeypatch):

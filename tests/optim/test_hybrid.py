@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+from tests.conftest import load_script
 from torch import nn
 
 from nl_lightning.optim import M3, Muon
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 A, B, C = 3.4445, -4.7750, 2.0315  # the quintic, written out again so the reference does not share code
 
 
@@ -465,7 +465,7 @@ def run_worker(tmp_path: Path, stage: int, optimizer: str, steps: int = 2):
     return proc, out
 
 
-# ~15 s on a quiet 2-core machine (two Python starts + DeepSpeed's setup), like tests/test_deepspeed_cpu.py.
+# ~15 s on a quiet 2-core machine (two Python starts + DeepSpeed's setup), like tests/strategies/test_cpu_deepspeed.py.
 @pytest.mark.parametrize("optimizer", ["muon", pytest.param("m3", marks=pytest.mark.slow)])
 def test_zero_stage_2_refuses_with_an_error_naming_the_stages_that_work(tmp_path, optimizer):
     pytest.importorskip("deepspeed")

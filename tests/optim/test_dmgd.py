@@ -1,4 +1,5 @@
-"""DGD (delta gradient descent) and DMGD (deep momentum): references, reductions, checkpoints, levels."""
+"""DMGD (deep momentum): hand-computed references, reductions, DMGD as NestedOptimizer's inner rule; and
+the contract DGD and DMGD share (closures, levels, checkpoints, non-finite values), run for both."""
 
 from __future__ import annotations
 
@@ -9,10 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from nl_lightning.callbacks import DGDInputCapture
 from nl_lightning.optim import DGD, DMGD, DeepMomentum, MomentumSGD, NestedOptimizer
 
 # -- hand-computed references on a 2×3 problem (explicit float64 formulas) ------------------------
@@ -22,27 +20,6 @@ def _batches(steps: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 2, generator=g, dtype=torch.float64))
             for _ in range(steps)]
-
-
-def test_dgd_first_steps_match_the_hand_computed_delta_rule_on_a_2x3_linear_layer():
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(3, 2, dtype=torch.float64)
-    W, c = layer.weight.detach().clone(), layer.bias.detach().clone()
-    lr, decay = 0.1, 2.0
-    opt = DGD(layer.parameters(), lr=lr, decay=decay)
-    opt.watch(layer)
-    for X, Y in _batches(3):
-        # reference: loss ½ mean_t ‖W x_t + c − y_t‖²; Â = Σ x xᵀ / Σ ‖x‖²
-        residual = X @ W.T + c - Y
-        grad_W, grad_c = residual.T @ X / 4, residual.mean(0)
-        A_hat = X.T @ X / X.square().sum()
-        W = W - lr * decay * W @ A_hat - lr * grad_W
-        c = c - lr * grad_c  # plain GD for everything but linear weights
-        opt.zero_grad()
-        (0.5 * (layer(X) - Y).square().sum(-1).mean()).backward()
-        opt.step()
-        torch.testing.assert_close(layer.weight.detach(), W, rtol=0, atol=1e-13)
-        torch.testing.assert_close(layer.bias.detach(), c, rtol=0, atol=1e-13)
 
 
 def test_dmgd_first_steps_match_the_hand_computed_deep_momentum_on_a_2x3_problem():
@@ -133,56 +110,6 @@ def test_deep_memory_learns_to_predict_an_alternating_gradient_better_than_linea
     assert linear == pytest.approx(2.0) and deep < 0.75 * linear, (deep, linear)
 
 
-# -- DGD's input-aware decay ----------------------------------------------------------------------
-
-
-def test_dgd_decay_uses_the_captured_inputs_even_with_a_zero_gradient():
-    layer = torch.nn.Linear(3, 2, bias=False, dtype=torch.float64)
-    W = layer.weight.detach().clone()
-    opt = DGD(layer.parameters(), lr=0.3)
-    opt.watch(layer)
-    x = torch.tensor([[1.0, 2.0, -1.0]], dtype=torch.float64)
-    layer(x)  # captured; the loss ignores the output, so the gradient is zero
-    layer.weight.grad = torch.zeros_like(layer.weight)
-    opt.step()
-    expected = W - 0.3 * W @ x.T @ x / x.square().sum()  # −η' W x xᵀ / ‖x‖²
-    torch.testing.assert_close(layer.weight.detach(), expected, rtol=0, atol=1e-14)
-    assert not torch.equal(layer.weight.detach(), W)
-    layer.weight.grad = torch.zeros_like(layer.weight)
-    before = layer.weight.detach().clone()
-    opt.step()  # no forward since: the inputs were consumed, so nothing moves
-    assert torch.equal(layer.weight.detach(), before)
-
-
-def test_dgd_ignores_forwards_without_gradients_and_warns_when_nothing_is_watched():
-    layer = torch.nn.Linear(3, 2, bias=False)
-    opt = DGD(layer.parameters(), lr=0.1)
-    handle = opt.watch(layer)
-    with torch.no_grad():
-        layer(torch.randn(5, 3))  # validation-style forward
-    assert "input_outer" not in opt.state[layer.weight]
-    handle.remove()
-    with pytest.raises(RuntimeError, match="already watched"):
-        opt.watch(layer), opt.watch(layer)
-    plain = DGD(torch.nn.Linear(3, 2).parameters(), lr=0.1)
-    for p in plain.param_groups[0]["params"]:
-        p.grad = torch.ones_like(p)
-    with pytest.warns(UserWarning, match="plain gradient descent"):
-        plain.step()
-
-
-def test_dgd_refuses_a_decay_factor_that_is_not_a_contraction():
-    layer = torch.nn.Linear(3, 2)
-    with pytest.raises(ValueError, match=r"lr·decay = 0.5·4 = 2 > 1; lower decay below 2"):
-        DGD(layer.parameters(), lr=0.5, decay=4.0)
-    opt = DGD(layer.parameters(), lr=0.5, decay=2.0)  # η' = 1 is the edge, still fine
-    opt.watch(layer)
-    opt.param_groups[0]["lr"] = 0.6  # e.g. raised by a scheduler
-    layer.weight.grad = torch.zeros_like(layer.weight)
-    with pytest.raises(ValueError, match="no longer a contraction .* 0.6·2 = 1.2 > 1"):
-        opt.step()
-
-
 # -- both optimizers: closures, levels, checkpoints, non-finite values -----------------------------
 
 
@@ -250,22 +177,6 @@ def test_a_group_with_period_updates_only_every_period_steps(kind):
     assert opt.level_stats()["slow/updates"] == 2.0
 
 
-def test_dgd_period_group_decays_with_the_inputs_of_its_whole_cycle_and_the_summed_gradient():
-    layer = torch.nn.Linear(3, 2, bias=False, dtype=torch.float64)
-    W = layer.weight.detach().clone()
-    opt = DGD([{"params": [layer.weight], "period": 2}], lr=0.1)
-    opt.watch(layer)
-    batches = _batches(2, seed=3)
-    for X, Y in batches:
-        opt.zero_grad()
-        (0.5 * (layer(X) - Y).square().sum()).backward()
-        opt.step()
-    X = torch.cat([x for x, _ in batches])
-    grad_sum = sum((x @ W.T - y).T @ x for x, y in batches)  # both gradients at W: no update in between
-    expected = W - 0.1 * W @ X.T @ X / X.square().sum() - 0.1 * grad_sum
-    torch.testing.assert_close(layer.weight.detach(), expected, rtol=0, atol=1e-13)
-
-
 @pytest.mark.parametrize("kind", ["dgd", "dmgd"])
 def test_a_non_finite_gradient_raises_before_any_weight_or_state_changes(kind):
     model = _model()
@@ -284,18 +195,6 @@ def test_a_non_finite_gradient_raises_before_any_weight_or_state_changes(kind):
     for p_id, entries in state["state"].items():
         for key, value in entries.items():
             assert torch.equal(after["state"][p_id][key], value), key
-
-
-def test_dgd_non_finite_captured_inputs_raise_before_the_weights_change():
-    layer = torch.nn.Linear(3, 2)
-    opt = DGD(layer.parameters(), lr=0.1)
-    opt.watch(layer)
-    layer(torch.tensor([[1.0, math.inf, 0.0]]))
-    layer.weight.grad, layer.bias.grad = torch.zeros_like(layer.weight), torch.zeros_like(layer.bias)
-    before = copy.deepcopy(layer.state_dict())
-    with pytest.raises(FloatingPointError, match="non-finite inputs"):
-        opt.step()
-    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
 
 
 # -- DMGD as NestedOptimizer's inner rule ---------------------------------------------------------
@@ -329,48 +228,3 @@ def test_deep_momentum_prediction_is_exact_for_a_constant_gradient_so_surprise_i
     stats = opt.level_stats()
     for name in opt.level_names:
         assert stats[f"level/{name}/ticks"] >= 3 and stats[f"level/{name}/surprise"] == pytest.approx(0.0, abs=1e-9)
-
-
-# -- the Lightning callback -----------------------------------------------------------------------
-
-
-class _Regression(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self.net(x), y)
-
-    def configure_optimizers(self):
-        return DGD(self.parameters(), lr=0.1)
-
-
-def _fit(module: LightningModule, callbacks: list) -> Trainer:
-    torch.manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
-    trainer = Trainer(max_steps=3, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
-    return trainer
-
-
-def test_dgd_input_capture_callback_feeds_the_linear_inputs_during_fit_and_detaches_after():
-    torch.manual_seed(0)
-    module, twin = _Regression(), _Regression()
-    twin.load_state_dict(module.state_dict())
-    trainer = _fit(module, [DGDInputCapture()])
-    state = trainer.optimizers[0].state[module.net[0].weight]
-    assert state["input_outer"].shape == (4, 4) and state["input_sq_norm"] == 0  # captured, then consumed
-    assert not module.net[0]._forward_pre_hooks  # removed at the end of fit
-    with pytest.warns(UserWarning, match="plain gradient descent"):
-        _fit(twin, [])  # same data and start, no callback: plain GD
-    assert not torch.allclose(module.net[0].weight, twin.net[0].weight)  # the decay term acted
-
-
-def test_dgd_input_capture_callback_refuses_a_run_without_dgd():
-    plain = _Regression()
-    plain.configure_optimizers = lambda: torch.optim.SGD(plain.parameters(), lr=0.1)
-    with pytest.raises(MisconfigurationException, match="no DGD optimizer"):
-        _fit(plain, [DGDInputCapture()])

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ON_DEVICES, on_one_and_two_threads
+from tests.conftest import ON_DEVICES, on_one_and_two_threads
 
 from nl_lightning.ops import memory_read
 from nl_lightning.ops.titans import MemoryState, titans_memory

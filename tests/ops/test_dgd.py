@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ON_DEVICES, on_one_and_two_threads
+from tests.conftest import ON_DEVICES, on_one_and_two_threads
 
 import nl_lightning.ops.dgd as dgd_ops
 from nl_lightning.ops import cpu_extension

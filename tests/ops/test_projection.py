@@ -4,8 +4,8 @@ implementation against the reference loop, both write rules, forward and every g
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import on_one_and_two_threads
-from test_dgd_memory import B, DH, F64, T, make_inputs
+from tests.conftest import on_one_and_two_threads
+from tests.ops.test_dgd import B, DH, F64, T, make_inputs
 
 from nl_lightning.ops import MemoryState, memory_read
 from nl_lightning.ops.dgd import dgd_memory

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+from tests.conftest import load_script
 
 pytest.importorskip("deepspeed")
 
 from nl_lightning.strategies import CPUDeepSpeedStrategy  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6  # the slow level (period 3) updates at steps 3 and 6
 
 # Run as a script: Lightning's DeepSpeed launcher re-runs this file once per extra rank, which

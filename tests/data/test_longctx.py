@@ -11,7 +11,6 @@ from scipy.stats import kstest
 
 from nl_lightning.data import RecallDataModule
 from nl_lightning.data.longctx import MQAR_KEYS, MQAR_VALUES, is_held_out, make_mqar, make_niah, make_passkey
-from nl_lightning.metrics import AnswerAccuracy
 
 
 @pytest.fixture
@@ -126,19 +125,6 @@ def test_bad_settings_name_the_value_and_the_fix():
         RecallDataModule(eval_lengths=[])
     with pytest.raises(ValueError, match="haystack corpus has 10 bytes"):
         make_niah(np.random.default_rng(0), 200, np.zeros(10, dtype=np.uint8))
-
-
-def test_answer_accuracy_counts_whole_answers_and_bytes():
-    targets = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
-    mask = torch.tensor([[False, False, True, True], [False, True, False, True]])
-    preds = torch.tensor([[9, 9, 3, 4], [1, 2, 3, 0]])  # row 0 fully right on its answer, row 1 half
-    exact, per_byte = AnswerAccuracy("answer"), AnswerAccuracy("token")
-    exact.update(preds, targets, mask)
-    per_byte.update(torch.nn.functional.one_hot(preds, 10).float(), targets, mask)  # logits work too
-    assert exact.compute().item() == pytest.approx(0.5)
-    assert per_byte.compute().item() == pytest.approx(0.75)
-    with pytest.raises(ValueError, match="no answer positions"):
-        exact.update(preds, targets, torch.zeros_like(mask))
 
 
 def test_mqar_min_distance_keeps_every_key_that_far_before_the_queries():
