@@ -5,7 +5,7 @@ recall, then 16 test samples at the training length 64 and at 1K/2K/4K/8K/16K, b
 
     .venv/bin/python benchmarks/longctx_eval.py
 
-The default task is MQAR with one key–value pair (``recipes/longctx/*_mqar_tiny.yaml``): a random
+The default task is MQAR with one key–value pair (``recipes/longctx/tasks/mqar.yaml``): a random
 value byte follows its key at a uniform depth in random filler; the answer is that value (chance
 1/64), so it can only come from the context. It is the setting found to be learned within the CPU
 budget. One run of this default with 8 test samples per length (load 1–2, 596 s end to end),
@@ -31,14 +31,15 @@ On a loaded machine try ``OMP_NUM_THREADS=1``: on the shared 2-core machine (loa
 ~5× longer with torch's default two threads than with one (not a controlled comparison). Smaller:
 ``--steps 5 --num-test 1``.
 
-For every model in ``--models`` it builds ``recipes/longctx/<model>_<task>_tiny.yaml`` exactly as
-``nl-lightning fit`` would, trains ``--steps`` optimizer steps (same for every model) or loads
+For every model in ``--models`` it builds the recipe ``recipes/longctx/base.yaml`` +
+``tasks/<task>.yaml`` + ``models/<model>.yaml`` (``recipe_configs``) exactly as ``nl-lightning fit``
+would, trains ``--steps`` optimizer steps (same for every model) or loads
 ``--ckpt <model>=<path>``, then tests at every ``--lengths`` value (``--num-test`` samples each,
 batch 1). Writes, under ``<out>/<task>/``:
 
 - ``accuracy_vs_length.csv`` (model, task, length, accuracy, token_accuracy, num_samples, seconds, status),
 - ``accuracy_vs_length.png``,
-- TensorBoard events: each model's run (``<out>/<task>/longctx_<recipe>/``) has its training curves and
+- TensorBoard events: each model's run (``<out>/<task>/<model>/``) has its training curves and
   ``test/accuracy@<length>``; ``<out>/<task>/summary/`` has ``longctx/<task>/<model>/accuracy`` with
   the length as the step, and the plot as an image.
 
@@ -67,6 +68,16 @@ MODELS = ("hope", "titans", "transformer")
 TASKS = ("passkey", "niah", "mqar")
 DEFAULT_STEPS = 300  # the recipes' max_steps; the budget arithmetic above
 EXTRAPOLATION_LENGTHS = (1024, 2048, 4096, 8192, 16384)
+
+
+def recipe_configs(recipes: Path, task: str, model: str) -> list[Path]:
+    """The ``--config`` files of ``task`` with ``model``: the base, the task, the model (in that order,
+    later ones overriding)."""
+    configs = [recipes / "base.yaml", recipes / "tasks" / f"{task}.yaml", recipes / "models" / f"{model}.yaml"]
+    missing = [str(path) for path in configs if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no recipe fragment {missing}; --recipes must hold base.yaml, tasks/ and models/")
+    return configs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,12 +115,10 @@ def lengths_to_evaluate(requested: list[int] | None, train_length: int) -> list[
 
 
 def run_model(name: str, args: argparse.Namespace, out_dir: Path):
-    recipe = args.recipes / f"{name}_{args.task}_tiny.yaml"
-    if not recipe.is_file():
-        raise FileNotFoundError(f"no recipe {recipe}; --models must name recipes/longctx/<model>_{args.task}_tiny.yaml")
+    configs = [arg for path in recipe_configs(args.recipes, args.task, name) for arg in ("--config", str(path))]
     cli = build_cli([
-        "--config", str(recipe),
-        f"--trainer.max_steps={args.steps}", f"--trainer.logger.init_args.save_dir={out_dir}",
+        *configs, f"--trainer.max_steps={args.steps}", f"--trainer.logger.init_args.save_dir={out_dir}",
+        f"--trainer.logger.init_args.name={name}",
         "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=null",
         f"--trainer.limit_train_batches={args.steps}", "--trainer.limit_val_batches=2",
         "--trainer.enable_progress_bar=false", f"--data.init_args.num_test={args.num_test}",

@@ -42,7 +42,7 @@ def test_niah_answer_is_the_code_of_the_named_needle(niah_data):
         assert re.findall(rb"The secret code of " + name + rb" is (\d+)\.", context) == [answer]
 
 
-# (1, 1, 64): the default of recipes/longctx/*_mqar_tiny.yaml
+# (1, 1, 64): the default of recipes/longctx/tasks/mqar.yaml
 @pytest.mark.parametrize("num_pairs, num_queries, length", [(8, 5, 300), (1, 1, 64)])
 def test_mqar_every_queried_value_is_the_value_paired_with_its_key_in_the_context(num_pairs, num_queries, length):
     for index in range(20):

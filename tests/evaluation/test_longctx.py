@@ -1,4 +1,5 @@
-"""Long-context recipes (recipes/longctx) train through the CLI; accuracy-vs-length evaluation writes CSV, PNG, TensorBoard."""
+"""Long-context recipes (recipes/longctx: base + task + model) train through the CLI; accuracy-vs-length
+evaluation writes CSV, PNG, TensorBoard."""
 
 from __future__ import annotations
 
@@ -16,10 +17,33 @@ from nl_lightning.models.layers import attention_score_bytes
 from nl_lightning.models import Titans, TransformerPP
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LONGCTX_RECIPES = sorted((REPO_ROOT / "recipes/longctx").glob("*.yaml"))
-# Every recipe (3 tasks × 3 networks) trains two steps in the default suite: ≈ 100 s together on
-# 2 loaded cores, HOPE and Titans on MQAR being the slowest (≈ 25 s each).
-SMOKE_RECIPES = [pytest.param(r, id=r.stem) for r in LONGCTX_RECIPES]
+RECIPES = REPO_ROOT / "recipes/longctx"
+TASKS, MODELS = ("passkey", "niah", "mqar"), ("hope", "titans", "transformer")
+# Every composition a user runs: the three tasks with each model, and the recall study's setting
+# (tasks/recall.yaml) with Titans at its window. Each trains two steps in the default suite: ≈ 110 s
+# together on 2 loaded cores, HOPE and Titans on MQAR being the slowest (≈ 25 s each).
+COMPOSITIONS = [(task, model, []) for task in TASKS for model in MODELS] + [
+    ("recall", "titans", ["--model.init_args.network.init_args.overrides={attn_window: 16, key_shift: true}"])
+]
+
+
+def configs(task: str, model: str) -> list[str]:
+    """``--config`` arguments of ``task`` with ``model`` (base, task, model; later ones override)."""
+    paths = [RECIPES / "base.yaml", RECIPES / "tasks" / f"{task}.yaml", RECIPES / "models" / f"{model}.yaml"]
+    return [arg for path in paths for arg in ("--config", str(path))]
+
+
+def merged(task: str, model: str | None = None) -> dict:
+    """The YAML of the composition merged as jsonargparse merges ``--config`` files (nested keys)."""
+    def merge(into: dict, other: dict) -> dict:
+        for key, value in other.items():
+            into[key] = merge(dict(into.get(key) or {}), value) if isinstance(value, dict) else value
+        return into
+
+    result: dict = {}
+    for path in configs(task, model or "transformer")[1::2]:
+        result = merge(result, yaml.safe_load(Path(path).read_text()))
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +68,9 @@ def small_data_args(workdir: Path, eval_lengths: str = "[256]") -> list[str]:
     ]
 
 
-def few_steps(recipe: Path, workdir: Path, save_dir: Path, steps: int = 2) -> list[str]:
+def few_steps(task: str, model: str, workdir: Path, save_dir: Path, steps: int = 2, extra=()) -> list[str]:
     return [
-        "fit", "--config", str(recipe),
+        "fit", *configs(task, model), *extra,
         f"--trainer.max_steps={steps}", f"--trainer.limit_train_batches={steps}",
         "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1.0",
         "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
@@ -60,37 +84,37 @@ def scalar_tags(log_dir: Path) -> set[str]:
     return set(events.Tags()["scalars"])
 
 
-def test_all_nine_recipes_exist_and_train_each_task_identically_across_models():
-    names = {r.stem for r in LONGCTX_RECIPES}
-    assert names == {f"{m}_{t}_tiny" for m in ("hope", "titans", "transformer") for t in ("mqar", "niah", "passkey")} | {
-        "titans_recall_tiny"  # the recall study's training setting (experiments/recall.py)
-    }
-    for task in ("mqar", "niah", "passkey"):
-        configs = [yaml.safe_load((REPO_ROOT / f"recipes/longctx/{m}_{task}_tiny.yaml").read_text())
-                   for m in ("hope", "titans", "transformer")]
-        for config in configs:
-            config["model"]["init_args"].pop("network")
-            config["trainer"].pop("logger")
-        assert configs[0] == configs[1] == configs[2], f"{task}: steps, optimizer or data differ between models"
+def test_fragments_compose_tasks_that_train_identically_across_models():
+    """A model fragment sets the network and nothing else, so every model trains a task with the
+    same steps, optimizer and data; the fragments on disk are the ones the compositions name."""
+    assert {p.stem for p in (RECIPES / "models").glob("*.yaml")} == set(MODELS)
+    assert {p.stem for p in (RECIPES / "tasks").glob("*.yaml")} == {*TASKS, "recall"}
+    assert sorted(p.name for p in RECIPES.glob("*.yaml")) == ["base.yaml"]
+    for model in MODELS:
+        fragment = yaml.safe_load((RECIPES / "models" / f"{model}.yaml").read_text())
+        assert list(fragment) == ["model"] and list(fragment["model"]["init_args"]) == ["network"]
+    for task in (*TASKS, "recall"):
+        data = merged(task)["data"]["init_args"]
+        assert data["task"] == ("mqar" if task == "recall" else task)
 
 
-@pytest.mark.parametrize("recipe", SMOKE_RECIPES)
-def test_longctx_recipe_trains_a_few_steps_and_logs_answer_accuracy(recipe, workdir):
-    save_dir = workdir / f"runs-{recipe.stem}"
-    main(few_steps(recipe, workdir, save_dir))
+@pytest.mark.parametrize(("task", "model", "extra"), COMPOSITIONS, ids=[f"{t}-{m}" for t, m, _ in COMPOSITIONS])
+def test_longctx_composition_trains_a_few_steps_and_logs_answer_accuracy(task, model, extra, workdir):
+    save_dir = workdir / f"runs-{task}-{model}"
+    main(few_steps(task, model, workdir, save_dir, extra=extra))
     (version,) = save_dir.glob("*/version_*")
+    assert version.parent.name == f"longctx_{task}"
     assert (version / "checkpoints" / "last.ckpt").is_file()
     assert {"train/loss", "train/token_accuracy", "val/loss", "val/accuracy", "val/token_accuracy"} <= scalar_tags(version)
 
 
 def test_cli_test_from_a_checkpoint_logs_accuracy_at_every_eval_length(workdir):
-    recipe = REPO_ROOT / "recipes/longctx/transformer_mqar_tiny.yaml"
     train_dir = workdir / "runs-cli-test-train"
-    main(few_steps(recipe, workdir, train_dir, steps=1))
+    main(few_steps("mqar", "transformer", workdir, train_dir, steps=1))
     last = next(train_dir.glob("*/version_*/checkpoints/last.ckpt"))
     test_dir = workdir / "runs-cli-test"
     main([
-        "test", "--config", str(recipe), f"--ckpt_path={last}", "--trainer.enable_progress_bar=false",
+        "test", *configs("mqar", "transformer"), f"--ckpt_path={last}", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={test_dir}", *small_data_args(workdir, "[256, 512]"),
     ])
     (version,) = test_dir.glob("*/version_*")
@@ -103,7 +127,7 @@ def test_cli_test_stops_before_a_length_whose_attention_scores_exceed_the_memory
     test_dir = workdir / "runs-memory-guard"
     with pytest.raises(ValueError, match=r"attention at 512 needs ~[\d.]+ GiB of scores \([\d,]+ bytes.*eval_lengths"):
         main([
-            "test", "--config", str(REPO_ROOT / "recipes/longctx/titans_mqar_tiny.yaml"),
+            "test", *configs("mqar", "titans"),
             f"--model.init_args.test_memory_budget_gb={budget_gb}", "--trainer.enable_progress_bar=false",
             f"--trainer.logger.init_args.save_dir={test_dir}", *small_data_args(workdir, "[256, 512]"),
         ])
@@ -117,7 +141,7 @@ def test_default_evaluation_tests_the_training_length_before_the_long_ones():
     longctx_eval = load_longctx_eval()
     args = longctx_eval.parse_args([])
     assert args.task == "mqar" and args.lengths is None
-    recipe = yaml.safe_load((REPO_ROOT / f"recipes/longctx/transformer_{args.task}_tiny.yaml").read_text())
+    recipe = merged(args.task)
     train_length = recipe["data"]["init_args"]["train_length"]
     assert longctx_eval.lengths_to_evaluate(args.lengths, train_length) == [train_length, 1024, 2048, 4096, 8192, 16384]
     assert longctx_eval.lengths_to_evaluate([512, 256, 512], train_length) == [256, 512]

@@ -17,7 +17,7 @@ def test_short_study_records_both_rules_per_seed_and_the_long_run(tmp_path, text
     with out.open() as f:
         written = list(csv.DictReader(f))
     assert tuple(written[0]) == study.COLUMNS and len(written) == len(rows)
-    runs = {(r["write_rule"], r["seed"], r["steps"]) for r in written}
+    runs = {(r["variant"], r["seed"], r["steps"]) for r in written}
     assert runs == {(rule, seed, steps) for seed in ("0", "1") for rule, steps in (("delta", "3"), ("paper", "3"), ("delta", "5"))}
     assert all(r["diverged"] == "False" for r in written)
     assert {int(r["step"]) for r in written if r["steps"] == "5"} == {1, 2, 3, 4, 5}
@@ -29,8 +29,17 @@ def test_paired_interval_brackets_the_mean_and_collapses_for_one_seed():
     assert study.paired_interval([0.05]) == (0.05, 0.05)
 
 
-def test_summary_pairs_the_rules_by_seed():
-    rows = [dict(model="hope", write_rule=rule, seed=str(s), steps="120", step="120", val_bpb=str(v), diverged="False")
-            for rule, values in (("delta", (3.0, 3.1)), ("paper", (3.2, 3.2))) for s, v in enumerate(values)]
-    text = study.summary(rows)
-    assert "-0.200 / -0.100" in text and "-0.150 [" in text
+def test_summary_pairs_the_variants_by_seed():
+    values = {"delta": (3.0, 3.1), "paper": (3.2, 3.2), "delta_shift": (2.9, 3.15)}
+    rows = [dict(model="hope", variant=variant, seed=str(s), steps="120", step="120", val_bpb=str(v), diverged="False")
+            for variant, bpbs in values.items() for s, v in enumerate(bpbs)]
+    lines = study.summary(rows).splitlines()
+    (rules,) = [line for line in lines if "delta vs paper" in line]
+    assert "-0.200 / -0.100" in rules and "-0.150 [" in rules
+    (shift,) = [line for line in lines if "delta_shift vs delta" in line]
+    assert "-0.100 / +0.050" in shift and "-0.025 [" in shift
+
+
+def test_variants_set_the_memory_settings_they_name():
+    assert study.VARIANTS["delta_shift"] == {"write_rule": "delta", "key_shift": True}
+    assert study.VARIANTS["paper"] == {"write_rule": "paper"}
