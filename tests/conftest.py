@@ -62,6 +62,27 @@ def triton_device(monkeypatch):
     return "cpu"
 
 
+def changed_at(history: list[dict[str, torch.Tensor]], name: str, initial: torch.Tensor) -> list[int]:
+    """1-based step numbers after which parameter ``name`` differs from its previous value
+    (``history``: the parameters after each step), to compare update schedules."""
+    previous, steps = initial, []
+    for i, params in enumerate(history, start=1):
+        if not torch.equal(params[name], previous):
+            steps.append(i)
+        previous = params[name]
+    return steps
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (tiny models on a shared CPU: extra threads only
+    spin and wait), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT

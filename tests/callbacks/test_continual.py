@@ -21,13 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTINUAL_RECIPES = sorted((REPO_ROOT / "recipes/continual").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared CPU: extra intra-op threads only spin and wait.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: extra threads only spin and wait
 
 
 class TwoParameters(ContinualClassifier):

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from nl_lightning.callbacks import NestedScheduler
 from nl_lightning.optim import LevelAwareAdamW, LevelAwareSGD
+from tests.conftest import changed_at
 
 GLOBAL_BATCH = 8
 
@@ -113,16 +114,6 @@ def sgd_reference(periods: dict[str, int], lr: float, steps: int) -> list[dict[s
                     p -= lr * sums.pop(name)
         history.append({n: p.detach().clone() for n, p in params.items()})
     return history
-
-
-def changed_at(history: list[dict[str, torch.Tensor]], name: str, initial: torch.Tensor) -> list[int]:
-    """1-based batch numbers after which ``name`` differs from the previous value."""
-    previous, steps = initial, []
-    for i, params in enumerate(history, start=1):
-        if not torch.equal(params[name], previous):
-            steps.append(i)
-        previous = params[name]
-    return steps
 
 
 def initial(name: str) -> torch.Tensor:

@@ -19,13 +19,7 @@ from nl_lightning.optim import MomentumSGD, NestedOptimizer
 TRAIN_BATCHES, VAL_BATCHES, BATCH = 4, 2, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared CPU: extra intra-op threads only spin and wait.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: extra threads only spin and wait
 
 
 def sgd(params):

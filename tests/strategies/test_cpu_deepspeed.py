@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import load_script
+from tests.conftest import changed_at, load_script
 
 pytest.importorskip("deepspeed")
 
@@ -136,15 +136,6 @@ def run_deepspeed(tmp_path: Path, stage: int, steps: int = STEPS, optimizer: str
     proc = subprocess.run([sys.executable, str(script), str(stage), "2", str(steps), str(out), optimizer],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     return proc, out
-
-
-def changed_at(history, name, initial):
-    previous, steps = initial, []
-    for i, params in enumerate(history, start=1):
-        if not torch.equal(params[name], previous):
-            steps.append(i)
-        previous = params[name]
-    return steps
 
 
 def check_zero_stage(tmp_path: Path, stage: int, steps: int = STEPS) -> None:
