@@ -3,11 +3,13 @@
     .venv/bin/python -m experiments.recall                 # the full study (docs/results.md, "Recall")
     .venv/bin/python -m experiments.recall --table         # print the table of docs/data/recall.csv
 
-On 2 cores the study runs as two one-thread halves side by side, then merges them (≈ 40 min)::
+On 2 cores the study runs as two one-thread halves side by side, then merges them (five models
+≈ an hour alone on the machine, ~40 min more with the two ``*_shift`` ones; docs/results.md)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m experiments.recall --models hope transformer --out runs/recall/a.csv --plot runs/recall/a.png &
+    OMP_NUM_THREADS=1 .venv/bin/python -m experiments.recall --models hope transformer hope_shift \
+        --out runs/recall/a.csv --plot runs/recall/a.png &
     OMP_NUM_THREADS=1 .venv/bin/python -m experiments.recall --models titans titans_swa_only titans_memory_only \
-        --out runs/recall/b.csv --plot runs/recall/b.png; wait
+        titans_shift --out runs/recall/b.csv --plot runs/recall/b.png; wait
     .venv/bin/python -m experiments.recall --merge runs/recall/b.csv runs/recall/a.csv
 
 Every model trains on dense multi-query associative recall (Zoology's MQAR over bytes,
