@@ -73,6 +73,22 @@ def changed_at(history: list[dict[str, torch.Tensor]], name: str, initial: torch
     return steps
 
 
+def reloaded(model, optimizer, build_model, build_optimizer):
+    """A fresh model and optimizer restored from ``model``'s and ``optimizer``'s state dicts through
+    ``torch.save`` / ``torch.load(weights_only=True)``, as a resumed run gets them."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    twin = build_model()
+    twin.load_state_dict(saved["model"])
+    twin_optimizer = build_optimizer(twin)
+    twin_optimizer.load_state_dict(saved["optimizer"])
+    return twin, twin_optimizer
+
+
 @pytest.fixture
 def one_thread():
     """torch on one intra-op thread for the test (tiny models on a shared CPU: extra threads only

@@ -7,14 +7,8 @@ import math
 import pytest
 import torch
 
-from nl_lightning.metrics import (
-    AverageAccuracy,
-    BackwardTransfer,
-    Forgetting,
-    LearningAccuracy,
-    Retention,
-    continual_summary,
-)
+from nl_lightning.metrics.continual import (AverageAccuracy, BackwardTransfer, Forgetting, LearningAccuracy,
+                                           Retention, continual_summary)
 
 NAN = math.nan
 

@@ -4,7 +4,6 @@ the contract DGD and DMGD share (closures, levels, checkpoints, non-finite value
 from __future__ import annotations
 
 import copy
-import io
 import math
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nl_lightning.optim import DGD, DMGD, DeepMomentum, MomentumSGD, NestedOptimizer
+from tests.conftest import reloaded
 
 # -- hand-computed references on a 2×3 problem (explicit float64 formulas) ------------------------
 
@@ -149,14 +149,7 @@ def test_resuming_from_a_state_dict_mid_cycle_is_bit_identical(kind):
     model = _model()
     opt = _optimizer(kind, model)
     _train(model, opt, 3, seed=1)  # the period-2 group is half-way through its cycle
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    twin = _model()
-    twin.load_state_dict(saved["model"])
-    twin_opt = _optimizer(kind, twin)
-    twin_opt.load_state_dict(saved["opt"])
+    twin, twin_opt = reloaded(model, opt, _model, lambda m: _optimizer(kind, m))
     _train(model, opt, 4, seed=2)
     _train(twin, twin_opt, 4, seed=2)
     for p, q in zip(model.parameters(), twin.parameters()):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nl_lightning.optim import NESTED_PRESETS, MomentumSGD, NestedOptimizer
+from tests.conftest import reloaded
 
 # -- the level schedule ---------------------------------------------------------------------------
 
@@ -145,14 +145,7 @@ def test_resume_mid_cycle_is_bit_identical():
     first = _mlp()
     first_opt = _make(first)
     _train(first, first_opt, range(1, 14))  # step 13: every level above UF is mid-cycle
-    buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = _mlp()
-    resumed.load_state_dict(saved["model"])
-    resumed_opt = _make(resumed)
-    resumed_opt.load_state_dict(saved["optimizer"])
+    resumed, resumed_opt = reloaded(first, first_opt, _mlp, _make)
     _train(resumed, resumed_opt, range(14, 31))
 
     for a, b in zip(straight.parameters(), resumed.parameters()):
