@@ -72,9 +72,10 @@ class SelfModifyingMemory(nn.Module):
         self.out_norm = RMSNorm(d, config.norm_eps)
         self.proj = nn.Linear(d, d, bias=False)
 
-    def _gate(self, name: str, raw: torch.Tensor, heads: bool) -> torch.Tensor:
-        """Gate ``name`` from raw (B, T, d): per main-memory head (B, H, T) if ``heads``, else the
-        projection memories' own gate (B, T) (each caller builds only the one it uses).
+    def _gate(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+        """Gate ``name`` of the main memory from raw (B, T, d), one per head (B, H, T). The projection
+        memories' own gates are built inside their op (``ops.projection.projection_gates``) from
+        ``projection_gate_bias()`` and ``_eta_scale(heads=False)``.
 
         Under the DGD rule η is divided by the chunk size of the memory it drives. Within a chunk
         every token's gradient is taken at the chunk-start state, so on repetitive text
@@ -86,11 +87,13 @@ class SelfModifyingMemory(nn.Module):
         memory or the projection memories: its gate is the step β itself (``ops/dgd/naive.py``).
         """
         h, bias = self.config.n_head, self.gate_bias[name]
-        if heads:
-            gate = torch.sigmoid(raw.unflatten(-1, (h, -1)).mean(-1).transpose(1, 2) + bias[:h, None])
-        else:
-            gate = torch.sigmoid(raw.mean(-1) + bias[h])
-        return self._eta_scale(heads) * gate if name == "eta" else gate
+        gate = torch.sigmoid(raw.unflatten(-1, (h, -1)).mean(-1).transpose(1, 2) + bias[:h, None])
+        return self._eta_scale(heads=True) * gate if name == "eta" else gate
+
+    def projection_gate_bias(self) -> torch.Tensor:
+        """(2,): the biases of the projection memories' η and α (the last entry of each gate bias)."""
+        h = self.config.n_head
+        return torch.stack([self.gate_bias["eta"][h], self.gate_bias["alpha"][h]])
 
     def _eta_scale(self, heads: bool) -> float:
         """η = this · σ(·): under the DGD rule the step cap over the chunk size, of the main memory
@@ -106,11 +109,10 @@ class SelfModifyingMemory(nn.Module):
     def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the self-modifying projection memories over the sequence: k, v, η, α for every token
         (``nl_lightning.ops.projection``)."""
-        c, h = self.config, self.config.n_head
-        bias = torch.stack([self.gate_bias["eta"][h], self.gate_bias["alpha"][h]])
+        c = self.config
         out = projection_memories(
-            x, tuple(self.projections), bias, chunk_size=c.proj_chunk_size, eta_scale=self._eta_scale(heads=False),
-            rule="delta" if c.write_rule == "delta" else "dgd", impl=c.memory_impl,
+            x, tuple(self.projections), self.projection_gate_bias(), chunk_size=c.proj_chunk_size,
+            eta_scale=self._eta_scale(heads=False), rule=self._write_rule()["rule"], impl=c.memory_impl,
         )
         return dict(zip(PROJECTIONS, out.unbind(1)))
 
@@ -124,7 +126,7 @@ class SelfModifyingMemory(nn.Module):
         keys = p["k"] if self.key_conv is None else self.key_conv(p["k"], impl=self.config.memory_impl)
         k = F.normalize(split_heads(keys, h), dim=-1)
         v = split_heads(p["v"], h)
-        eta, alpha = self._gate("eta", p["eta"], heads=True), self._gate("alpha", p["alpha"], heads=True)
+        eta, alpha = self._gate("eta", p["eta"]), self._gate("alpha", p["alpha"])
         # o_t = M_{t-1}(q_t): read token t+1's query after token t's update, and the first
         # token's query from the initial state.
         next_q = torch.cat([q[:, :, 1:], torch.zeros_like(q[:, :, :1])], dim=2)

@@ -15,7 +15,7 @@ An op is a folder ``ops/<op>/`` (as flash-linear-attention lays out ``ops/<op>/{
   naive      ``naive.py``: the token-by-token definition, the reference every other is tested on
   chunk      ``chunk.py``: chunk-parallel PyTorch (ATen), any device
   compiled   ``compiled.py``: the chunk step through ``torch.compile``
-  cpu        ``cpu.py`` + ``cpu.cpp``: the chunk loop as one C++ kernel on CPU tensors
+  cpu        ``cpu.py`` + ``<op>_cpu.cpp``: the chunk loop as one C++ kernel on CPU tensors
   triton     ``triton.py``: Triton kernels, on CUDA or under ``TRITON_INTERPRET=1``
   auto       ``cpu`` where :func:`use_cpu_kernel` allows it and the op has it, else ``chunk``
   ========== ===================================================================================

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from tests.conftest import ON_DEVICES
 
 from nl_lightning.models import PRESETS, Hope, Titans, TransformerPP
+from nl_lightning.ops.projection import projection_gates
 
 FAMILIES = [Titans, Hope]
 SMALL = {"n_layer": 2, "chunk_size": 8, "proj_chunk_size": 8, "attn_window": 8}
@@ -330,6 +331,14 @@ def test_titans_delta_rule_auto_runs_the_cpu_dgd_kernel_on_cpu(monkeypatch):
     assert calls == {"dgd": 1, "titans": 0}
 
 
+def step_gate(mixer, raw, heads: bool):
+    """η of HOPE's main memory per head (``heads``), else the projection memories' η as the mixer
+    hands its bias and scale to the projection op, which builds it with ``projection_gates``."""
+    if heads:
+        return mixer._gate("eta", raw)
+    return projection_gates(raw, raw, mixer.projection_gate_bias(), mixer._eta_scale(heads=False))[0]
+
+
 def test_hope_dgd_max_step_sets_the_memory_step_and_rejects_non_positive_values():
     from nl_lightning.models import ModelConfig
 
@@ -340,8 +349,8 @@ def test_hope_dgd_max_step_sets_the_memory_step_and_rejects_non_positive_values(
     larger = Hope("tiny", overrides={"n_layer": 1, "dgd_max_step": 32.0, "write_rule": "paper"}).blocks[0].mixer
     raw = torch.randn(2, 16, default.config.d_model)
     for heads in (True, False):  # main-memory heads and the projection memories
-        eta_default = default._gate("eta", raw, heads=heads)
-        eta_larger = larger._gate("eta", raw, heads=heads)
+        eta_default = step_gate(default, raw, heads)
+        eta_larger = step_gate(larger, raw, heads)
         torch.testing.assert_close(eta_larger, 64 * eta_default)
         chunk = default.config.chunk_size if heads else default.config.proj_chunk_size
         assert eta_default.max() <= 0.5 / chunk  # the documented cap: dgd_max_step · σ / C
@@ -358,8 +367,8 @@ def test_hope_proj_dgd_max_step_caps_only_the_projection_memories():
         "tiny", overrides={"n_layer": 1, "dgd_max_step": 16.0, "proj_dgd_max_step": 0.5, "write_rule": "paper"}
     ).blocks[0].mixer
     raw = torch.randn(2, 16, default.config.d_model)
-    torch.testing.assert_close(split._gate("eta", raw, heads=True), 32 * default._gate("eta", raw, heads=True))
-    torch.testing.assert_close(split._gate("eta", raw, heads=False), default._gate("eta", raw, heads=False))
+    torch.testing.assert_close(step_gate(split, raw, True), 32 * step_gate(default, raw, True))
+    torch.testing.assert_close(step_gate(split, raw, False), step_gate(default, raw, False))
 
 
 def test_hope_delta_rule_step_is_the_gate_itself_without_a_cap():
@@ -371,12 +380,12 @@ def test_hope_delta_rule_step_is_the_gate_itself_without_a_cap():
     paper.load_state_dict(delta.state_dict())
     raw = 4 * torch.randn(2, 16, delta.config.d_model)
     h = delta.config.n_head
-    beta = delta._gate("eta", raw, heads=True)
+    beta = step_gate(delta, raw, True)
     bias = delta.gate_bias["eta"]
     torch.testing.assert_close(beta, torch.sigmoid(raw.unflatten(-1, (h, -1)).mean(-1).transpose(1, 2) + bias[:h, None]))
-    torch.testing.assert_close(paper._gate("eta", raw, heads=True), 32 / delta.config.chunk_size * beta)
-    torch.testing.assert_close(delta._gate("eta", raw, heads=False), torch.sigmoid(raw.mean(-1) + bias[h]))
-    torch.testing.assert_close(paper._gate("eta", raw, heads=False), 32 / delta.config.proj_chunk_size * delta._gate("eta", raw, heads=False))
+    torch.testing.assert_close(step_gate(paper, raw, True), 32 / delta.config.chunk_size * beta)
+    torch.testing.assert_close(step_gate(delta, raw, False), torch.sigmoid(raw.mean(-1) + bias[h]))
+    torch.testing.assert_close(step_gate(paper, raw, False), 32 / delta.config.proj_chunk_size * step_gate(delta, raw, False))
 
 
 @pytest.mark.parametrize(("field", "value"), [("write_rule", "nlms"), ("memory_target", "key")])

@@ -12,7 +12,7 @@ from nl_lightning.ops.contract import check_chunk_size, check_impl, resolve_impl
 from nl_lightning.ops.dgd.common import RULES
 from nl_lightning.ops.projection.chunk import chunk_projection_memories
 from nl_lightning.ops.projection.cpu import cpu_projection_memories
-from nl_lightning.ops.projection.naive import MEMORIES, naive_projection_memories
+from nl_lightning.ops.projection.naive import MEMORIES, naive_projection_memories, projection_gates
 
 IMPLEMENTED = ("naive", "chunk", "cpu")
 _FUNCTIONS = {"naive": naive_projection_memories, "chunk": chunk_projection_memories, "cpu": cpu_projection_memories}  # "triton": none yet
@@ -20,7 +20,7 @@ _FUNCTIONS = {"naive": naive_projection_memories, "chunk": chunk_projection_memo
 # per-chunk writes are single kernel calls (the models pass one memory_impl to all their ops).
 CHUNK_PATH = ("compiled", "triton")
 
-__all__ = ["IMPLEMENTED", "MEMORIES", "projection_memories"]
+__all__ = ["IMPLEMENTED", "MEMORIES", "projection_gates", "projection_memories"]
 
 
 def projection_memories(
@@ -41,7 +41,7 @@ def projection_memories(
             state, in the order k, v, η, α.
         gate_bias: (2,) the biases of the writes' step gate η and retention α.
         chunk_size: tokens read from one state; each chunk but the last then writes.
-        eta_scale: η = eta_scale · σ(mean(read-out of M_η) + b_η).
+        eta_scale: η = eta_scale · σ(mean(read-out of M_η) + b_η) (``projection_gates``).
         rule: ``"dgd"`` (the paper's DGD rule with the self-made target M_□(v)) or ``"delta"`` (the
             normalised delta rule with target M_□,slow(v)).
         impl: ``"naive"``, ``"chunk"``, ``"cpu"`` or ``"auto"``; ``"compiled"`` and ``"triton"``

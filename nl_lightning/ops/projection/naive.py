@@ -37,6 +37,13 @@ def read_memories(weights, z: torch.Tensor) -> torch.Tensor:
     return z[:, None] + hidden @ w1.mT
 
 
+def projection_gates(eta_read, alpha_read, gate_bias, eta_scale: float):
+    """The writes' step gate and retention from the η and α memories' read-outs (B, C, D):
+    ``η = eta_scale · σ(mean(eta_read) + b_η)``, ``α = σ(mean(alpha_read) + b_α)``, one per token."""
+    eta = eta_scale * torch.sigmoid(eta_read.mean(-1) + gate_bias[0])
+    return eta, torch.sigmoid(alpha_read.mean(-1) + gate_bias[1])
+
+
 def projection_loop(x, weights, gate_bias, *, chunk_size: int, eta_scale: float, rule: str, write):
     """The loop over chunks; ``write(state, key, value, target, eta, alpha, rule)`` is one chunk's
     update of the four memories (each implementation brings its own) and returns their new weights."""
@@ -53,8 +60,7 @@ def projection_loop(x, weights, gate_bias, *, chunk_size: int, eta_scale: float,
         if index == len(chunks) - 1:  # the last chunk's update would never be read
             break
         k, v, eta, alpha = out.unbind(1)
-        eta = eta_scale * torch.sigmoid(eta.mean(-1) + gate_bias[0])
-        alpha = torch.sigmoid(alpha.mean(-1) + gate_bias[1])
+        eta, alpha = projection_gates(eta, alpha, gate_bias, eta_scale)
         if rule == "delta":
             target = read_memories(slow, v)  # (B, 4, C, D): each memory's slow map of the value
         else:
