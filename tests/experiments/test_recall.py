@@ -37,6 +37,19 @@ def test_one_minute_study_writes_every_cell_with_wilson_intervals(tmp_path):
         assert (read.exact_match, read.ci_low, read.ci_high) == pytest.approx(
             (cell.exact_match, cell.ci_low, cell.ci_high), abs=1e-4)
     assert "not run" in recall.table(cells)
+    # two models, two workers: each ran in its own process and left its part and log
+    assert all((tmp_path / "runs" / "parts" / f"{m}.{ext}").exists() for m in ("titans", "transformer")
+               for ext in ("csv", "log"))
+
+
+def test_a_failing_worker_stops_the_study_and_names_its_log(tmp_path):
+    with pytest.raises(RuntimeError, match=r"hope failed .*parts/hope\.log"):
+        recall.main(["--models", "hope", "titans", "--override", "memory_kind=bogus", "--steps", "1",
+                     "--train-length", "32", "--window", "8", "--min-distance", "9", "--num-test", "2",
+                     "--out", str(tmp_path / "r.csv"), "--plot", str(tmp_path / "r.png"),
+                     "--logs", str(tmp_path / "runs")])
+    assert "memory_kind" in (tmp_path / "runs" / "parts" / "hope.log").read_text()
+    assert not (tmp_path / "r.csv").exists()
 
 
 def test_wilson_interval_matches_the_closed_form():
