@@ -6,7 +6,8 @@
 VENV        ?= .venv
 PYTHON      ?= python3
 TORCH_SPEC  ?= torch==2.13.0
-RECIPE      ?= recipes/lm/hope_tiny.yaml
+# The recipe: its config files, stacked in order (README, "Recipes").
+RECIPE      ?= recipes/lm/base.yaml recipes/lm/models/hope.yaml
 CONSTRAINTS := requirements/constraints.txt
 PIP         := $(VENV)/bin/pip
 STAMP       := $(VENV)/.installed
@@ -24,7 +25,7 @@ $(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
 install: $(STAMP)
 
 fit: $(STAMP)
-	$(VENV)/bin/nl-lightning fit --config $(RECIPE)
+	$(VENV)/bin/nl-lightning fit $(addprefix --config ,$(RECIPE))
 
 # pytest's own exit code is kept: 5 (no tests collected) fails like any other failure.
 test: $(STAMP)

@@ -1,8 +1,8 @@
 """Causal depthwise convolution of Titans/HOPE: channel-major Conv1d vs the channels-last form vs
 the fused C++ kernel.
 
-    .venv/bin/python benchmarks/conv_layout.py                  # D = 192 (HOPE-tiny) and 576 (Titans q|k|v)
-    .venv/bin/python benchmarks/conv_layout.py --dims 576 --threads 2
+    .venv/bin/python -m benchmarks.conv_layout                  # D = 192 (HOPE-tiny) and 576 (Titans q|k|v)
+    .venv/bin/python -m benchmarks.conv_layout --dims 576 --threads 2
 
 All forms compute the same convolution (``tests/ops/test_conv.py``). ``conv1d`` is the
 textbook one: transpose (B, T, D) to (B, D, T), ``nn.Conv1d``, transpose back, which leaves a
@@ -16,17 +16,13 @@ alternating call by call; the table gives medians and their ratios.
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from nl_lightning.models.layers import CausalDepthwiseConv  # noqa: E402
+from benchmarks.timing import time_interleaved
+from nl_lightning.models.layers import CausalDepthwiseConv
 
 
 def conv1d_channel_major(conv: CausalDepthwiseConv, x: torch.Tensor) -> torch.Tensor:
@@ -53,14 +49,9 @@ def forward_backward(form, conv, x: torch.Tensor, head_dim: int) -> None:
 def time_forms(batch: int, length: int, dim: int, head_dim: int, kernel: int, repeats: int) -> dict[str, float]:
     conv = CausalDepthwiseConv(dim, kernel)
     x = torch.randn(batch, length, dim, requires_grad=True)
-    times: dict[str, list[float]] = {name: [] for name in FORMS}
-    for repeat in range(repeats + 1):  # the first round is warm-up
-        for name, form in FORMS.items():
-            start = time.perf_counter()
-            forward_backward(form, conv, x, head_dim)
-            if repeat:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    candidates = {name: partial(forward_backward, form, conv, x, head_dim) for name, form in FORMS.items()}
+    timings = time_interleaved(candidates, repeats, warmup=1)
+    return {name: timing.median for name, timing in timings.items()}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -5,9 +5,10 @@
 #
 #   bash benchmarks/cuda_checks.sh OUTDIR
 #
-# Optional packages the GPU image lacks (titans-pytorch and its dependencies for the comparison,
-# jsonargparse for the recipe-driven throughput benchmark) are installed from wheels in .whl/
-# when that folder exists (benchmarks/results_titans_pytorch.md says which).
+# Run from the repository root: every benchmark is a module (python3 -m benchmarks.<name>).
+# Optional packages the GPU image lacks (titans-pytorch and its dependencies for the comparison)
+# are installed from wheels in .whl/ when that folder exists (benchmarks/results_titans_pytorch.md
+# says which).
 set -u
 OUT=${1:?usage: bash benchmarks/cuda_checks.sh OUTDIR}
 mkdir -p "$OUT"
@@ -16,7 +17,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/nl-site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/nl-site"
 fi
-# The CLI needs the installed package (nl_lightning.callbacks is mapped from callbacks/ by setup.py).
+# The tests need the installed package (nl_lightning.callbacks is mapped from callbacks/ by setup.py);
+# the benchmarks build through the public API and run from the checkout.
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/nl-project . \
     >"$OUT/install.log" 2>&1 || echo "project install failed: $OUT/install.log"
 INSTALLED=(env PYTHONPATH="/tmp/nl-project:$PYTHONPATH")
@@ -41,7 +43,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, print the 
 # blocks compiles the backward kernel, which takes minutes on a slow host CPU.
 PER_TEST=()
 python3 -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=150)
-TINY=(--override=--data.init_args.seq_len=1024 --override=--data.init_args.max_bytes=2000000)
+TINY=(--seq-len 1024 --max-bytes 2000000)
 # In order of what is least known: later steps are the first cut when the lease runs short.
 # -P and --import-mode=append: the checkout must not shadow the installed package (it lacks
 # nl_lightning.callbacks); tests/ is a package, so pytest puts the checkout on sys.path, last.
@@ -52,33 +54,30 @@ TINY=(--override=--data.init_args.seq_len=1024 --override=--data.init_args.max_b
 # the MFU column misses the Triton kernels' FLOPs, which torch's FLOP counter cannot see).
 step dgd_triton 300 "${INSTALLED[@]}" python3 -P -m pytest --import-mode=append -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k triton \
     tests/ops/test_dgd.py tests/models/test_memory_models.py
-step dgd_ops_triton 120 python3 benchmarks/dgd_ops.py --device cuda --impls naive chunk triton --dim 48 --hidden 48 \
+step dgd_ops_triton 120 python3 -m benchmarks.dgd_ops --device cuda --impls naive chunk triton --dim 48 --hidden 48 \
     --batch 4 --heads 4 --lengths 1024 2048 --repeats 5
-step throughput_hope_triton 150 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,hope}_tiny.yaml \
-    --device cuda --steps 10 --warmup 3 "${TINY[@]}" --override=--data.init_args.batch_size=4 \
-    "--override=--model.init_args.network.init_args.overrides={memory_impl: triton}"
+step throughput_hope_triton 150 python3 -m benchmarks.throughput transformer hope \
+    --device cuda --steps 10 --warmup 3 "${TINY[@]}" --batch-size 4 --override memory_impl=triton
 step tests 240 "${INSTALLED[@]}" python3 -P -m pytest --import-mode=append -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k "${TESTS:-cuda or triton}" \
     tests/ops tests/models/test_memory_models.py tests/benchmarks/test_dgd_ops.py tests/benchmarks/test_devices.py \
     tests/benchmarks/test_throughput.py
-step throughput_tiny 100 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,titans,hope}_tiny.yaml \
-    --device cuda --steps 10 --warmup 3 "${TINY[@]}" --override=--data.init_args.batch_size=4
+step throughput_tiny 100 python3 -m benchmarks.throughput transformer titans hope \
+    --device cuda --steps 10 --warmup 3 "${TINY[@]}" --batch-size 4
 # The same with every step replayed from a CUDA graph: the launch cost taken out of both sides.
-step throughput_tiny_graph 120 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,titans,hope}_tiny.yaml \
-    --device cuda --cuda-graph --steps 10 --warmup 3 "${TINY[@]}" --override=--data.init_args.batch_size=4
+step throughput_tiny_graph 120 python3 -m benchmarks.throughput transformer titans hope \
+    --device cuda --cuda-graph --steps 10 --warmup 3 "${TINY[@]}" --batch-size 4
 # At batch 4 every model is launch-bound on a large GPU; batch 32 gives the GPU work per kernel.
-step throughput_tiny_b32 120 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,titans,hope}_tiny.yaml \
-    --device cuda --cuda-graph --steps 8 --warmup 2 "${TINY[@]}" --override=--data.init_args.batch_size=32
+step throughput_tiny_b32 120 python3 -m benchmarks.throughput transformer titans hope \
+    --device cuda --cuda-graph --steps 8 --warmup 2 "${TINY[@]}" --batch-size 32
 # What a user gets from LanguageModel(compile={backend: cudagraphs}): dynamo traces the network
 # (minutes for HOPE: its chunk loops unroll) and replays forward and backward from CUDA graphs.
-step throughput_tiny_compiled 420 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,hope}_tiny.yaml \
-    --device cuda --steps 10 --warmup 3 "${TINY[@]}" --override=--data.init_args.batch_size=4 \
-    "--override=--model.init_args.compile={backend: cudagraphs}"
-step dgd_ops 60 python3 benchmarks/dgd_ops.py --device cuda --lengths 1024 2048 --repeats 3
-step memory_linear 100 python3 benchmarks/memory_ops.py --device cuda --kinds linear --compiled --triton --repeats 3 \
+step throughput_tiny_compiled 420 python3 -m benchmarks.throughput transformer hope \
+    --device cuda --steps 10 --warmup 3 "${TINY[@]}" --batch-size 4 --compile '{"backend": "cudagraphs"}'
+step dgd_ops 60 python3 -m benchmarks.dgd_ops --device cuda --lengths 1024 2048 --repeats 3
+step memory_linear 100 python3 -m benchmarks.memory_ops --device cuda --kinds linear --compiled --triton --repeats 3 \
     --lengths 1024 2048 4096
-step titans_pytorch 90 python3 benchmarks/titans_pytorch_compare.py --device cuda --lengths 1024 4096 \
+step titans_pytorch 90 python3 -m benchmarks.titans_pytorch_compare --device cuda --lengths 1024 4096 \
     --theirs seq par --repeats 10 --memory-length 8192
-step throughput_small_bf16 80 "${INSTALLED[@]}" python3 benchmarks/throughput.py recipes/lm/{transformer,titans,hope}_tiny.yaml \
-    --device cuda --precision bf16-mixed --steps 5 --warmup 2 "${TINY[@]}" --override=--data.init_args.batch_size=8 \
-    --override=--model.init_args.network.init_args.preset=small
-step memory_mlp 50 python3 benchmarks/memory_ops.py --device cuda --kinds mlp --lengths 1024 2048 --repeats 3 --skip-memory
+step throughput_small_bf16 80 python3 -m benchmarks.throughput transformer titans hope \
+    --device cuda --precision bf16-mixed --steps 5 --warmup 2 "${TINY[@]}" --batch-size 8 --preset small
+step memory_mlp 50 python3 -m benchmarks.memory_ops --device cuda --kinds mlp --lengths 1024 2048 --repeats 3 --skip-memory

@@ -1,4 +1,4 @@
-"""``--device`` handling shared by the benchmark scripts: parse it, refuse what cannot be timed,
+"""``--device`` handling shared by the benchmarks: parse it, refuse what cannot be timed,
 synchronize so that host timers measure GPU work rather than the time to queue it, and measure
 the peak memory of one call on either device."""
 

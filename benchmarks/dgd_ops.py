@@ -1,33 +1,29 @@
 """Time the DGD memory kernels (forward + backward) side by side in one run and print ratios.
 
-    PYTHONPATH=. python benchmarks/dgd_ops.py                      # mlp memory, T = 512 1024 2048
-    PYTHONPATH=. python benchmarks/dgd_ops.py --kind linear --impls naive chunk
-    PYTHONPATH=. python benchmarks/dgd_ops.py --device cuda        # on a GPU (synchronized timing)
+    .venv/bin/python -m benchmarks.dgd_ops                      # mlp memory, T = 512 1024 2048
+    .venv/bin/python -m benchmarks.dgd_ops --kind linear --impls naive chunk
+    .venv/bin/python -m benchmarks.dgd_ops --device cuda        # on a GPU (synchronized timing)
 
 The default implementations are naive, chunk, compiled and, for the mlp memory, the fused kernels:
 the C++ one on CPU (cpu; its first call builds the extension) and the Triton one on a GPU
 (triton; its first call compiles the kernels). Build and compile times are reported separately.
 
-Every implementation runs on the same inputs in the same process, interleaved per length, so the
-ratios compare like with like; absolute times depend on the machine. The compiled kernel is warmed
+Every implementation runs on the same inputs in the same process, interleaved repeat by repeat
+at each length, so the ratios compare like with like; absolute times depend on the machine. The compiled kernel is warmed
 up (compiled) before timing, and its compile time is reported separately.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # benchmarks.devices, from any directory
-
-from benchmarks.devices import resolve_device, synchronize  # noqa: E402
-from nl_lightning.ops.dgd import dgd_memory  # noqa: E402
+from benchmarks.devices import resolve_device
+from benchmarks.timing import time_call, time_interleaved
+from nl_lightning.ops.dgd import dgd_memory
 
 
 def make_inputs(args, length, device=torch.device("cpu")):
@@ -61,17 +57,21 @@ def forward_backward(seq, weights, args, impl):
     return o.detach()
 
 
-def time_impl(seq, weights, args, impl):
-    times = []
-    for _ in range(args.repeats):
+def time_impls(seq, weights, args) -> dict[str, tuple[float, torch.Tensor]]:
+    """Per implementation: median seconds of a forward+backward (repeats interleaved, after one
+    untimed call each that warms the allocator and, for compiled, its guards) and its output."""
+    outputs = {}
+
+    def run(impl):
+        outputs[impl] = forward_backward(seq, weights, args, impl)
+
+    def clear_grads(impl):
         for x in (*seq.values(), *weights):
             x.grad = None
-        synchronize(seq["q"].device)
-        start = time.perf_counter()
-        o = forward_backward(seq, weights, args, impl)
-        synchronize(seq["q"].device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), o
+
+    candidates = {impl: partial(run, impl) for impl in args.impls}
+    timings = time_interleaved(candidates, args.repeats, warmup=1, device=seq["q"].device, before=clear_grads)
+    return {impl: (timings[impl].median, outputs[impl]) for impl in args.impls}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,10 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     for impl, what in warm_ups:
         if impl in args.impls:
             seq, weights = make_inputs(args, args.chunk_size * 2, device)
-            start = time.perf_counter()
-            forward_backward(seq, weights, args, impl)
-            synchronize(device)
-            print(f"{impl} warm-up ({what}) time: {time.perf_counter() - start:.1f} s")
+            seconds, _ = time_call(lambda: forward_backward(seq, weights, args, impl), device)
+            print(f"{impl} warm-up ({what}) time: {seconds:.1f} s")
 
     others = [impl for impl in args.impls if impl != "naive"]
     header = ["T"] + [f"{impl} ms" for impl in args.impls] + [f"naive/{impl}" for impl in others]
@@ -130,9 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "|".join("---" for _ in header) + "|")
     for length in args.lengths:
         seq, weights = make_inputs(args, length, device)
-        for impl in args.impls:  # one untimed run each: allocator and (for compiled) guards warm
-            forward_backward(seq, weights, args, impl)
-        results = {impl: time_impl(seq, weights, args, impl) for impl in args.impls}
+        results = time_impls(seq, weights, args)
         base, base_o = results["naive"]
         row = [str(length)] + [f"{results[impl][0] * 1e3:.1f}" for impl in args.impls]
         row += [f"{base / results[impl][0]:.3g}x" for impl in others]  # .3g: the interpreter gives ~0.01x

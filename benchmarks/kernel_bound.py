@@ -1,17 +1,18 @@
-"""How fast could a recipe's training step be if only its heavy kernels took time?
+"""How fast could a model's training step be if only its heavy kernels took time?
 
-    .venv/bin/python benchmarks/kernel_bound.py recipes/lm/transformer_tiny.yaml recipes/lm/hope_tiny.yaml \
-        --override=--data.init_args.seq_len=1024 --override=--data.init_args.batch_size=4
+    .venv/bin/python -m benchmarks.kernel_bound transformer hope --seq-len 1024 --batch-size 4
 
-For each recipe: record every matmul-family call (mm, bmm, addmm, baddbmm), triangular solve,
-attention and convolution kernel of one training step with its shapes and strides, time each
-distinct call on its own (fresh random inputs of the same layout, warm caches, back to back), and
-sum — the *kernel bound*: the step time if everything else (elementwise ops, autograd, Python,
-the allocator) cost nothing and every kernel ran as fast as it does alone. The recipes' real
-steps are timed in the same run, taking turns.
+Each model is built as ``benchmarks.throughput`` builds it (the LM recipes' settings; the same
+``--preset``, ``--override``, ``--seq-len``, ``--batch-size`` options). For each: record every
+matmul-family call (mm, bmm, addmm, baddbmm), triangular solve, attention and convolution kernel
+of one training step with its shapes and strides, time each distinct call on its own (fresh
+random inputs of the same layout, warm caches, back to back), and sum — the *kernel bound*: the
+step time if everything else (elementwise ops, autograd, Python, the allocator) cost nothing and
+every kernel ran as fast as it does alone. The models' real steps are timed in the same run,
+taking turns.
 
-The last column divides the first recipe's measured step time by each recipe's kernel bound: the
-best tokens/s ratio against the first recipe that any amount of overhead removal could reach
+The last column divides the first model's measured step time by each model's kernel bound: the
+best tokens/s ratio against the first model that any amount of overhead removal could reach
 while keeping the model's kernel shapes. When it is below a throughput goal, that goal needs
 different kernels (fusion, other shapes, other hardware), not less overhead.
 
@@ -19,24 +20,21 @@ The recorder is a dispatch mode, and under one the models' default ``memory_impl
 ATen chunk kernels and convolution (a fused C++ kernel's insides are invisible to it;
 ``nl_lightning/ops/cpu_extension.py``).
 So the bound is that of the ATen path: time the real steps on the same path with
-``"--override=--model.init_args.network.init_args.overrides={memory_impl: chunk}"``.
+``--override memory_impl=chunk``.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 import time
 from collections import Counter
-from pathlib import Path
+from functools import partial
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # throughput.py sits beside this script
-
-from throughput import Run, train_interleaved  # noqa: E402
+from benchmarks.throughput import MODELS, Run, add_workload_arguments, train_interleaved, workload_from
+from benchmarks.timing import time_interleaved
 
 aten = torch.ops.aten
 
@@ -98,54 +96,56 @@ class RecordHeavyCalls(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def time_call(func, args_spec, kwargs_spec, min_seconds: float = 2e-3, repeats: int = 5) -> float:
+def time_kernel(func, args_spec, kwargs_spec, min_seconds: float = 2e-3, repeats: int = 5) -> float:
     """Median seconds of one call on fresh inputs of the recorded layout, calls timed in batches
-    long enough for the clock."""
+    long enough for the clock (back to back: the kernel alone, its caches warm)."""
     args, kwargs = _materialise(args_spec), dict(_materialise(kwargs_spec))
+
+    def batch(calls: int) -> None:
+        for _ in range(calls):
+            func(*args, **kwargs)
+
     func(*args, **kwargs)
+    # Batch size: as many calls as fit in min_seconds (a count, not a measurement; also warm-up).
     start, calls = time.perf_counter(), 0
     while time.perf_counter() - start < min_seconds:
         func(*args, **kwargs)
         calls += 1
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            func(*args, **kwargs)
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
+    return time_interleaved({"batch": partial(batch, calls)}, repeats)["batch"].median / calls
 
 
 def kernel_bound(run: Run) -> tuple[float, int, int]:
     """(seconds, heavy calls, all op calls) of one training step of ``run``, its kernels timed alone."""
     with RecordHeavyCalls() as recorder:
         run.step()
-    seconds = sum(count * time_call(func, a, kw) for (func, a, kw), count in recorder.calls.items())
+    seconds = sum(count * time_kernel(func, a, kw) for (func, a, kw), count in recorder.calls.items())
     return seconds, sum(recorder.calls.values()), recorder.all_calls
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipes", nargs="+", type=Path)
-    parser.add_argument("--steps", type=int, default=5, help="timed real steps per recipe")
+    parser.add_argument("models", nargs="+", choices=sorted(MODELS), metavar="MODEL",
+                        help=f"models of {sorted(MODELS)}; the first is the baseline of the last column")
+    parser.add_argument("--steps", type=int, default=5, help="timed real steps per model")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--override", action="append", default=[], help="CLI override applied to every recipe")
+    add_workload_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    workload = workload_from(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    runs = [Run(recipe, args.override) for recipe in args.recipes]
+    runs = [Run(model, workload) for model in args.models]
     train_interleaved(runs, args.warmup, args.steps)
     bounds = [kernel_bound(run) for run in runs]
     first_step = runs[0].seconds / runs[0].steps
     print(f"\n{torch.get_num_threads()} threads\n")
-    print("| recipe | step s | kernel bound s | heavy calls | all op calls | bound / step | best ratio vs first |")
+    print("| model | step s | kernel bound s | heavy calls | all op calls | bound / step | best ratio vs first |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for run, (bound, calls, all_calls) in zip(runs, bounds):
         step = run.seconds / run.steps
         print(
-            f"| {run.recipe} | {step:.3f} | {bound:.3f} | {calls} | {all_calls} | {bound / step:.0%} | "
+            f"| {run.model} | {step:.3f} | {bound:.3f} | {calls} | {all_calls} | {bound / step:.0%} | "
             f"{first_step / bound:.2f}x |"
         )
 

@@ -1,9 +1,9 @@
 """Titans memory kernels side by side: chunk-parallel vs naive forward+backward time, and the
 chunk kernels' peak memory at two sequence lengths.
 
-    python benchmarks/memory_ops.py                       # default table (a few minutes on 2 cores)
-    python benchmarks/memory_ops.py --lengths 512 1024 --kinds linear --repeats 5
-    python benchmarks/memory_ops.py --device cuda --compiled --triton   # on a GPU, Triton column too
+    python -m benchmarks.memory_ops                       # default table (a few minutes on 2 cores)
+    python -m benchmarks.memory_ops --lengths 512 1024 --kinds linear --repeats 5
+    python -m benchmarks.memory_ops --device cuda --compiled --triton   # on a GPU, Triton column too
 
 On a CPU the fused C++ kernel (``cpu``, ``nl_lightning/ops/titans/titans_cpu.cpp``; the same
 chunked math, each (batch, head) item's loop on one thread) is a column too; ``--no-cpu-fused``
@@ -28,18 +28,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from benchmarks.devices import peak_bytes, resolve_device, synchronize  # noqa: E402
-from nl_lightning.ops.titans import IMPLEMENTED, titans_memory  # noqa: E402
+from benchmarks.devices import peak_bytes, resolve_device
+from benchmarks.timing import time_call, time_interleaved
+from nl_lightning.ops.titans import IMPLEMENTED, titans_memory
 
 # Every implementation through the entry point (which imports triton only when asked).
 IMPLS = {name: functools.partial(titans_memory, impl=name) for name in IMPLEMENTED}
@@ -94,18 +89,11 @@ def time_side_by_side(
     for the MLP kernel, nor with glibc's mmap threshold raised). Training runs one kernel back to
     back, so the settled time is the one that describes it.
     """
-    times: dict[str, list[float]] = {name: [] for name in impls}
     device = seq["q"].device if seq else torch.device("cpu")
-    for _ in range(repeats):
-        for name in impls:
-            if settle:
-                forward_backward(IMPLS[name], seq, weights, kind, chunk_size)
-            synchronize(device)
-            start = time.perf_counter()
-            forward_backward(IMPLS[name], seq, weights, kind, chunk_size)
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    candidates = {name: functools.partial(forward_backward, IMPLS[name], seq, weights, kind, chunk_size)
+                  for name in impls}
+    timings = time_interleaved(candidates, repeats, device=device, settle=settle)
+    return {name: timing.median for name, timing in timings.items()}
 
 
 def peak_memory_bytes(seq, weights, kind: str, chunk_size: int, impl: str = "chunk") -> int:
@@ -156,9 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     if cpu_fused:
         from nl_lightning.ops.cpu_extension import load_extension
 
-        start = time.perf_counter()
-        load_extension()
-        print(f"cpu: extension ready in {time.perf_counter() - start:.1f} s (built once per machine, cached)")
+        seconds, _ = time_call(load_extension)
+        print(f"cpu: extension ready in {seconds:.1f} s (built once per machine, cached)")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, threads={args.threads}"
     print(
         f"Titans memory, forward+backward, float32, B={args.batch} H={args.heads} D={args.dim} "

@@ -1,12 +1,12 @@
 """Muon and M3 against AdamW on HOPE-tiny: optimizer step time, and validation loss after the same steps.
 
-    .venv/bin/python benchmarks/optimizers.py                    # both parts
-    .venv/bin/python benchmarks/optimizers.py --part time --steps 32
-    .venv/bin/python benchmarks/optimizers.py --part loss --train-steps 60
+    .venv/bin/python -m benchmarks.optimizers                    # both parts
+    .venv/bin/python -m benchmarks.optimizers --part time --steps 32
+    .venv/bin/python -m benchmarks.optimizers --part loss --train-steps 60
 
     # on a GPU (issue #6's goal: Muon <= 1.3x, M3 <= 1.5x AdamW's step time), one command:
-    .venv/bin/python benchmarks/optimizers.py --part time --device cuda --steps 64
-    .venv/bin/python benchmarks/optimizers.py --part time --device cuda --steps 64 --dtype bfloat16
+    .venv/bin/python -m benchmarks.optimizers --part time --device cuda --steps 64
+    .venv/bin/python -m benchmarks.optimizers --part time --device cuda --steps 64 --dtype bfloat16
 
 (a) ``time``: one HOPE-tiny (``Hope(preset="tiny")``) per optimizer, the LanguageModel's param groups
 (CMS periods 1/4/16 included, so every optimizer is level-aware and skips the same slow levels), the
@@ -21,11 +21,13 @@ bytes in the parameters' dtype, no autocast; every ``--fwd-bwd-every`` steps, 0 
 the same loop, so the table also shows what the optimizer adds to a whole training step, the number
 that decides whether it pays.
 
-(b) ``loss``: each recipe of ``recipes/optim`` (and DGD / DMGD, when ``nl_lightning.optim`` has them,
-on the AdamW recipe with only the optimizer swapped) trains ``--train-steps`` steps from the same seed
-through the project's CLI, then validates on ``--val-batches`` batches. One short run per optimizer
-and no tuning beyond the recipes' learning rates: it shows gross differences (a blow-up, a stall),
-not a ranking. ``M3 (plain 1/√V)`` is M3 with ``normalize_update: false`` (see nl_lightning/optim/m3.py).
+(b) ``loss``: HOPE-tiny trains ``--train-steps`` steps from the same seed with each optimizer, built
+as ``recipes/lm/base.yaml`` + ``models/hope.yaml`` + ``optim/<optimizer>.yaml`` build it (the
+optimizers' settings below are those recipes'; DGD and DMGD take only ``--dgd-lr`` / ``--dmgd-lr``,
+their other settings at their defaults), then validates on ``--val-batches`` batches. One short run
+per optimizer and no tuning beyond the recipes' learning rates: it shows gross differences (a
+blow-up, a stall), not a ranking. ``M3 (plain 1/√V)`` is M3 with ``normalize_update=False`` (see
+nl_lightning/optim/m3.py).
 """
 
 from __future__ import annotations
@@ -33,26 +35,22 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
+import lightning
 import torch
 import torch.nn.functional as F
-import yaml
+from lightning.pytorch import Trainer
 
-# Appended, not prepended: benchmarks.devices comes from the checkout, nl_lightning from wherever
-# it is installed (a checkout's nl_lightning/ lacks the callbacks that setup.py maps in).
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-
-import nl_lightning.optim as optim  # noqa: E402
-from benchmarks.devices import resolve_device, synchronize  # noqa: E402
-from nl_lightning.cli import build_cli  # noqa: E402
-from nl_lightning.models import Hope  # noqa: E402
-from nl_lightning.modules import LanguageModel  # noqa: E402
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "optim"
+import nl_lightning.optim as optim
+from benchmarks.devices import resolve_device
+from benchmarks.timing import time_call
+from nl_lightning.data import ByteLMDataModule
+from nl_lightning.models import Hope
+from nl_lightning.modules import LanguageModel
 
 
 # -- (a) step time ------------------------------------------------------------------------------
@@ -88,12 +86,10 @@ def step_time(steps: int, device: torch.device, dtype: torch.dtype, ns_dtype: st
     params = list(module.network.parameters())
     times: dict[str, list[float]] = {name: [] for name in [*runs, "forward+backward"]}
 
+    # Not time_interleaved: every step draws new gradients for all optimizers, and forward+backward
+    # is sampled every few steps only, so the loop is this benchmark's own; each call is time_call's.
     def timed(fn) -> float:
-        synchronize(device)  # nothing queued before the clock starts, everything finished before it stops
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        return time.perf_counter() - start
+        return time_call(fn, device)[0]
 
     def forward_backward() -> None:
         loss = F.cross_entropy(module(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten())
@@ -133,62 +129,61 @@ def step_time(steps: int, device: torch.device, dtype: torch.dtype, ns_dtype: st
 # -- (b) validation loss ------------------------------------------------------------------------
 
 
-def loss_configs(dgd_lr: float, dmgd_lr: float) -> dict[str, dict]:
-    load = lambda name: yaml.safe_load((RECIPES / f"hope_tiny_{name}.yaml").read_text())  # noqa: E731
-    configs = {"AdamW": load("adamw"), "Muon": load("muon"), "M3": load("m3")}
-    plain = load("m3")
-    plain["model"]["init_args"]["optimizer"]["init_args"]["normalize_update"] = False
-    configs["M3 (plain 1/√V)"] = plain
-    swaps = {}
-    if hasattr(optim, "DGD"):
-        swaps["DGD"] = ({"class_path": "nl_lightning.optim.DGD", "init_args": {"lr": dgd_lr}},
-                        [{"class_path": "nl_lightning.callbacks.DGDInputCapture"}])
-    if hasattr(optim, "DMGD"):
-        swaps["DMGD"] = ({"class_path": "nl_lightning.optim.DMGD", "init_args": {"lr": dmgd_lr}}, [])
-    for name, (optimizer, callbacks) in swaps.items():
-        config = load("adamw")
-        config["model"]["init_args"]["optimizer"] = optimizer
-        config["trainer"]["callbacks"] = callbacks
-        configs[name] = config
-    return configs
+def loss_optimizers(dgd_lr: float, dmgd_lr: float) -> dict[str, tuple[partial, list]]:
+    """Per row: the optimizer (a partial of its class, as recipes/lm/optim/<name>.yaml sets it) and
+    the callbacks it needs."""
+    from nl_lightning.callbacks import DGDInputCapture  # here: only part (b) trains with callbacks
+
+    adamw_half = dict(adamw_lr=3e-3, adamw_betas=(0.9, 0.95))
+    m3 = dict(lr=0.02, betas=(0.95, 0.99, 0.9), alpha=0.5, slow_period=8, weight_decay=0.1, **adamw_half)
+    return {
+        "AdamW": (partial(optim.LevelAwareAdamW, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95)), []),
+        "Muon": (partial(optim.Muon, lr=0.02, momentum=0.95, weight_decay=0.1, **adamw_half), []),
+        "M3": (partial(optim.M3, normalize_update=True, **m3), []),
+        "M3 (plain 1/√V)": (partial(optim.M3, normalize_update=False, **m3), []),
+        "DGD": (partial(optim.DGD, lr=dgd_lr), [DGDInputCapture()]),
+        "DMGD": (partial(optim.DMGD, lr=dmgd_lr), []),
+    }
 
 
-def final_val_loss(config: dict, steps: int, val_batches: int, batch_size: int, seq_len: int, workdir: Path) -> float:
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(config, allow_unicode=True))
-    cli = build_cli([
-        "--config", str(path), f"--trainer.max_steps={steps}", f"--trainer.limit_val_batches={val_batches}",
-        "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1000", "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={workdir}", "--data.init_args.max_bytes=2000000",
-        f"--data.init_args.batch_size={batch_size}", f"--data.init_args.seq_len={seq_len}",
-    ], run=False)
-    cli.trainer.fit(cli.model, cli.datamodule)
-    (metrics,) = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)
+def final_val_loss(optimizer: partial, callbacks: list, steps: int, val_batches: int, batch_size: int, seq_len: int,
+                   workdir: Path) -> float:
+    """Validation loss of HOPE-tiny after ``steps`` steps with ``optimizer`` (the LM recipes' seed,
+    schedule and gradient clipping)."""
+    lightning.seed_everything(0, verbose=False)
+    module = LanguageModel(Hope("tiny"), optimizer=optimizer, warmup_steps=30, lr_schedule="cosine")
+    data = ByteLMDataModule(seq_len=seq_len, batch_size=batch_size, max_bytes=2_000_000)
+    trainer = Trainer(
+        max_steps=steps, limit_val_batches=val_batches, val_check_interval=None, check_val_every_n_epoch=1000,
+        gradient_clip_val=1.0, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=workdir,
+    )
+    trainer.fit(module, datamodule=data)
+    (metrics,) = trainer.validate(module, datamodule=data, verbose=False)
     return metrics["val/loss"]
 
 
 def validation_loss(steps: int, val_batches: int, batch_size: int, seq_len: int, dgd_lr: float, dmgd_lr: float,
                     only: list[str] | None) -> None:
-    configs = loss_configs(dgd_lr, dmgd_lr)
-    unknown = sorted(set(only or []) - set(configs))
+    optimizers = loss_optimizers(dgd_lr, dmgd_lr)
+    unknown = sorted(set(only or []) - set(optimizers))
     if unknown:
-        raise SystemExit(f"--only {unknown}: not among {list(configs)}")
-    print(f"\n(b) HOPE-tiny, byte corpus, {steps} steps of {batch_size}×{seq_len} bytes (recipes/optim settings, "
+        raise SystemExit(f"--only {unknown}: not among {list(optimizers)}")
+    print(f"\n(b) HOPE-tiny, byte corpus, {steps} steps of {batch_size}×{seq_len} bytes (recipes/lm/optim settings, "
           f"seed 0), val loss on {val_batches} batches\n")
     print("| optimizer | class | lr | val loss (nats/byte) | wall s |\n| --- | --- | ---: | ---: | ---: |", flush=True)
-    for name, config in configs.items():
+    for name, (optimizer, callbacks) in optimizers.items():
         if only and name not in only:
             continue
-        optimizer = config["model"]["init_args"]["optimizer"]
-        start = time.perf_counter()
+        start = time.perf_counter()  # wall time of a whole training run, for the reader's budget
         with tempfile.TemporaryDirectory() as workdir:
             try:
-                loss = f"{final_val_loss(config, steps, val_batches, batch_size, seq_len, Path(workdir)):.3f}"
+                loss = final_val_loss(optimizer, callbacks, steps, val_batches, batch_size, seq_len, Path(workdir))
+                loss = f"{loss:.3f}"
             except FloatingPointError as error:  # a blow-up is a result, not a crash of the benchmark
                 loss = f"diverged ({str(error)[:40]}…)"
         # Printed as each run ends, so a run cut short still reports the rows it finished.
-        print(f"| {name} | {optimizer['class_path'].rsplit('.', 1)[-1]} | {optimizer['init_args'].get('lr')} | {loss} | "
+        print(f"| {name} | {optimizer.func.__name__} | {optimizer.keywords.get('lr')} | {loss} | "
               f"{time.perf_counter() - start:.0f} |", flush=True)
 
 

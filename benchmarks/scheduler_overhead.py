@@ -1,7 +1,7 @@
 """Step-time overhead of the NestedScheduler callback, with and without it side by side in one run.
 
-    .venv/bin/python benchmarks/scheduler_overhead.py                       # HOPE-tiny, CMS levels 1 and 2
-    .venv/bin/python benchmarks/scheduler_overhead.py --model transformer --repeats 6
+    .venv/bin/python -m benchmarks.scheduler_overhead                       # HOPE-tiny, CMS levels 1 and 2
+    .venv/bin/python -m benchmarks.scheduler_overhead --model transformer --repeats 6
 
 The same tiny LM run (``LanguageModel`` + HOPE-tiny or Transformer++-tiny, AdamW, random bytes,
 a TensorBoard logger) is trained twice at once, without and with ``NestedScheduler``, in two
@@ -62,7 +62,10 @@ class Baton:
 
 
 class StepTimer(Callback):
-    """Times every training batch after the warm-up, taking turns through the baton (put it last)."""
+    """Times every training batch after the warm-up, taking turns through the baton (put it last).
+
+    Hooks, not ``benchmarks.timing``: the step runs inside ``Trainer.fit``, and only the hooks see
+    where it starts and ends (and the callback's own hooks must fall inside the timed span)."""
 
     def __init__(self, arm: int, baton: Baton, warmup: int) -> None:
         self.arm, self.baton, self.warmup = arm, baton, warmup
@@ -83,7 +86,8 @@ class StepTimer(Callback):
 
 
 class TimedNestedScheduler(NestedScheduler):
-    """NestedScheduler that adds up the time spent in its per-step hooks."""
+    """NestedScheduler that adds up the time spent in its per-step hooks (timed inside them: the
+    Trainer calls them, so ``benchmarks.timing`` cannot wrap the calls)."""
 
     def __init__(self, *args, warmup: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -147,7 +151,7 @@ def run_pair(args, first: int, log_dir: str) -> tuple[list[float], list[float], 
     return timers[0].times, timers[1].times, scheduler.seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="hope")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
@@ -157,7 +161,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--log-every", type=int, default=4, help="logging interval of both arms (steps)")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     times: dict[bool, list[float]] = {False: [], True: []}

@@ -1,14 +1,15 @@
 """Our Titans memory layer vs lucidrains' ``titans-pytorch`` ``NeuralMemory``: forward+backward.
 
 ``titans-pytorch`` is not a project dependency; install it in a separate environment (see
-``benchmarks/results_titans_pytorch.md``) and run this script with that environment's python::
+``benchmarks/results_titans_pytorch.md``) and run this benchmark with that environment's python,
+from the repository root::
 
-    python benchmarks/titans_pytorch_compare.py                       # default table
-    python benchmarks/titans_pytorch_compare.py --lengths 512 --repeats 3 --theirs seq
-    python benchmarks/titans_pytorch_compare.py --check-semantics     # also the causality probes
-    python benchmarks/titans_pytorch_compare.py --device cuda --memory-length 8192   # on a GPU
+    python -m benchmarks.titans_pytorch_compare                       # default table
+    python -m benchmarks.titans_pytorch_compare --lengths 512 --repeats 3 --theirs seq
+    python -m benchmarks.titans_pytorch_compare --check-semantics     # also the causality probes
+    python -m benchmarks.titans_pytorch_compare --device cuda --memory-length 8192   # on a GPU
 
-Without ``titans_pytorch`` importable the script prints why and exits 0 (SKIP).
+Without ``titans_pytorch`` importable the benchmark prints why and exits 0 (SKIP).
 
 Both layers map ``(B, T, dim) -> (B, T, dim)`` with the same dim, heads, head dim, chunk size and
 memory depth (a 2-layer residual MLP per head, ``M(z) = z + W_out silu(W_in z)``, hidden width =
@@ -41,13 +42,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import importlib.metadata
 import math
 import os
-import statistics
 import sys
-import time
-from pathlib import Path
+from functools import partial
 
 THEIRS = ("seq", "par", "stock")
 
@@ -94,9 +94,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from benchmarks.devices import peak_bytes, resolve_device, synchronize  # noqa: E402
+from benchmarks.devices import peak_bytes, resolve_device  # noqa: E402
+from benchmarks.timing import time_call, time_interleaved  # noqa: E402
 from nl_lightning.models import ModelConfig  # noqa: E402
 from nl_lightning.models.layers import gate_bias  # noqa: E402
 from nl_lightning.models.titans import TitansMemoryLayer  # noqa: E402
@@ -204,23 +203,21 @@ def time_side_by_side(
     ``threads`` sets torch's thread count per layer (default: leave it as it is)."""
     threads = threads or {}
     default_threads = torch.get_num_threads()
-    finite = {}
-    for _ in range(warmup):
-        for name, layer in layers.items():
-            torch.set_num_threads(threads.get(name, default_threads))
-            finite[name] = forward_backward(layer, x)
-    times: dict[str, list[float]] = {name: [] for name in layers}
-    for _ in range(repeats):
-        for name, layer in layers.items():
-            torch.set_num_threads(threads.get(name, default_threads))
-            synchronize(x.device)
-            start = time.perf_counter()
-            ok = forward_backward(layer, x)
-            synchronize(x.device)
-            times[name].append(time.perf_counter() - start)
-            finite[name] = tuple(a and b for a, b in zip(finite.get(name, (True, True)), ok))
-    torch.set_num_threads(default_threads)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}, finite
+    finite = {name: (True, True) for name in layers}  # all calls', warm-up included
+
+    def run(name: str) -> None:
+        ok = forward_backward(layers[name], x)
+        finite[name] = tuple(a and b for a, b in zip(finite[name], ok))
+
+    def use_threads(name: str) -> None:
+        torch.set_num_threads(threads.get(name, default_threads))
+
+    try:
+        timings = time_interleaved({name: partial(run, name) for name in layers}, repeats, warmup, x.device,
+                                   before=use_threads)
+    finally:
+        torch.set_num_threads(default_threads)
+    return {name: 1e3 * timing.median for name, timing in timings.items()}, finite
 
 
 def peak_memory_mib(layer: nn.Module, x: torch.Tensor) -> float:
@@ -284,11 +281,11 @@ def describe_ranges(positions: list[int]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        import titans_pytorch  # noqa: F401
+        importlib.import_module("titans_pytorch")
     except ImportError as err:
         print(f"SKIP: titans_pytorch is not importable ({err}). It is not a project dependency: "
               "install it in a separate venv (see benchmarks/results_titans_pytorch.md) and run "
-              "this script with that venv's python.")
+              "python -m benchmarks.titans_pytorch_compare with that venv's python.")
         return 0
 
     device = resolve_device(args.device)
@@ -318,17 +315,12 @@ def main(args: argparse.Namespace) -> int:
 
     if "ours-c" in layers:
         x = torch.randn(args.batch, args.chunk_size * 2, args.dim, device=device, requires_grad=True)
-        start = time.perf_counter()
-        forward_backward(layers["ours-c"], x)  # compiles the chunk step (forward and backward)
-        synchronize(device)
-        first = time.perf_counter() - start
-        forward_backward(layers["ours-c"], x)
-        synchronize(device)
-        start = time.perf_counter()
-        forward_backward(layers["ours-c"], x)
-        synchronize(device)
+        compiled = partial(forward_backward, layers["ours-c"], x)
+        first, _ = time_call(compiled, device)  # compiles the chunk step (forward and backward)
+        compiled()
+        steady, _ = time_call(compiled, device)
         print(f"  ours-c first fwd+bwd (torch.compile of the chunk step, once per process): "
-              f"{first:.1f} s (steady state at T={2 * args.chunk_size}: {time.perf_counter() - start:.3f} s)")
+              f"{first:.1f} s (steady state at T={2 * args.chunk_size}: {steady:.3f} s)")
 
     names = list(layers)
     base = [n for n in ("ours", "ours-chunk", "ours-c") if n in layers]

@@ -4,11 +4,11 @@ Same model, same global batch, same optimizer (AdamW), N timed steps after a few
 rank 0's median step time (on_train_batch_start → on_train_batch_end: forward, backward, gradient
 communication and optimizer step) for each, and the ratio ZeRO-2 / DDP:
 
-    python benchmarks/zero_vs_ddp.py                       # small MLP (~1.6M params)
-    python benchmarks/zero_vs_ddp.py --model transformer   # Transformer++ tiny on random bytes
-    python benchmarks/zero_vs_ddp.py --steps 40 --warmup 5
+    python -m benchmarks.zero_vs_ddp                       # small MLP (~1.6M params)
+    python -m benchmarks.zero_vs_ddp --model transformer   # Transformer++ tiny on random bytes
+    python -m benchmarks.zero_vs_ddp --steps 40 --warmup 5
 
-Each strategy runs in a fresh process (Lightning re-launches the script for rank 1), so neither
+Each strategy runs in a fresh process (Lightning re-launches the module for rank 1), so neither
 inherits the other's process group. On 2 CPU cores this measures overhead, not the memory
 savings ZeRO exists for: both ranks share the cores, and DDP overlaps its all-reduce with backward
 while ZeRO-2 reduce-scatters gradients and all-gathers updated parameters.
@@ -82,6 +82,8 @@ def worker(mode: str, model_name: str, steps: int, warmup: int, out: str) -> Non
     import torch
     from lightning.pytorch import Callback, Trainer
 
+    # A callback, not benchmarks.timing: the step runs inside the Trainer of a 2-process job, and
+    # only the hooks around it see where it starts and ends.
     class Timer(Callback):
         def __init__(self):
             self.times = []
@@ -113,24 +115,28 @@ def worker(mode: str, model_name: str, steps: int, warmup: int, out: str) -> Non
                                          "threads": torch.get_num_threads()}))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["mlp", "transformer"], default="mlp")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--worker", choices=["ddp", "zero2"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.model, args.steps, args.warmup, args.out)
         return
-    # One thread per rank: the 2 ranks share the 2 cores.
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "DS_ACCELERATOR": "cpu"}
+    # One thread per rank: the 2 ranks share the 2 cores. The workers run in a scratch directory (for
+    # what Lightning and DeepSpeed write there), so the checkout goes on their PYTHONPATH to import
+    # this module; Lightning starts rank 1 as `python -m benchmarks.zero_vs_ddp` too.
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": pythonpath}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("ddp", "zero2"):
             out = os.path.join(tmp, f"{mode}.json")
-            command = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--model", args.model,
+            command = [sys.executable, "-m", "benchmarks.zero_vs_ddp", "--worker", mode, "--model", args.model,
                        "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", out]
             proc = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True)
             if proc.returncode != 0 or not os.path.exists(out):

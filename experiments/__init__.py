@@ -1,1 +1,3 @@
-"""Studies that write the CSVs under docs/data/ and the plots under docs/img/ (``python -m experiments.<name>``)."""
+"""Studies that train models and write what they measure: CSVs under docs/data/, plots under
+docs/img/, runs and TensorBoard logs under runs/ (``python -m experiments.<name>`` from the
+repository root). Micro-benchmarks that only print ratios live in ``benchmarks/``."""

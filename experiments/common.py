@@ -1,9 +1,12 @@
-"""What the studies share: where they write, and the options every study takes for it."""
+"""What the studies (and the benchmarks) share: where they write, the options every study takes for
+it, and ``KEY=VALUE`` command-line arguments."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "docs" / "data"
@@ -17,3 +20,15 @@ def add_output_arguments(parser: argparse.ArgumentParser, name: str, merges: str
     parser.add_argument("--table", action="store_true", help="print the table(s) of --out and exit")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="CSV",
                         help=f"write the rows of these CSVs ({merges}) to --out")
+
+
+def key_values(items: list[str], option: str, example: str) -> dict:
+    """``KEY=VALUE`` arguments of ``option`` as a dict, each value read as YAML (``8`` an int,
+    ``true`` a bool, ``[a, b]`` a list); a malformed one exits naming it and ``example``."""
+    parsed = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise SystemExit(f"{option} {item!r}: write KEY=VALUE, e.g. {option} {example}")
+        parsed[key] = yaml.safe_load(value)
+    return parsed

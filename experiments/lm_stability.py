@@ -8,7 +8,7 @@ On 2 cores, one one-thread process per model, then merge:
     OMP_NUM_THREADS=1 .venv/bin/python -m experiments.lm_stability --models titans --out runs/lm_titans.csv; wait
     .venv/bin/python -m experiments.lm_stability --merge runs/lm_hope.csv runs/lm_titans.csv
 
-HOPE-tiny and Titans-tiny as ``recipes/lm/<model>_tiny.yaml`` trains them (AdamW 3e-3, 30 warm-up
+HOPE-tiny and Titans-tiny as ``recipes/lm/base.yaml`` + ``models/<model>.yaml`` train them (AdamW 3e-3, 30 warm-up
 steps then cosine, 16 × 256 bytes of the stdlib corpus, gradient clipping 1.0), per seed:
 
 * the recipes' 120-step protocol (the one behind docs/results.md's LM table) for each of

@@ -63,7 +63,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from scipy.stats import binomtest
 
-from experiments.common import REPO_ROOT, add_output_arguments
+from experiments.common import REPO_ROOT, add_output_arguments, key_values
 from nl_lightning.data import RecallDataModule
 from nl_lightning.data.longctx import make_mqar
 from nl_lightning.models import Hope, Titans, TransformerPP
@@ -331,24 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.min_distance is None:
         args.min_distance = 4 * args.window + 4
-    args.overrides = {}
-    for item in args.override:
-        field, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--override {item!r}: expected FIELD=VALUE")
-        args.overrides[field] = _literal(value)
+    args.overrides = key_values(args.override, "--override", "memory_kind=linear")
     return args
-
-
-def _literal(value: str):
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
 
 
 def main(argv: list[str] | None = None) -> list[Cell]:

@@ -35,6 +35,21 @@ def text_dir(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def haystack_workdir(tmp_path_factory) -> Path:
+    """A module-wide working directory with a small haystack corpus under texts/, so needle-in-a-
+    haystack tasks never build the stdlib one; the tests run inside it."""
+    path = tmp_path_factory.mktemp("haystack")
+    texts = path / "texts"
+    texts.mkdir()
+    for i in range(6):
+        (texts / f"file_{i}.py").write_text("".join(f"def f_{i}_{j}(x):\n    return x + {j}\n" for j in range(300)))
+    previous = os.getcwd()
+    os.chdir(path)
+    yield path
+    os.chdir(previous)
+
+
 @pytest.fixture
 def triton_linear(monkeypatch):
     """The Triton implementation of the linear Titans memory, run by Triton's interpreter when
@@ -105,7 +120,7 @@ def repo_root() -> Path:
 
 
 def load_script(path: Path, name: str | None = None) -> ModuleType:
-    """Import a script that is not part of the package (``benchmarks/*.py``, a generated worker)."""
+    """Import a script that is not part of a package (a worker a test generates)."""
     spec = importlib.util.spec_from_file_location(name or path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -18,9 +18,30 @@ RECIPES = sorted((REPO_ROOT / "recipes").rglob("*.yaml"))
 # Recipes whose folder has its own module and smoke test (run there with folder-specific overrides
 # and logged tags): DeepSpeed targets GPUs (its CPU path runs with the CPU strategy in
 # test_deepspeed_cpu.py); continual and long-context recipes train task streams / synthetic tasks;
-# sweep specs drive benchmarks/continual_sweep.py (tests/benchmarks/test_continual_sweep.py).
+# sweep specs drive experiments/continual_sweep.py (tests/experiments/test_continual_sweep.py).
+# recipes/lm is composed (base + model + optimizer or schedule) and tested here, composition by
+# composition.
 OWN_SMOKE_TESTS = {"deepspeed", "continual", "longctx", "sweeps"}
-TRAINABLE_HERE = [r for r in RECIPES if not OWN_SMOKE_TESTS & set(r.relative_to(REPO_ROOT / "recipes").parts)]
+LM = REPO_ROOT / "recipes/lm"
+# Every language-modelling composition README lists: base.yaml, then these fragments.
+LM_COMPOSITIONS = {
+    "transformer": ["models/transformer.yaml"],
+    "titans": ["models/titans.yaml"],
+    "hope": ["models/hope.yaml"],
+    "hope+cms": ["models/hope.yaml", "schedules/cms.yaml"],
+    "transformer+google3": ["models/transformer.yaml", "optim/google3.yaml"],
+    "transformer+collab5": ["models/transformer.yaml", "optim/collab5.yaml"],
+    **{f"hope+{optimizer}": ["models/hope.yaml", f"optim/{optimizer}.yaml"]
+       for optimizer in ("level_aware_adamw", "muon", "m3", "dmgd")},
+}
+
+
+def lm_recipe(name: str) -> list[Path]:
+    """The config files of the composition ``name`` of LM_COMPOSITIONS, in stacking order."""
+    return [LM / "base.yaml", *(LM / fragment for fragment in LM_COMPOSITIONS[name])]
+
+
+TRANSFORMER = lm_recipe("transformer")
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +54,22 @@ def workdir(tmp_path_factory) -> Path:
     os.chdir(previous)
 
 
-def few_steps(recipe: Path, save_dir: Path, steps: int = 3) -> list[str]:
+def as_configs(recipe: Path | list[Path]) -> list[str]:
+    """``--config`` arguments for one recipe file or a composition (stacked in order)."""
+    return [arg for path in ([recipe] if isinstance(recipe, Path) else recipe) for arg in ("--config", str(path))]
+
+
+def few_steps(recipe: Path | list[Path], save_dir: Path, steps: int = 3) -> list[str]:
     """Overrides that turn any recipe into a short smoke run that still validates and logs."""
     args = [
-        "fit", "--config", str(recipe),
+        "fit", *as_configs(recipe),
         f"--trainer.max_steps={steps}", f"--trainer.limit_train_batches={steps}",
         "--trainer.limit_val_batches=2", "--trainer.val_check_interval=1.0",
         "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={save_dir}",
     ]
-    config = yaml.safe_load(recipe.read_text())
-    if config.get("data", {}).get("class_path", "").endswith("ByteLMDataModule"):
+    configs = [yaml.safe_load(path.read_text()) for path in ([recipe] if isinstance(recipe, Path) else recipe)]
+    if any(c.get("data", {}).get("class_path", "").endswith("ByteLMDataModule") for c in configs):
         args.append("--data.init_args.max_bytes=2000000")  # smoke runs need far less than 8 MB
     return args
 
@@ -61,17 +87,24 @@ def single_version_dir(save_dir: Path) -> Path:
 
 def test_every_recipe_has_a_smoke_test():
     assert RECIPES, "no recipes found under recipes/"
-    assert any(r.name == "transformer_tiny.yaml" for r in TRAINABLE_HERE)
+    # every file under recipes/lm is in a composition run below, and README lists every composition
+    composed = {LM / "base.yaml"} | {LM / f for fragments in LM_COMPOSITIONS.values() for f in fragments}
+    assert set(LM.rglob("*.yaml")) == composed, set(LM.rglob("*.yaml")) ^ composed
+    readme = (REPO_ROOT / "README.md").read_text()
+    for fragment in composed:
+        assert str(fragment.relative_to(REPO_ROOT)) in readme, f"README does not list {fragment}"
     test_sources = "\n".join(path.read_text() for path in (REPO_ROOT / "tests").rglob("test_*.py"))
-    for recipe in set(RECIPES) - set(TRAINABLE_HERE):
+    others = [r for r in RECIPES if r.relative_to(REPO_ROOT / "recipes").parts[0] != "lm"]
+    for recipe in others:
         folder = "recipes/" + recipe.relative_to(REPO_ROOT / "recipes").parts[0]
+        assert folder.removeprefix("recipes/") in OWN_SMOKE_TESTS, f"{recipe}: no smoke test runs {folder}"
         assert folder in test_sources, f"{recipe} is skipped here but no test module names {folder!r}"
 
 
-@pytest.mark.parametrize("recipe", TRAINABLE_HERE, ids=lambda p: str(p.relative_to(REPO_ROOT / "recipes")))
-def test_recipe_trains_a_few_steps_and_writes_checkpoint_and_tensorboard_events(recipe, workdir):
-    save_dir = workdir / f"runs-{recipe.stem}"
-    main(few_steps(recipe, save_dir))
+@pytest.mark.parametrize("name", LM_COMPOSITIONS)
+def test_recipe_trains_a_few_steps_and_writes_checkpoint_and_tensorboard_events(name, workdir):
+    save_dir = workdir / f"runs-{name}"
+    main(few_steps(lm_recipe(name), save_dir))
     version = single_version_dir(save_dir)
     assert (version / "checkpoints" / "last.ckpt").is_file()
     tags = scalar_tags(version)
@@ -79,12 +112,12 @@ def test_recipe_trains_a_few_steps_and_writes_checkpoint_and_tensorboard_events(
     assert (version / "config.yaml").is_file()
 
 
-@pytest.mark.parametrize("recipe", ["hope_tiny", "titans_tiny"])
+@pytest.mark.parametrize("recipe", ["hope", "titans"])
 def test_memory_recipes_train_with_bf16_mixed_precision(recipe, workdir):
     # The memory kernels get mixed-dtype inputs under autocast and must run as float32 operators.
     save_dir = workdir / f"runs-bf16-{recipe}"
     small = ["--data.init_args.seq_len=64", "--data.init_args.batch_size=4"]  # bf16 matmuls are slow on CPU
-    main([*few_steps(REPO_ROOT / f"recipes/lm/{recipe}.yaml", save_dir, steps=2), *small, "--trainer.precision=bf16-mixed"])
+    main([*few_steps(lm_recipe(recipe), save_dir, steps=2), *small, "--trainer.precision=bf16-mixed"])
     version = single_version_dir(save_dir)
     assert (version / "checkpoints" / "last.ckpt").is_file()
     events = EventAccumulator(str(version))
@@ -97,7 +130,7 @@ def test_compile_option_from_the_command_line_trains_and_checkpoints(workdir):
     # The YAML/CLI form of LanguageModel(compile=...) reaches torch.compile; aot_eager traces
     # without generating code, so this stays quick on the CPU.
     save_dir = workdir / "runs-compile"
-    recipe = REPO_ROOT / "recipes/lm/transformer_tiny.yaml"
+    recipe = TRANSFORMER
     main([*few_steps(recipe, save_dir, steps=2), "--data.init_args.seq_len=64", "--data.init_args.batch_size=4",
           "--model.init_args.compile={backend: aot_eager}"])
     version = single_version_dir(save_dir)
@@ -107,7 +140,7 @@ def test_compile_option_from_the_command_line_trains_and_checkpoints(workdir):
 
 
 def test_training_resumes_from_the_last_checkpoint(workdir):
-    recipe = REPO_ROOT / "recipes/lm/transformer_tiny.yaml"
+    recipe = TRANSFORMER
     save_dir = workdir / "runs-resume"
     main(few_steps(recipe, save_dir, steps=2))
     last = single_version_dir(save_dir) / "checkpoints" / "last.ckpt"
@@ -119,7 +152,7 @@ def test_training_resumes_from_the_last_checkpoint(workdir):
 
 def test_print_config_shows_the_resolved_recipe(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO_ROOT / "recipes/lm/transformer_tiny.yaml"), "--print_config"])
+        main(["fit", *as_configs(TRANSFORMER), "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] == "nl_lightning.modules.LanguageModel"
@@ -128,12 +161,12 @@ def test_print_config_shows_the_resolved_recipe(capsys):
 
 
 def test_unknown_model_class_names_it_and_the_valid_choices(tmp_path, capsys):
-    recipe = yaml.safe_load((REPO_ROOT / "recipes/lm/transformer_tiny.yaml").read_text())
-    recipe["model"]["init_args"]["network"]["class_path"] = "nl_lightning.models.NoSuchNet"
+    fragment = yaml.safe_load((LM / "models/transformer.yaml").read_text())
+    fragment["model"]["init_args"]["network"]["class_path"] = "nl_lightning.models.NoSuchNet"
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(recipe))
+    bad.write_text(yaml.safe_dump(fragment))
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(bad)])
+        main(["fit", *as_configs([LM / "base.yaml", bad])])
     assert exit_info.value.code != 0
     message = capsys.readouterr().err
     assert "NoSuchNet" in message
@@ -142,14 +175,14 @@ def test_unknown_model_class_names_it_and_the_valid_choices(tmp_path, capsys):
 
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
 def test_evaluation_subcommands_run_from_a_checkpoint(subcommand, workdir):
-    recipe = REPO_ROOT / "recipes/lm/transformer_tiny.yaml"
+    recipe = TRANSFORMER
     train_dir = workdir / "runs-for-eval"
     if not train_dir.exists():
         main(few_steps(recipe, train_dir, steps=2))
     last = next(train_dir.glob("*/version_*/checkpoints/last.ckpt"))
     eval_dir = workdir / f"runs-{subcommand}"
     main([
-        subcommand, "--config", str(recipe), f"--ckpt_path={last}", "--data.init_args.max_bytes=2000000",
+        subcommand, *as_configs(recipe), f"--ckpt_path={last}", "--data.init_args.max_bytes=2000000",
         "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2", "--trainer.limit_predict_batches=2",
         "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={eval_dir}",
     ])

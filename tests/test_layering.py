@@ -78,8 +78,10 @@ def test_models_import_only_the_ops_entry_points():
     assert not wrong, "models must call the ops through their entry points:\n" + "\n".join(wrong)
 
 
-def test_nothing_in_the_package_or_the_experiments_imports_the_cli():
-    sources = {**MODULES, **{module_name(p): p for p in (REPO_ROOT / "experiments").rglob("*.py")}}
+def test_nothing_in_the_package_the_benchmarks_or_the_experiments_imports_the_cli():
+    scripts = [*(REPO_ROOT / "benchmarks").rglob("*.py"), *(REPO_ROOT / "experiments").rglob("*.py")]
+    sources = {**MODULES, **{module_name(p): p for p in scripts}}
+    assert {"benchmarks.throughput", "experiments.lm_compare"} <= set(sources)
     wrong = [name for name, path in sources.items() if name != "nl_lightning.cli"
              and "nl_lightning.cli" in imports(path)]
     assert not wrong, f"{wrong} import nl_lightning.cli; build through the public API instead"

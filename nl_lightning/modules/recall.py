@@ -82,7 +82,7 @@ class RecallModel(LanguageModel):
             raise ValueError(
                 "; ".join(excess) + ". Drop those lengths from data.init_args.eval_lengths, lower "
                 "data.init_args.eval_batch_size, raise model.init_args.test_memory_budget_gb (null: no check) "
-                "on a machine with that memory, or run benchmarks/longctx_eval.py, which skips them"
+                "on a machine with that memory, or run `python -m experiments.longctx_eval`, which skips them"
             )
 
     def _stage_metrics(self, key: str) -> nn.ModuleDict:

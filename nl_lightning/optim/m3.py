@@ -22,7 +22,7 @@ Why the RMS normalisation is the default: ``O`` has a fixed size (orthogonal, RM
 whatever the gradient's scale, but ``√V`` is the gradient's scale. Plain division therefore makes
 the step ∝ 1/|g|: coordinates with tiny gradients (at the first step V = g², so every coordinate
 gets |O|/|g|) take huge steps — tests/optim/test_hybrid.py measures a first update over a thousand times
-lr, and benchmarks/optimizers.py shows the resulting loss. Normalising keeps √V's *relative*
+lr, and python -m benchmarks.optimizers shows the resulting loss. Normalising keeps √V's *relative*
 per-coordinate preconditioning and Muon's step size, so ``lr`` means what it means for ``Muon``.
 
 Speed: as in ``muon.py``, one ``newton_schulz_many`` call per step orthogonalises every fast momentum

@@ -1,14 +1,14 @@
-"""benchmarks/conv_layout.py: the forms agree, and a tiny table runs end to end."""
+"""benchmarks.conv_layout: the forms agree, and a tiny table runs end to end."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import REPO_ROOT, load_script
+
+import benchmarks.conv_layout as bench
 
 
 def test_every_form_computes_the_same_normalised_convolution():
-    bench = load_script(REPO_ROOT / "benchmarks/conv_layout.py")
     conv = bench.CausalDepthwiseConv(12, 3)
     with torch.no_grad():
         conv.conv.weight.normal_()
@@ -20,7 +20,6 @@ def test_every_form_computes_the_same_normalised_convolution():
 
 
 def test_tiny_table_runs_end_to_end(capsys):
-    bench = load_script(REPO_ROOT / "benchmarks/conv_layout.py")
     threads = torch.get_num_threads()
     try:
         rows = bench.main(["--batch", "1", "--length", "16", "--dims", "8", "--head-dim", "4", "--repeats", "1"])

@@ -1,15 +1,16 @@
-"""benchmarks/devices.py: the peak-memory measurement the benchmarks share."""
+"""benchmarks.devices: the peak-memory measurement the benchmarks share."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import DEVICES, REPO_ROOT, load_script
+from tests.conftest import DEVICES
+
+import benchmarks.devices as devices
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_peak_bytes_counts_what_the_call_allocates_and_not_what_existed_before(device):
-    devices = load_script(REPO_ROOT / "benchmarks/devices.py")
     device = torch.device(device)
     existing = torch.ones(4 << 20, device=device)  # 16 MiB alive before and during the call
     kept = []
@@ -28,7 +29,6 @@ def test_peak_bytes_counts_what_the_call_allocates_and_not_what_existed_before(d
 def test_peak_bytes_resets_right_before_the_measured_call(device):
     # Like a gradient: the first call allocates it, later calls accumulate into it in place; the
     # reset frees it so the measured call allocates (and counts) it again.
-    devices = load_script(REPO_ROOT / "benchmarks/devices.py")
     device = torch.device(device)
     grad, calls = [], []
 

@@ -1,21 +1,19 @@
-"""benchmarks/dgd_ops.py: a tiny table end to end (on every device here), and reproducible inputs."""
+"""benchmarks.dgd_ops: a tiny table end to end (on every device here), and reproducible inputs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import DEVICES, REPO_ROOT, load_script
+from tests.conftest import DEVICES
 
-
-def load_dgd_ops():
-    return load_script(REPO_ROOT / "benchmarks/dgd_ops.py")
+import benchmarks.dgd_ops as dgd_ops
 
 
 def table_row(capsys, length, impl, device="cpu"):
     """Run the benchmark on naive and ``impl`` at one tiny length; the cells of its one table row."""
     threads = torch.get_num_threads()
     try:
-        load_dgd_ops().main(["--lengths", str(length), "--dim", "8", "--hidden", "8", "--chunk-size", "8",
+        dgd_ops.main(["--lengths", str(length), "--dim", "8", "--hidden", "8", "--chunk-size", "8",
                              "--repeats", "1", "--impls", "naive", impl, "--device", device])
     finally:
         torch.set_num_threads(threads)  # the script sets its own thread count
@@ -35,7 +33,6 @@ def test_tiny_table_runs_end_to_end(device, capsys):
 
 
 def test_inputs_are_reproducible_leaf_tensors():
-    dgd_ops = load_dgd_ops()
     args = type("Args", (), dict(dtype="float32", batch=1, heads=2, dim=4, hidden=4, kind="mlp"))
     seq, weights = dgd_ops.make_inputs(args, 8)
     again, _ = dgd_ops.make_inputs(args, 8, torch.device("cpu"))

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
-from pathlib import Path
 
-import pytest
 import torch
-from tests.conftest import load_script
+from tests.conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def kernel_bound():
-    return load_script(REPO_ROOT / "benchmarks/kernel_bound.py")
+import benchmarks.kernel_bound as kernel_bound
 
 
-def test_records_heavy_calls_by_layout_and_skips_elementwise(kernel_bound):
+def test_records_heavy_calls_by_layout_and_skips_elementwise():
     a, b = torch.randn(8, 4), torch.randn(4, 5)
     batched = torch.randn(3, 8, 4)
     with kernel_bound.RecordHeavyCalls() as recorder:
@@ -33,34 +25,30 @@ def test_records_heavy_calls_by_layout_and_skips_elementwise(kernel_bound):
     assert recorder.all_calls > 4  # the elementwise ops (and the copy) are counted there
 
 
-def test_tensor_spec_rebuilds_broadcast_layouts(kernel_bound):
+def test_tensor_spec_rebuilds_broadcast_layouts():
     expanded = torch.randn(4, 1, 6).expand(4, 5, 6)
     rebuilt = kernel_bound.TensorSpec.of(expanded).make()
     assert rebuilt.shape == expanded.shape and rebuilt.stride() == expanded.stride()
     assert torch.isfinite(rebuilt).all()
 
 
-def test_replays_a_recorded_triangular_solve(kernel_bound):
+def test_replays_a_recorded_triangular_solve():
     system = torch.eye(16) + 0.1 * torch.randn(16, 16).tril(-1)
     with kernel_bound.RecordHeavyCalls() as recorder:
         torch.linalg.solve_triangular(system, torch.randn(16, 3), upper=False, unitriangular=True)
     ((func, args, kwargs), count), = recorder.calls.items()
     assert count == 1 and func.overloadpacket is torch.ops.aten.linalg_solve_triangular
     started = time.perf_counter()
-    seconds = kernel_bound.time_call(func, args, kwargs, min_seconds=1e-4, repeats=2)
+    seconds = kernel_bound.time_kernel(func, args, kwargs, min_seconds=1e-4, repeats=2)
     # per call: a warm-up, the batch sizing (>= 1e-4 s) and two timed batches of the same calls fit
     # in the wall time at least three times over
     assert math.isfinite(seconds) and 0 < 3 * seconds <= time.perf_counter() - started
 
 
-def test_end_to_end_table(kernel_bound, monkeypatch, capsys):
+def test_end_to_end_table(monkeypatch, capsys):
     monkeypatch.chdir(REPO_ROOT)
-    monkeypatch.setattr(sys, "argv", [
-        "kernel_bound.py", "recipes/lm/transformer_tiny.yaml", "--steps", "1", "--warmup", "0",
-        "--override=--data.init_args.seq_len=32", "--override=--data.init_args.batch_size=2",
-    ])  # fmt: skip
-    kernel_bound.main()
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| recipes/")]
+    kernel_bound.main(["transformer", "--steps", "1", "--warmup", "0", "--seq-len", "32", "--batch-size", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| transformer |")]
     assert len(rows) == 1
     step, bound, calls, all_calls = (float(cell) for cell in rows[0].split("|")[2:6])
     assert step > 0 and bound > 0 and 0 < calls < all_calls

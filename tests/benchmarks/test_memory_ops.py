@@ -1,18 +1,14 @@
-"""benchmarks/memory_ops.py: the settled timing order and an end-to-end run of a tiny table."""
+"""benchmarks.memory_ops: the settled timing order and an end-to-end run of a tiny table."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import REPO_ROOT, load_script
 
-
-def load_memory_ops():
-    return load_script(REPO_ROOT / "benchmarks/memory_ops.py")
+import benchmarks.memory_ops as memory_ops
 
 
 def test_settled_timing_runs_each_impl_untimed_right_before_its_timed_call(monkeypatch):
-    memory_ops = load_memory_ops()
     calls = []
     monkeypatch.setattr(memory_ops, "forward_backward", lambda fn, *args: calls.append(fn))
     monkeypatch.setattr(memory_ops, "IMPLS", {"chunk": "chunk-fn", "naive": "naive-fn"})
@@ -24,7 +20,6 @@ def test_settled_timing_runs_each_impl_untimed_right_before_its_timed_call(monke
 
 
 def test_tiny_table_runs_end_to_end(capsys):
-    memory_ops = load_memory_ops()
     threads = torch.get_num_threads()
     try:
         memory_ops.main(["--lengths", "16", "--kinds", "linear", "mlp", "--dim", "8", "--chunk-size", "8",
@@ -38,5 +33,5 @@ def test_tiny_table_runs_end_to_end(capsys):
 
 def test_triton_column_needs_a_cuda_device(capsys):
     with pytest.raises(SystemExit):
-        load_memory_ops().main(["--triton", "--device", "cpu"])
+        memory_ops.main(["--triton", "--device", "cpu"])
     assert "--triton needs a CUDA device" in capsys.readouterr().err

@@ -1,26 +1,21 @@
-"""benchmarks/titans_pytorch_compare.py: what runs without titans-pytorch (a project venv never has it)."""
+"""benchmarks.titans_pytorch_compare: what runs without titans-pytorch (a project venv never has it)."""
 
 from __future__ import annotations
 
 import sys
 
 import torch
-from tests.conftest import REPO_ROOT, load_script
 
-
-def load():
-    return load_script(REPO_ROOT / "benchmarks/titans_pytorch_compare.py")
+import benchmarks.titans_pytorch_compare as bench
 
 
 def test_skips_with_exit_status_0_without_titans_pytorch(monkeypatch, capsys):
-    bench = load()
     monkeypatch.setitem(sys.modules, "titans_pytorch", None)  # import now raises ImportError
     assert bench.main(bench.parse_args([])) == 0
     assert capsys.readouterr().out.startswith("SKIP: titans_pytorch is not importable")
 
 
 def test_side_by_side_timing_runs_each_layer_at_its_own_thread_count(monkeypatch):
-    bench = load()
     args = bench.parse_args(["--dim", "16", "--heads", "2", "--chunk-size", "4"])
     layers = {"ours": bench.build_ours(args, "auto"), "ours-chunk": bench.build_ours(args, "chunk")}
     before = torch.get_num_threads()

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import load_script
 from torch import nn
 
 from nl_lightning.optim import M3, Muon
@@ -351,40 +350,6 @@ def test_adamw_half_matches_torch_adamw():
         muon.step()
         adamw.step()
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)
-
-
-# -- benchmarks/optimizers.py --part time: the argument handling, on the CPU -------------------------
-
-
-def load_benchmark():
-    return load_script(ROOT / "benchmarks" / "optimizers.py", "optimizers_benchmark")
-
-
-def test_step_time_benchmark_runs_on_cpu_and_reports_every_optimizer_against_the_faster_adamw(capsys, monkeypatch):
-    from nl_lightning.models import Hope
-
-    benchmark = load_benchmark()
-    # A one-layer HOPE (same parameter kinds and CMS periods as tiny) and no forward+backward (HOPE's
-    # sequential memory makes one cost seconds even at this size) keep this a smoke run.
-    monkeypatch.setattr(benchmark, "Hope", lambda preset: Hope(preset, overrides=dict(d_model=32, n_layer=1, n_head=2)))
-    benchmark.main(["--part", "time", "--device", "cpu", "--steps", "2", "--fwd-bwd-every", "0"])
-    out = capsys.readouterr().out
-    assert "float32 params, cpu" in out and "Newton–Schulz in float32" in out and "baseline: AdamW (f" in out
-    assert "forward+backward (16×256 bytes): not measured" in out
-    for name in ("AdamW (foreach)", "AdamW (fused)", "Muon", "M3"):
-        row = next(line for line in out.splitlines() if line.startswith(f"| {name} | "))
-        assert row.endswith("x | - |"), row  # the step ratio; no whole-step ratio without forward+backward
-
-
-def test_step_time_benchmark_refuses_a_device_it_cannot_time_with_the_fix():
-    benchmark = load_benchmark()
-    with pytest.raises(SystemExit, match="use cpu, cuda or cuda:N"):
-        benchmark.main(["--part", "time", "--device", "tpu"])
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="sees no CUDA device.*--device cpu"):
-            benchmark.main(["--part", "time", "--device", "cuda"])
-    with pytest.raises(SystemExit):  # argparse: exit status 2 and the usage on stderr
-        benchmark.main(["--part", "time", "--steps", "0"])
 
 
 # -- DeepSpeed ZeRO on 2 CPU processes ----------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tests.conftest import changed_at, load_script
 
 pytest.importorskip("deepspeed")
@@ -182,14 +183,24 @@ def test_zero_stage_on_two_cpu_processes_keeps_the_level_schedule_and_matches_pl
     check_zero_stage(tmp_path, stage)
 
 
-# GPU recipes under recipes/deepspeed (tests/test_cli.py leaves them to this module): at least check that they parse.
+# GPU recipes under recipes/deepspeed (tests/test_cli.py leaves them to this module): fragments
+# stacked on HOPE with its CMS timescales; at least check that the composition resolves to the
+# stage, model, optimizer and scheduler the fragment's comment promises.
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_deepspeed_recipe_parses(stage):
+def test_deepspeed_recipe_composes_onto_hope_with_its_cms_timescales(stage, capsys):
     from nl_lightning.cli import main
 
+    lm = ROOT / "recipes" / "lm"
+    configs = [lm / "base.yaml", lm / "models/hope.yaml", lm / "optim/level_aware_adamw.yaml",
+               lm / "schedules/cms.yaml", ROOT / "recipes" / "deepspeed" / f"zero{stage}.yaml"]
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(ROOT / "recipes" / "deepspeed" / f"zero{stage}.yaml"), "--print_config"])
+        main(["fit", *[arg for path in configs for arg in ("--config", str(path))], "--print_config"])
     assert exit_info.value.code in (0, None)
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["trainer"]["strategy"]["init_args"]["stage"] == stage
+    assert resolved["model"]["init_args"]["network"]["class_path"] == "nl_lightning.models.Hope"
+    assert resolved["model"]["init_args"]["optimizer"]["class_path"] == "nl_lightning.optim.LevelAwareAdamW"
+    assert [c["class_path"] for c in resolved["trainer"]["callbacks"]] == ["nl_lightning.callbacks.NestedScheduler"]
 
 
 # -- slow -------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ It runs as a (1 × K) 2-d convolution on a channels-last view, whose memory layo
 no transposed copy on the way in, and the output (and its gradient) stays contiguous in (B, T, C).
 A Conv1d on ``x.transpose(1, 2)`` returns a channel-major view instead, and every consumer pays for
 it: per-head normalisation over a strided last dim, and the convolution's backward on a transposed
-gradient (together ≈ 2.5× slower fwd+bwd at B=4, T=1024, C=576 on CPU; ``benchmarks/conv_layout.py``).
+gradient (together ≈ 2.5× slower fwd+bwd at B=4, T=1024, C=576 on CPU; ``python -m benchmarks.conv_layout``).
 """
 
 from __future__ import annotations

@@ -187,7 +187,7 @@ def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: in
     # Row of each chunk's last real token: C-1, except in a partial final chunk.
     last = torch.full((N,), C - 1, dtype=torch.long, device=theta.device)
     # fill_, not ``last[-1] = ...``: assigning a Python number copies it from host memory, which a
-    # CUDA graph cannot record (benchmarks/throughput.py --cuda-graph).
+    # CUDA graph cannot record (python -m benchmarks.throughput --cuda-graph).
     last[-1].fill_((T - 1) % C)
 
     decay_mix, carry, decay_mix_end = _MomentumScan.apply(keep, eta, last)

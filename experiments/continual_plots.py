@@ -1,4 +1,4 @@
-"""Plots of the continual-learning sweep (``benchmarks/continual_sweep.py``): PNG + TensorBoard.
+"""Plots of the continual-learning sweep (``experiments/continual_sweep.py``): PNG + TensorBoard.
 
 Input is the sweep's summary: one dict per (method, λ) with the mean and ``*_std`` over seeds of
 ``average_accuracy`` and ``retention`` (definition: ``nl_lightning.metrics.continual``); methods

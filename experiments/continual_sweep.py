@@ -1,7 +1,7 @@
 """Regularisation sweep of the continual-learning methods: CSV, plots, TensorBoard, seed claims.
 
-    .venv/bin/python benchmarks/continual_sweep.py                     # the default sweep (spec below)
-    .venv/bin/python benchmarks/continual_sweep.py --tasks 2 --seeds 0 --lambdas 1 10   # a mini sweep
+    .venv/bin/python -m experiments.continual_sweep                     # the default sweep (spec below)
+    .venv/bin/python -m experiments.continual_sweep --tasks 2 --seeds 0 --lambdas 1 10   # a mini sweep
 
 The spec (``recipes/sweeps/continual.yaml``) names, per method, a recipe of
 ``recipes/continual/`` and the dotted config path that λ sets. Every run is built by
@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import statistics
-import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -35,10 +34,8 @@ from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from continual_plots import pareto_front, plot_accuracy_vs_lambda, plot_pareto, write_tensorboard  # noqa: E402
+from experiments.common import REPO_ROOT, key_values
+from experiments.continual_plots import pareto_front, plot_accuracy_vs_lambda, plot_pareto, write_tensorboard
 
 METRICS = ("average_accuracy", "backward_transfer", "forgetting", "retention", "learning_accuracy")
 
@@ -93,12 +90,7 @@ def plan_runs(spec: dict, args: argparse.Namespace) -> list[dict]:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; the spec {args.spec} has {list(methods)}")
     seeds, lambdas = args.seeds or spec["seeds"], args.lambdas or spec["lambdas"]
-    extra = {}
-    for item in args.set:
-        path, equals, value = item.partition("=")
-        if not equals or not path:
-            raise SystemExit(f"--set {item!r}: write PATH=VALUE, e.g. trainer.limit_train_batches=5")
-        extra[path] = yaml.safe_load(value)
+    extra = key_values(args.set, "--set", "trainer.limit_train_batches=5")
     runs = []
     for method in chosen:
         entry = methods[method]

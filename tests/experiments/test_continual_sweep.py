@@ -1,4 +1,4 @@
-"""The continual sweep runs end to end (mini version: 2 tasks, 1 seed, 2 λ) and writes CSV + plots."""
+"""experiments/continual_sweep.py runs end to end (mini version: 2 tasks, 1 seed, 2 λ) and writes CSV + plots."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _read(path):
 def mini_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     # Every method of the spec, 2 tasks × 1 epoch, 2 batches per task: the wiring, not the science.
-    cmd = [sys.executable, str(REPO_ROOT / "benchmarks/continual_sweep.py"), "--out", str(out), "--tasks", "2",
+    cmd = [sys.executable, "-m", "experiments.continual_sweep", "--out", str(out), "--tasks", "2",
            "--epochs-per-task", "1", "--seeds", "0", "--lambdas", "1", "10", "--workers", "1",
            "--set", "trainer.limit_train_batches=2"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -64,7 +64,7 @@ def test_mini_sweep_summarises_plots_and_prints_the_seed_claims(mini_sweep):
 
 def test_replotting_from_csv_reproduces_the_summary(mini_sweep, tmp_path):
     out, _ = mini_sweep
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks/continual_sweep.py"), "--from-csv",
+    result = subprocess.run([sys.executable, "-m", "experiments.continual_sweep", "--from-csv",
                              str(out / "runs.csv"), "--out", str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
