@@ -57,7 +57,7 @@ step dgd_triton 300 "${INSTALLED[@]}" python3 -P -m pytest --import-mode=append 
 step dgd_ops_triton 120 python3 -m benchmarks.dgd_ops --device cuda --impls naive chunk triton --dim 48 --hidden 48 \
     --batch 4 --heads 4 --lengths 1024 2048 --repeats 5
 step throughput_hope_triton 150 python3 -m benchmarks.throughput transformer hope \
-    --device cuda --steps 10 --warmup 3 "${TINY[@]}" --batch-size 4 --override memory_impl=triton
+    --device cuda --steps 10 --warmup 3 "${TINY[@]}" --batch-size 4 --override memory_impl=triton --override write_rule=paper
 step tests 240 "${INSTALLED[@]}" python3 -P -m pytest --import-mode=append -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k "${TESTS:-cuda or triton}" \
     tests/ops tests/models/test_memory_models.py tests/benchmarks/test_dgd_ops.py tests/benchmarks/test_devices.py \
     tests/benchmarks/test_throughput.py

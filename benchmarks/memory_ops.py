@@ -6,7 +6,7 @@ chunk kernels' peak memory at two sequence lengths.
     python -m benchmarks.memory_ops --device cuda --compiled --triton   # on a GPU, Triton column too
 
 On a CPU the fused C++ kernel (``cpu``, ``nl_lightning/ops/titans/titans_cpu.cpp``; the same
-chunked math, each (batch, head) item's loop on one thread) is a column too; ``--no-cpu-fused``
+chunked math, each (batch, head) item's loop on one thread) is a column too; ``--no-cpu-kernel``
 leaves it out. Its first call builds the extension (reported apart, under a minute, cached).
 
 All implementations are timed in the same process, interleaved repeat by repeat, so a change in
@@ -84,10 +84,8 @@ def time_side_by_side(
     With ``settle`` every timed call follows an untimed call of the same impl. Without it a timed
     call inherits the allocator state the other impl left: right after the naive loop's many
     small allocations and frees, the linear chunk kernel's MB-sized temporaries can come from
-    fresh pages: in 2 of 3 probes (T=2048, 1 thread) it took 74-79 ms right after a naive call
-    against 54-61 ms right after another chunk call (the third probe: 54 vs 54 ms; no effect seen
-    for the MLP kernel, nor with glibc's mmap threshold raised). Training runs one kernel back to
-    back, so the settled time is the one that describes it.
+    fresh pages, which made it slower in some probes (benchmarks/RESULTS.md, "Titans memory").
+    Training runs one kernel back to back, so the settled time is the one that describes it.
     """
     device = seq["q"].device if seq else torch.device("cpu")
     candidates = {name: functools.partial(forward_backward, IMPLS[name], seq, weights, kind, chunk_size)
@@ -119,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compiled", action="store_true", help="also time the torch.compile path")
     parser.add_argument("--triton", action="store_true", help="also time the Triton kernel (linear memory; needs --device cuda)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--no-cpu-fused", dest="cpu_fused", action="store_false",
+    parser.add_argument("--no-cpu-kernel", dest="cpu_kernel", action="store_false",
                         help="leave out the fused C++ kernel (CPU only; included by default there)")
     parser.add_argument("--memory-lengths", type=int, nargs=2, default=[1024, 8192], metavar=("SHORT", "LONG"))
     parser.add_argument("--skip-memory", action="store_true")
@@ -138,10 +136,10 @@ def main(argv: list[str] | None = None) -> None:
                      "is for tests, far too slow to time")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cpu_fused = args.cpu_fused and device.type == "cpu"
-    impls = (["chunk", "naive"] + (["compiled"] if args.compiled else []) + (["cpu"] if cpu_fused else [])
+    cpu_kernel = args.cpu_kernel and device.type == "cpu"
+    impls = (["chunk", "naive"] + (["compiled"] if args.compiled else []) + (["cpu"] if cpu_kernel else [])
              + (["triton"] if args.triton else []))
-    if cpu_fused:
+    if cpu_kernel:
         from nl_lightning.ops.cpu_extension import load_extension
 
         seconds, _ = time_call(load_extension)
@@ -177,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nPeak memory during forward+backward (T={short} vs T={long}):")
     for kind in args.kinds:
         triton = ["triton"] if args.triton and kind == "linear" else []
-        for impl in ["chunk"] + (["cpu"] if cpu_fused else []) + triton:
+        for impl in ["chunk"] + (["cpu"] if cpu_kernel else []) + triton:
             peaks = []
             for length in (short, long):
                 seq, weights = make_inputs(kind, args.batch, args.heads, length, args.dim, torch.float32, device=device)

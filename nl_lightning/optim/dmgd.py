@@ -31,10 +31,10 @@ Cost per parameter tensor of n elements: state n (the buffer, as SGD) + 3·hidde
 Per step the memory trains on a strided subset of at most ``MEMORY_SAMPLES`` (4096) coordinates
 (θ is shared, so the subset's gradient is an unbiased estimate of the full one; the offset cycles
 with the step), and the read-out evaluates φ on all n coordinates: about 4·n·hidden elementwise
-operations and n·hidden transient activations. On HOPE-tiny (1.9M parameters, CPU, one thread,
-a busy shared machine) a hidden=8 step took about 50× torch SGD's step, about 4% of one 16×256
-forward/backward. Under DeepSpeed ZeRO each rank holds a flat partition, so φ is trained and
-normalised per partition (per rank) rather than per tensor.
+operations and n·hidden transient activations: far more than SGD's step, but a few percent of a
+training step (measured on HOPE-tiny: benchmarks/RESULTS.md, "Optimizers on HOPE-tiny"). Under
+DeepSpeed ZeRO each rank holds a flat partition, so φ is trained and normalised per partition
+(per rank) rather than per tensor.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-// Helpers shared by the fused CPU memory kernels (dgd_mlp_chunks.cpp, dgd_shared_key_loop.cpp,
-// titans_chunks.cpp, causal_conv.cpp): row-major GEMM through the BLAS torch links, unit-triangular
-// substitutions, a vectorisable exp and SiLU.
+// Helpers shared by the ops' C++ kernels (ops/dgd/dgd_cpu.cpp, ops/projection/projection_cpu.cpp,
+// ops/titans/titans_cpu.cpp, ops/conv/conv_cpu.cpp): row-major GEMM through the BLAS torch links,
+// unit-triangular substitutions, a vectorisable exp and SiLU.
 #pragma once
 
 // ATen only, not torch/extension.h (pybind11 and the C++ frontend): it parses in about a third of

@@ -49,8 +49,8 @@ def launch_options(C: int, D: int, Dh: int, dtype: torch.dtype) -> dict:
     # num_warps: a program holds some thirty C x D tiles at once, far more than a few warps'
     # registers. At HOPE-tiny's 64-wide blocks (sm_90, float32) the backward spills 137 KB per
     # thread and compiles in 168 s (2-core VM) at 8 warps, 64 KB / 86 s at 16 and 19 KB / 27 s at
-    # 32 (benchmarks/RESULTS.md). The grid is only B·H programs, so one program per SM is no
-    # loss; smaller blocks get proportionally fewer warps.
+    # 32 (benchmarks/RESULTS.md, "HOPE DGD memory"). The grid is only B·H programs, so one program
+    # per SM is no loss; smaller blocks get proportionally fewer warps.
     blocks = {
         "BLOCK_C": max(16, triton.next_power_of_2(C)),
         "BLOCK_D": max(16, triton.next_power_of_2(D)),

@@ -1,6 +1,6 @@
 """Triton kernels for the DGD MLP memory's chunk loop (``triton.py`` launches them).
 
-The GPU port of ``ops/cpu/dgd_mlp_chunks.cpp``: the same equations, names and
+The GPU port of ``ops/dgd/dgd_cpu.cpp``: the same equations, names and
 forward/backward split, written as tile operations. One program runs the whole chunk loop of one
 (batch, head) item with the state (W1: D x Dh, W2: Dh x D) in registers, so a chunk costs no
 kernel launches and the state never round-trips through global memory; the ATen chunk kernel
