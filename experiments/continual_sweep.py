@@ -3,10 +3,10 @@
     .venv/bin/python -m experiments.continual_sweep                     # the default sweep (spec below)
     .venv/bin/python -m experiments.continual_sweep --tasks 2 --seeds 0 --lambdas 1 10   # a mini sweep
 
-The spec (``recipes/sweeps/continual.yaml``) names, per method, a recipe of
-``recipes/continual/`` and the dotted config path that λ sets. Every run is built by
-``LightningCLI`` from that recipe plus the overrides, exactly as ``nl-lightning fit --config``
-would build it, then trained in this process with one ``Trainer.fit`` (no logger, no checkpoint:
+The spec (``recipes/sweeps/continual.yaml``) names, per method, its composition of
+``recipes/continual/`` (the config files, stacked in order) and the dotted config path that λ
+sets. Every run is built by ``LightningCLI`` from that composition plus the overrides, exactly as
+``nl-lightning fit --config a.yaml --config b.yaml ...`` would build it, then trained in this process with one ``Trainer.fit`` (no logger, no checkpoint:
 per-run overhead stays small). Methods without a λ path run once per seed. ``--workers`` runs
 that many processes side by side (one torch thread each).
 
@@ -33,6 +33,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import yaml
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
 
 from experiments.common import REPO_ROOT, key_values
 from experiments.continual_plots import pareto_front, plot_accuracy_vs_lambda, plot_pareto, write_tensorboard
@@ -83,6 +85,25 @@ def _fill(value, seed: int):
     return seed if value == "{seed}" else value
 
 
+class _ParseOnlyCLI(LightningCLI):
+    """LightningCLI that parses and stops: no model, data or trainer is built."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def compose(configs: list[str]) -> dict:
+    """The config ``nl-lightning fit --config <each of configs>`` runs, resolved into one dict: the
+    files stacked by LightningCLI's own rules (a later ``class_path`` keeps only the ``init_args``
+    the new class takes), so a run of the sweep is the run the composition is on the command line."""
+    cli = _ParseOnlyCLI(
+        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+        args=[arg for path in configs for arg in ("--config", str(REPO_ROOT / path))],
+        auto_configure_optimizers=False, save_config_callback=None,
+    )
+    return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+
+
 def plan_runs(spec: dict, args: argparse.Namespace) -> list[dict]:
     methods = spec["methods"]
     chosen = args.methods or list(methods)
@@ -94,7 +115,7 @@ def plan_runs(spec: dict, args: argparse.Namespace) -> list[dict]:
     runs = []
     for method in chosen:
         entry = methods[method]
-        base = yaml.safe_load((REPO_ROOT / entry["recipe"]).read_text())
+        base = compose(entry["configs"])
         for seed in seeds:
             for lam in lambdas if "lambda" in entry else [None]:
                 config = copy.deepcopy(base)
@@ -122,8 +143,6 @@ def plan_runs(spec: dict, args: argparse.Namespace) -> list[dict]:
 
 def run_one(run: dict) -> dict:
     import torch
-    from lightning.pytorch import LightningDataModule, LightningModule
-    from lightning.pytorch.cli import LightningCLI
 
     from nl_lightning.metrics.continual import continual_summary
 

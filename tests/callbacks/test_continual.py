@@ -1,4 +1,4 @@
-"""EWC, SI and experience replay against their formulas; every recipe under recipes/continual trains."""
+"""EWC, SI and experience replay against their formulas; every composition of recipes/continual trains."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from scipy.stats import chisquare
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -18,7 +19,9 @@ from nl_lightning.cli import main
 from nl_lightning.modules import ContinualClassifier
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CONTINUAL_RECIPES = sorted((REPO_ROOT / "recipes/continual").glob("*.yaml"))
+# The compositions of recipes/continual (method -> config files, in stacking order) are the sweep's.
+COMPOSITIONS = {name: entry["configs"] for name, entry in
+                yaml.safe_load((REPO_ROOT / "recipes/sweeps/continual.yaml").read_text())["methods"].items()}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: extra threads only spin and wait
@@ -200,10 +203,10 @@ def test_replay_appends_stored_examples_with_their_task_ids_after_the_first_batc
 # -- recipes --------------------------------------------------------------------------------------
 
 
-def few_steps(recipe: Path, save_dir: Path) -> list[str]:
+def few_steps(configs: list[str], save_dir: Path) -> list[str]:
     """Two tasks × 2 epochs × 2 batches: every task boundary, strategy hook and R row still happens."""
     return [
-        "fit", "--config", str(recipe),
+        "fit", *[arg for path in configs for arg in ("--config", str(REPO_ROOT / path))],
         "--data.init_args.num_tasks=2", "--trainer.max_epochs=4",
         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
         "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
@@ -211,18 +214,20 @@ def few_steps(recipe: Path, save_dir: Path) -> list[str]:
     ]
 
 
-def test_every_continual_variant_has_a_recipe():
-    names = {recipe.stem for recipe in CONTINUAL_RECIPES}
+def test_every_continual_variant_is_composed_and_every_fragment_used():
     assert {"finetune", "ewc", "si", "replay", "google3", "collab5", "collab5_adjacent", "collab5_fixed", "cms",
-            "adaptability", "retention", "balanced"} <= names
+            "adaptability", "retention", "balanced"} <= set(COMPOSITIONS)
+    used = {REPO_ROOT / path for configs in COMPOSITIONS.values() for path in configs}
+    assert used == set((REPO_ROOT / "recipes/continual").rglob("*.yaml")), "a fragment no composition uses"
+    assert all(configs[0] == "recipes/continual/base.yaml" for configs in COMPOSITIONS.values())
 
 
-@pytest.mark.parametrize("recipe", CONTINUAL_RECIPES, ids=lambda p: f"recipes/continual/{p.name}")
-def test_continual_recipe_trains_fills_the_accuracy_matrix_and_logs_to_tensorboard(recipe, tmp_path):
+@pytest.mark.parametrize("name", COMPOSITIONS)
+def test_continual_recipe_trains_fills_the_accuracy_matrix_and_logs_to_tensorboard(name, tmp_path):
     previous = os.getcwd()
     os.chdir(tmp_path)  # checkpoints of the default ModelCheckpoint land under the run
     try:
-        main(few_steps(recipe, tmp_path / "runs"))
+        main(few_steps(COMPOSITIONS[name], tmp_path / "runs"))
     finally:
         os.chdir(previous)
     (version,) = (tmp_path / "runs").glob("*/version_*")

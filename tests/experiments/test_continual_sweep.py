@@ -70,3 +70,18 @@ def test_replotting_from_csv_reproduces_the_summary(mini_sweep, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert _read(tmp_path / "summary.csv") == _read(out / "summary.csv")
     assert (tmp_path / "pareto.png").is_file()
+
+
+def test_a_method_is_its_composition_resolved_as_the_cli_stacks_it():
+    from experiments.continual_sweep import compose
+
+    configs = ["recipes/continual/base.yaml", "recipes/continual/methods/nested.yaml",
+               "recipes/continual/nested/google3.yaml"]
+    optimizer = compose(configs)["model"]["init_args"]["optimizer"]
+    assert optimizer["class_path"] == "nl_lightning.optim.NestedOptimizer"
+    args = optimizer["init_args"]
+    assert args["preset"] == "google3" and args["lr"] == 0.04  # the variant's preset on the method's lr
+    assert args["inner"]["class_path"] == "nl_lightning.optim.MomentumSGD"
+    assert "momentum" not in args  # SGD's momentum (the base) does not leak into the new class
+    finetune = compose(["recipes/continual/base.yaml"])["model"]["init_args"]["optimizer"]
+    assert finetune == {"class_path": "torch.optim.SGD", "init_args": {**finetune["init_args"], "lr": 0.04, "momentum": 0.9}}
