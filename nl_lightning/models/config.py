@@ -64,6 +64,12 @@ class ModelConfig:
     # write_rule="paper" only: the same cap for the self-modifying projection memories (k, v, η, α);
     # None = dgd_max_step. (Under "delta" they write with the delta rule too, uncapped.)
     proj_dgd_max_step: float | None = None
+    # The projection memories restart from their slow (trained) weights every proj_reset_every
+    # tokens (a multiple of proj_chunk_size); None = never, the paper's HOPE. At or above the
+    # training length it changes nothing in training and bounds how far the fast projections can
+    # drift at test time: a HOPE with key_shift trained at 256 bytes recalled 5/50 one-pair keys at
+    # 4,096 bytes as it is and 50/50 with resets every 256 (docs/results.md, "Recall").
+    proj_reset_every: int | None = None
     cms_periods: tuple[int, ...] = (1, 4, 16)  # training-step period of each CMS level (NestedScheduler)
     cms_hidden: int | None = None  # SwiGLU width of a CMS level; None matches Transformer++'s parameter count
     cms_in_context: bool = False  # in-context fast weights: level ℓ also updates every cms_context_periods[ℓ] tokens
@@ -93,6 +99,13 @@ class ModelConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
+        reset = self.proj_reset_every
+        if reset is not None and (isinstance(reset, bool) or not isinstance(reset, int) or reset <= 0
+                                  or reset % self.proj_chunk_size):
+            raise ValueError(
+                f"ModelConfig.proj_reset_every must be None or a positive multiple of proj_chunk_size="
+                f"{self.proj_chunk_size}, got {reset!r}"
+            )
         if self.write_rule not in ("delta", "paper"):
             raise ValueError(f"write_rule must be 'delta' or 'paper', got {self.write_rule!r}")
         if self.memory_target not in ("value", "self"):

@@ -108,12 +108,17 @@ class SelfModifyingMemory(nn.Module):
 
     def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the self-modifying projection memories over the sequence: k, v, η, α for every token
-        (``nl_lightning.ops.projection``)."""
+        (``nl_lightning.ops.projection``), from their slow weights again every
+        ``config.proj_reset_every`` tokens."""
         c = self.config
-        out = projection_memories(
-            x, tuple(self.projections), self.projection_gate_bias(), chunk_size=c.proj_chunk_size,
-            eta_scale=self._eta_scale(heads=False), rule=self._write_rule()["rule"], impl=c.memory_impl,
-        )
+        segments = x.split(c.proj_reset_every, dim=1) if c.proj_reset_every else (x,)
+        out = torch.cat([
+            projection_memories(
+                segment, tuple(self.projections), self.projection_gate_bias(), chunk_size=c.proj_chunk_size,
+                eta_scale=self._eta_scale(heads=False), rule=self._write_rule()["rule"], impl=c.memory_impl,
+            )
+            for segment in segments
+        ], dim=2)
         return dict(zip(PROJECTIONS, out.unbind(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -435,6 +435,31 @@ def test_bad_key_shift_settings_are_refused_naming_the_fix(overrides, message):
         ModelConfig(**overrides)
 
 
+def test_proj_reset_every_restarts_the_projection_memories_from_their_slow_weights():
+    """ModelConfig.proj_reset_every: the projection read-outs of a segment are those of a sequence
+    that starts there (the memories' state is the slow weights again); within the first segment, and
+    with no resets, nothing changes."""
+    plain = small_model(Hope, proj_chunk_size=8).blocks[0].mixer
+    reset = small_model(Hope, proj_chunk_size=8, proj_reset_every=16).blocks[0].mixer
+    reset.load_state_dict(plain.state_dict())
+    x = F.normalize(torch.randn(2, 40, plain.config.d_model), dim=-1)
+    with torch.no_grad():
+        ours, theirs = reset.project(x), plain.project(x)
+        fresh = plain.project(x[:, 16:32])
+    for name in ours:
+        torch.testing.assert_close(ours[name][:, :16], theirs[name][:, :16])
+        torch.testing.assert_close(ours[name][:, 16:32], fresh[name])
+        assert not torch.allclose(ours[name][:, 24:32], theirs[name][:, 24:32])  # the plain state has moved on
+
+
+@pytest.mark.parametrize("value", [0, 12, True, 16.0])
+def test_bad_proj_reset_every_is_refused_naming_the_fix(value):
+    from nl_lightning.models import ModelConfig
+
+    with pytest.raises(ValueError, match="proj_reset_every must be None or a positive multiple of proj_chunk_size=8"):
+        ModelConfig(proj_chunk_size=8, proj_reset_every=value)
+
+
 def test_titans_model_runs_the_triton_memory_like_the_chunk_kernel(triton_linear, monkeypatch):
     """``memory_impl="triton"`` reaches the Triton kernel through the model config (interpreter on
     CPU) and gives the chunk kernel's logits and gradients."""
