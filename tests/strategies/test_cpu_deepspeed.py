@@ -183,6 +183,14 @@ def test_zero_stage_on_two_cpu_processes_keeps_the_level_schedule_and_matches_pl
     check_zero_stage(tmp_path, stage)
 
 
+def deepspeed_composition(stage: int) -> list[str]:
+    """The ``--config`` arguments of README's DeepSpeed recipe at ``stage``."""
+    lm = ROOT / "recipes" / "lm"
+    configs = [lm / "base.yaml", lm / "models/hope.yaml", lm / "optim/level_aware_adamw.yaml",
+               lm / "schedules/cms.yaml", ROOT / "recipes" / "deepspeed" / f"zero{stage}.yaml"]
+    return [arg for path in configs for arg in ("--config", str(path))]
+
+
 # GPU recipes under recipes/deepspeed (tests/test_cli.py leaves them to this module): fragments
 # stacked on HOPE with its CMS timescales; at least check that the composition resolves to the
 # stage, model, optimizer and scheduler the fragment's comment promises.
@@ -190,11 +198,8 @@ def test_zero_stage_on_two_cpu_processes_keeps_the_level_schedule_and_matches_pl
 def test_deepspeed_recipe_composes_onto_hope_with_its_cms_timescales(stage, capsys):
     from nl_lightning.cli import main
 
-    lm = ROOT / "recipes" / "lm"
-    configs = [lm / "base.yaml", lm / "models/hope.yaml", lm / "optim/level_aware_adamw.yaml",
-               lm / "schedules/cms.yaml", ROOT / "recipes" / "deepspeed" / f"zero{stage}.yaml"]
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *[arg for path in configs for arg in ("--config", str(path))], "--print_config"])
+        main(["fit", *deepspeed_composition(stage), "--print_config"])
     assert exit_info.value.code in (0, None)
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["trainer"]["strategy"]["init_args"]["stage"] == stage
@@ -212,3 +217,32 @@ def test_nested_scheduler_with_a_plain_optimizer_under_deepspeed_raises_a_clear_
     assert proc.returncode != 0
     message = Path(str(out) + ".error").read_text()
     assert "under DeepSpeed the engine owns the optimizer step" in message and "LevelAwareAdamW" in message
+
+
+@pytest.mark.slow  # two DeepSpeed processes training HOPE-tiny: about a minute on 2 cores
+def test_deepspeed_recipe_trains_on_two_cpu_processes_with_the_readme_overrides(tmp_path):
+    """README's CPU form of the ZeRO-2 recipe: the composition trains, the CMS levels keep their
+    schedule (NestedScheduler logs every level) and the run leaves a checkpoint."""
+    command = [
+        sys.executable, "-m", "nl_lightning.cli", "fit", *deepspeed_composition(2),
+        "--trainer.strategy.class_path=nl_lightning.strategies.CPUDeepSpeedStrategy",
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32", "--trainer.max_steps=10",
+        "--trainer.val_check_interval=10", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "--data.init_args.seq_len=64", "--data.init_args.batch_size=2", "--data.init_args.max_bytes=300000",
+        f"--data.init_args.data_dir={tmp_path / 'data'}",
+    ]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (version,) = (tmp_path / "runs" / "deepspeed_zero2").glob("version_*")
+    assert (version / "checkpoints" / "last.ckpt").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(version))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    # NestedScheduler logs every 10 steps (the fragment's log_every_n_steps): once, at step 10
+    assert {"train/loss", "val/loss", "nested/cms.2/updates"} <= tags, sorted(tags)
+    assert events.Scalars("nested/cms.2/updates")[-1].value == 0.0  # period 16: not due yet at step 10
+    assert events.Scalars("nested/cms.1/updates")[-1].value == 2.0  # period 4: steps 4 and 8
