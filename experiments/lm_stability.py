@@ -15,7 +15,8 @@ steps then cosine, 16 × 256 bytes of the stdlib corpus, gradient clipping 1.0),
   ``--variants`` on the same seed, so same batches: ``delta`` (``write_rule="delta"``, the default),
   ``paper`` (``write_rule="paper"``) and ``delta_shift`` (the delta rule with ``key_shift``); the
   summary pairs delta with paper and delta_shift with delta, per seed, at step 120;
-* 600 steps with the delta rule (validation every 120 steps): whether it stays finite.
+* 600 steps with the delta rule (validation every 120 steps): whether it stays finite
+  (``--long-variant delta_shift``: the same with ``key_shift``, the recall study's setting).
 
 ``--variants delta_shift --long-steps 0`` adds key_shift's runs to a study that has the others
 (``--merge`` the CSVs).
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--short-steps", type=int, default=120, help="the paired 120-step protocol; 0 skips it")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["delta", "paper"],
                         help="what the short protocol trains, each on the same batches per seed")
-    parser.add_argument("--long-steps", type=int, default=600, help="the stability run (delta rule); 0 skips it")
+    parser.add_argument("--long-steps", type=int, default=600, help="the stability run; 0 skips it")
+    parser.add_argument("--long-variant", choices=list(VARIANTS), default="delta",
+                        help="what the stability run trains (delta_shift: the recall study's settings)")
     parser.add_argument("--val-batches", type=int, default=16)
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data")
     parser.add_argument("--paths", nargs="+", default=None, help="text files or folders (default: the stdlib corpus)")
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows += run(model, variant, seed, args.short_steps, max(1, args.short_steps // 3), args)
                 write_rows(rows, args.out)  # after every run: a stopped study keeps what it measured
             if args.long_steps:
-                rows += run(model, "delta", seed, args.long_steps, max(1, args.long_steps // 5), args)
+                rows += run(model, args.long_variant, seed, args.long_steps, max(1, args.long_steps // 5), args)
                 write_rows(rows, args.out)
     print(summary([{k: str(v) for k, v in r.items()} for r in rows]))
     print(f"\nwrote {args.out}")

@@ -43,3 +43,12 @@ def test_summary_pairs_the_variants_by_seed():
 def test_variants_set_the_memory_settings_they_name():
     assert study.VARIANTS["delta_shift"] == {"write_rule": "delta", "key_shift": True}
     assert study.VARIANTS["paper"] == {"write_rule": "paper"}
+
+
+def test_the_long_run_trains_the_variant_it_is_given(tmp_path, text_dir):
+    rows = study.main([
+        "--models", "titans", "--seeds", "0", "--short-steps", "0", "--long-steps", "2", "--long-variant", "delta_shift",
+        "--val-batches", "1", "--data-dir", str(tmp_path / "data"), "--paths", str(text_dir),
+        "--out", str(tmp_path / "lm.csv"), "--logs", str(tmp_path / "runs"),
+    ])
+    assert {(r["variant"], r["steps"]) for r in rows} == {("delta_shift", 2)}
