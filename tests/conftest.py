@@ -35,6 +35,21 @@ def text_dir(tmp_path: Path) -> Path:
     return root
 
 
+def config_args(configs) -> list[str]:
+    """``--config`` arguments for a recipe composition: its files, stacked in order."""
+    return [arg for path in configs for arg in ("--config", str(path))]
+
+
+def as_leaves(seq: dict, weights: tuple, device) -> tuple[dict, tuple]:
+    """Op inputs drawn on the CPU (the same numbers on every device), moved to ``device`` as leaves
+    that require grad."""
+    seq = {n: x.to(device) for n, x in seq.items()}
+    weights = tuple(w.to(device) for w in weights)
+    for x in (*seq.values(), *weights):
+        x.requires_grad_()
+    return seq, weights
+
+
 @pytest.fixture(scope="module")
 def haystack_workdir(tmp_path_factory) -> Path:
     """A module-wide working directory with a small haystack corpus under texts/, so needle-in-a-

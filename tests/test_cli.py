@@ -12,6 +12,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nl_lightning.cli import main
+from tests.conftest import config_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO_ROOT / "recipes").rglob("*.yaml"))
@@ -54,21 +55,16 @@ def workdir(tmp_path_factory) -> Path:
     os.chdir(previous)
 
 
-def as_configs(recipe: Path | list[Path]) -> list[str]:
-    """``--config`` arguments for one recipe file or a composition (stacked in order)."""
-    return [arg for path in ([recipe] if isinstance(recipe, Path) else recipe) for arg in ("--config", str(path))]
-
-
-def few_steps(recipe: Path | list[Path], save_dir: Path, steps: int = 3) -> list[str]:
+def few_steps(recipe: list[Path], save_dir: Path, steps: int = 3) -> list[str]:
     """Overrides that turn any recipe into a short smoke run that still validates and logs."""
     args = [
-        "fit", *as_configs(recipe),
+        "fit", *config_args(recipe),
         f"--trainer.max_steps={steps}", f"--trainer.limit_train_batches={steps}",
         "--trainer.limit_val_batches=2", "--trainer.val_check_interval=1.0",
         "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={save_dir}",
     ]
-    configs = [yaml.safe_load(path.read_text()) for path in ([recipe] if isinstance(recipe, Path) else recipe)]
+    configs = [yaml.safe_load(path.read_text()) for path in recipe]
     if any(c.get("data", {}).get("class_path", "").endswith("ByteLMDataModule") for c in configs):
         args.append("--data.init_args.max_bytes=2000000")  # smoke runs need far less than 8 MB
     return args
@@ -152,7 +148,7 @@ def test_training_resumes_from_the_last_checkpoint(workdir):
 
 def test_print_config_shows_the_resolved_recipe(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *as_configs(TRANSFORMER), "--print_config"])
+        main(["fit", *config_args(TRANSFORMER), "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] == "nl_lightning.modules.LanguageModel"
@@ -166,7 +162,7 @@ def test_unknown_model_class_names_it_and_the_valid_choices(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(fragment))
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *as_configs([LM / "base.yaml", bad])])
+        main(["fit", *config_args([LM / "base.yaml", bad])])
     assert exit_info.value.code != 0
     message = capsys.readouterr().err
     assert "NoSuchNet" in message
@@ -182,7 +178,7 @@ def test_evaluation_subcommands_run_from_a_checkpoint(subcommand, workdir):
     last = next(train_dir.glob("*/version_*/checkpoints/last.ckpt"))
     eval_dir = workdir / f"runs-{subcommand}"
     main([
-        subcommand, *as_configs(recipe), f"--ckpt_path={last}", "--data.init_args.max_bytes=2000000",
+        subcommand, *config_args(recipe), f"--ckpt_path={last}", "--data.init_args.max_bytes=2000000",
         "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2", "--trainer.limit_predict_batches=2",
         "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={eval_dir}",
     ])

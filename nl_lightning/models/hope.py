@@ -112,13 +112,14 @@ class SelfModifyingMemory(nn.Module):
         ``config.proj_reset_every`` tokens."""
         c = self.config
         segments = x.split(c.proj_reset_every, dim=1) if c.proj_reset_every else (x,)
-        out = torch.cat([
+        outs = [
             projection_memories(
                 segment, tuple(self.projections), self.projection_gate_bias(), chunk_size=c.proj_chunk_size,
                 eta_scale=self._eta_scale(heads=False), rule=self._write_rule()["rule"], impl=c.memory_impl,
             )
             for segment in segments
-        ], dim=2)
+        ]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # one segment: no copy
         return dict(zip(PROJECTIONS, out.unbind(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

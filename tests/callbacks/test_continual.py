@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 
 from nl_lightning.callbacks import EWC, ExperienceReplay, ReservoirBuffer, SynapticIntelligence
 from nl_lightning.cli import main
+from tests.conftest import config_args
 from nl_lightning.modules import ContinualClassifier
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -206,7 +207,7 @@ def test_replay_appends_stored_examples_with_their_task_ids_after_the_first_batc
 def few_steps(configs: list[str], save_dir: Path) -> list[str]:
     """Two tasks × 2 epochs × 2 batches: every task boundary, strategy hook and R row still happens."""
     return [
-        "fit", *[arg for path in configs for arg in ("--config", str(REPO_ROOT / path))],
+        "fit", *config_args(REPO_ROOT / path for path in configs),
         "--data.init_args.num_tasks=2", "--trainer.max_epochs=4",
         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
         "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import ON_DEVICES, on_one_and_two_threads
+from tests.conftest import ON_DEVICES, as_leaves, on_one_and_two_threads
 
 import nl_lightning.ops.dgd as dgd_ops
 from nl_lightning.ops import cpu_extension
@@ -42,11 +42,7 @@ def make_inputs(kind, *, batch=B, length=T, dtype=torch.float64, seed=0, device=
         weights = (randn(H, D, D, scale=0.3),)
     else:
         weights = (randn(H, D, DH, scale=0.3), randn(H, DH, D, scale=0.3))
-    seq = {n: x.to(device) for n, x in seq.items()}  # drawn on the CPU: the same numbers everywhere
-    weights = tuple(w.to(device) for w in weights)
-    for x in (*seq.values(), *weights):
-        x.requires_grad_()
-    return seq, weights
+    return as_leaves(seq, weights, device)
 
 
 def model_size_inputs(*, batch, hidden, device="cpu"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tests.conftest import changed_at, load_script
+from tests.conftest import changed_at, config_args, load_script
 
 pytest.importorskip("deepspeed")
 
@@ -188,7 +188,7 @@ def deepspeed_composition(stage: int) -> list[str]:
     lm = ROOT / "recipes" / "lm"
     configs = [lm / "base.yaml", lm / "models/hope.yaml", lm / "optim/level_aware_adamw.yaml",
                lm / "schedules/cms.yaml", ROOT / "recipes" / "deepspeed" / f"zero{stage}.yaml"]
-    return [arg for path in configs for arg in ("--config", str(path))]
+    return config_args(configs)
 
 
 # GPU recipes under recipes/deepspeed (tests/test_cli.py leaves them to this module): fragments
