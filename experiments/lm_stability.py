@@ -12,11 +12,12 @@ HOPE-tiny and Titans-tiny as ``recipes/lm/base.yaml`` + ``models/<model>.yaml`` 
 steps then cosine, 16 × 256 bytes of the stdlib corpus, gradient clipping 1.0), per seed:
 
 * the recipes' 120-step protocol (the one behind docs/results.md's LM table) for each of
-  ``--variants`` on the same seed, so same batches: ``delta`` (``write_rule="delta"``, the default),
-  ``paper`` (``write_rule="paper"``) and ``delta_shift`` (the delta rule with ``key_shift``); the
-  summary pairs delta with paper and delta_shift with delta, per seed, at step 120;
-* 600 steps with the delta rule (validation every 120 steps): whether it stays finite
-  (``--long-variant delta_shift``: the same with ``key_shift``, the recall study's setting).
+  ``--variants`` on the same seed, so same batches: ``delta`` (``write_rule="delta"`` without
+  ``key_shift``), ``paper`` (``write_rule="paper"``, the papers' rules and convolution) and
+  ``delta_shift`` (the delta rule with ``key_shift``: the defaults); the summary pairs delta with
+  paper and delta_shift with delta, per seed, at step 120;
+* 600 steps (validation every 120 steps) with ``--long-variant`` (default ``delta_shift``, the
+  defaults): whether it stays finite.
 
 ``--variants delta_shift --long-steps 0`` adds key_shift's runs to a study that has the others
 (``--merge`` the CSVs).
@@ -46,8 +47,10 @@ from nl_lightning.models import Hope, Titans
 from nl_lightning.modules import LanguageModel
 
 FAMILIES = {"hope": Hope, "titans": Titans}
-# The memory settings a run trains with: the write rules, and the delta rule with key_shift.
-VARIANTS = {"delta": {"write_rule": "delta"}, "paper": {"write_rule": "paper"},
+# The memory settings a run trains with: the write rules, and the delta rule with key_shift (the
+# defaults). Every variant states key_shift so that its runs do not change with the default.
+VARIANTS = {"delta": {"write_rule": "delta", "key_shift": False},
+            "paper": {"write_rule": "paper", "key_shift": False},
             "delta_shift": {"write_rule": "delta", "key_shift": True}}
 # (variant, baseline) pairs the summary compares seed by seed.
 PAIRS = (("delta", "paper"), ("delta_shift", "delta"))
@@ -143,11 +146,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--short-steps", type=int, default=120, help="the paired 120-step protocol; 0 skips it")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["delta", "paper"],
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["delta", "paper", "delta_shift"],
                         help="what the short protocol trains, each on the same batches per seed")
     parser.add_argument("--long-steps", type=int, default=600, help="the stability run; 0 skips it")
-    parser.add_argument("--long-variant", choices=list(VARIANTS), default="delta",
-                        help="what the stability run trains (delta_shift: the recall study's settings)")
+    parser.add_argument("--long-variant", choices=list(VARIANTS), default="delta_shift",
+                        help="what the stability run trains (delta_shift: the defaults)")
     parser.add_argument("--val-batches", type=int, default=16)
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data")
     parser.add_argument("--paths", nargs="+", default=None, help="text files or folders (default: the stdlib corpus)")

@@ -46,6 +46,11 @@ class ByteLMDataModule(LightningDataModule):
         val_fraction: share of *files* that go to validation (deterministic by file name).
         max_bytes: cap on the corpus size (files are taken in a fixed pseudo-random order).
         num_workers: DataLoader workers.
+        val_lengths: extra validation window lengths (e.g. ``[1024]`` for 4× a ``seq_len`` of 256):
+            each is one more validation dataloader over the same validation split, whose batches
+            hold ``batch_size · seq_len // length`` windows (at least one), so that with
+            ``limit_val_batches`` every length reads the same bytes and only the context differs.
+            ``LanguageModel`` logs them as ``val/bpb@<length>`` (length generalisation).
     """
 
     vocab_size = 256
@@ -59,11 +64,19 @@ class ByteLMDataModule(LightningDataModule):
         val_fraction: float = 0.05,
         max_bytes: int | None = 8_000_000,
         num_workers: int = 0,
+        val_lengths: list[int] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}; e.g. {name}: 16")
+        val_lengths = list(val_lengths or [])
+        bad = [n for n in val_lengths if not isinstance(n, int) or isinstance(n, bool) or n <= 0]
+        if bad or seq_len in val_lengths or len(set(val_lengths)) < len(val_lengths):
+            raise ValueError(
+                f"val_lengths must be distinct positive integers other than seq_len={seq_len} (which is always "
+                f"validated), got {val_lengths!r}; e.g. val_lengths: [{4 * seq_len}]"
+            )
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}; e.g. 0.05")
         if max_bytes is not None and max_bytes <= 0:
@@ -72,6 +85,7 @@ class ByteLMDataModule(LightningDataModule):
         self.paths, self.data_dir = paths, Path(data_dir)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_fraction, self.max_bytes, self.num_workers = val_fraction, max_bytes, num_workers
+        self.val_lengths = tuple(val_lengths)
         self.datasets: dict[str, ByteWindows] = {}
 
     @property
@@ -95,16 +109,24 @@ class ByteLMDataModule(LightningDataModule):
                     f"of {corpus_dir} has {dataset.n_bytes}; lower seq_len or add text"
                 )
             self.datasets[split] = dataset
+        for length in self.val_lengths:
+            dataset = ByteWindows(corpus_dir / "val.bin", length)
+            if len(dataset) == 0:
+                raise ValueError(
+                    f"val_lengths entry {length} needs at least {length + 1} bytes, but the val split of "
+                    f"{corpus_dir} has {dataset.n_bytes}; drop it from val_lengths or add text"
+                )
+            self.datasets[f"val@{length}"] = dataset
         if len(self.datasets["train"]) < self.batch_size:
             raise ValueError(
                 f"the train split has {len(self.datasets['train'])} windows of seq_len={self.seq_len}, fewer than "
                 f"batch_size={self.batch_size}; lower batch_size or seq_len, or add text"
             )
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, batch_size: int | None = None) -> DataLoader:
         return DataLoader(
             self.datasets[split],
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             shuffle=shuffle,
             drop_last=shuffle,
             num_workers=self.num_workers,
@@ -114,8 +136,14 @@ class ByteLMDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if not self.val_lengths:
+            return self._loader("val", shuffle=False)
+        # The same bytes per batch at every length: only the context a byte is predicted from differs.
+        tokens = self.batch_size * self.seq_len
+        return [self._loader("val", shuffle=False)] + [
+            self._loader(f"val@{n}", shuffle=False, batch_size=max(1, tokens // n)) for n in self.val_lengths
+        ]
 
     def test_dataloader(self) -> DataLoader:
         # No third split: held-out evaluation uses the validation files.

@@ -36,6 +36,7 @@ from nl_lightning.models.layers import (
     merge_heads,
     residual_mlp_weights,
     split_heads,
+    without_first_key,
 )
 from nl_lightning.ops import memory_read
 from nl_lightning.ops.dgd import dgd_memory
@@ -131,6 +132,8 @@ class SelfModifyingMemory(nn.Module):
         q = F.normalize(split_heads(self.q_proj(x), h), dim=-1)
         keys = p["k"] if self.key_conv is None else self.key_conv(p["k"], impl=self.config.memory_impl)
         k = F.normalize(split_heads(keys, h), dim=-1)
+        if self.key_conv is not None:
+            k = without_first_key(k)
         v = split_heads(p["v"], h)
         eta, alpha = self._gate("eta", p["eta"]), self._gate("alpha", p["alpha"])
         # o_t = M_{t-1}(q_t): read token t+1's query after token t's update, and the first

@@ -231,6 +231,19 @@ class CausalDepthwiseConv(nn.Module):
         return causal_conv(x, self.conv.weight, normalized=normalized, group=group, impl=impl)
 
 
+def without_first_key(keys: torch.Tensor) -> torch.Tensor:
+    """Keys (B, H, T, d) with token 0's set to zero, for memories whose keys start from the previous
+    token (``ModelConfig.key_shift``): token 0 has no previous token, so it writes nothing.
+
+    At initialisation that key is already zero (the shifted convolution reads the zero padding);
+    setting it explicitly is for the backward pass. Through a zero key the gradient is 1/ε twice
+    over, once from the L2 normalisation of a zero vector and once from the delta rule's step
+    β/(‖k‖² + ε); it reached 10¹³ on the key convolution at initialisation and, clipped, scaled every
+    other gradient of the first step to nothing. A constant zero passes no gradient back.
+    """
+    return torch.cat([torch.zeros_like(keys[:, :, :1]), keys[:, :, 1:]], dim=2)
+
+
 def residual_mlp_weights(heads: int, dim: int, hidden: int) -> nn.ParameterList:
     """Initial state (W1, W2) of the residual MLP memory ``M(z) = z + W1 silu(W2 z)``
     (``nl_lightning.ops.memory_read``).

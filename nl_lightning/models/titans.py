@@ -28,6 +28,7 @@ from nl_lightning.models.layers import (
     gate_bias,
     merge_heads,
     split_heads,
+    without_first_key,
 )
 from nl_lightning.ops.dgd import dgd_memory
 from nl_lightning.ops.titans import titans_memory
@@ -76,6 +77,8 @@ class TitansMemoryLayer(nn.Module):
         # Convolution, then queries and keys (the first 2·d channels) L2-normalised per head.
         qkv = self.conv(qkv, normalized=2 * c.d_model, group=c.head_dim, impl=c.memory_impl)
         q, k, v = (split_heads(t, h) for t in qkv.chunk(3, dim=-1))
+        if c.key_shift:
+            k = without_first_key(k)
         gates = torch.sigmoid(self.gates(x)).transpose(1, 2).chunk(len(self.initial_gates), dim=1)  # (B, H, T) each
         if c.write_rule == "delta":
             beta, forget = gates

@@ -74,6 +74,9 @@ class LanguageModel(LightningModule):
                 for stage in ("val", "test")
             }
         )
+        # Validation at further lengths (ByteLMDataModule.val_lengths), one metric set per length;
+        # built in setup(), where the datamodule is known.
+        self.length_metrics = nn.ModuleDict()
         self._batch_started: float | None = None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -93,6 +96,11 @@ class LanguageModel(LightningModule):
                 f"the data has {data_vocab} token ids but the network's vocab_size is {model_vocab}; "
                 f"set the network's vocab_size to at least {data_vocab}"
             )
+        for length in getattr(datamodule, "val_lengths", ()):
+            if str(length) not in self.length_metrics:
+                self.length_metrics[str(length)] = nn.ModuleDict(
+                    {"loss": MeanMetric(nan_strategy="disable"), "bpb": BitsPerByte()}
+                )
         if self.compile_options is not None and not self._network_compiled:
             # nn.Module.compile wraps the forward in place: no ``_orig_mod.`` prefix in state dicts.
             self.network.compile(**self.compile_options)
@@ -127,8 +135,20 @@ class LanguageModel(LightningModule):
         tokens = batch[1].numel() * self.trainer.world_size
         self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9))
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate("val", batch)
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0:
+            self._evaluate("val", batch)
+            return
+        # Further dataloaders: the datamodule's val_lengths, in order (logged as val/<metric>@<length>).
+        lengths = list(self.length_metrics)
+        if dataloader_idx > len(lengths):
+            raise ValueError(
+                f"validation dataloader {dataloader_idx} has no length: LanguageModel validates extra lengths "
+                f"from the datamodule's val_lengths ({lengths or 'none'}); give the datamodule a val_lengths "
+                "attribute listing the window length of each extra validation dataloader"
+            )
+        self._evaluate("val", batch, metrics=self.length_metrics[lengths[dataloader_idx - 1]],
+                       suffix=f"@{lengths[dataloader_idx - 1]}")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate("test", batch)
@@ -182,13 +202,16 @@ class LanguageModel(LightningModule):
             ]
         return [g for g in groups if g["params"]]
 
-    def _evaluate(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def _evaluate(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor], metrics: nn.ModuleDict | None = None,
+                  suffix: str = "") -> None:
         inputs, targets = batch
         logits = self(inputs).float()
         nll_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-        metrics = self.metrics[stage]
+        metrics = self.metrics[stage] if metrics is None else metrics
         metrics["loss"].update(nll_sum / targets.numel(), weight=targets.numel())
-        metrics["ppl"].update(logits, targets)
+        if "ppl" in metrics:
+            metrics["ppl"].update(logits, targets)
         metrics["bpb"].update(nll_sum, targets.numel())
         for name, metric in metrics.items():
-            self.log(f"{stage}/{name}", metric, prog_bar=name == "loss")
+            # add_dataloader_idx=False: the names already say the length (no "/dataloader_idx_1").
+            self.log(f"{stage}/{name}{suffix}", metric, prog_bar=name == "loss" and not suffix, add_dataloader_idx=False)

@@ -117,3 +117,29 @@ def test_too_few_train_windows_for_one_batch_raises(tmp_path, text_dir):
     dm.prepare_data()
     with pytest.raises(ValueError, match="fewer than batch_size=64"):
         dm.setup("fit")
+
+
+def test_val_lengths_read_the_same_bytes_per_batch_at_every_length(tmp_path, text_dir):
+    data = ByteLMDataModule([str(text_dir)], data_dir=str(tmp_path / "data"), seq_len=16, batch_size=8,
+                            val_fraction=0.3, val_lengths=[64, 128])
+    data.setup("fit")
+    loaders = data.val_dataloader()
+    assert len(loaders) == 3
+    first = [next(iter(loader)) for loader in loaders]
+    assert [tuple(inputs.shape) for inputs, _ in first] == [(8, 16), (2, 64), (1, 128)]
+    # every loader's first batch is the first 128 validation bytes, cut into windows of its length
+    flat = [inputs.flatten() for inputs, _ in first]
+    assert torch.equal(flat[0], flat[1]) and torch.equal(flat[0], flat[2])
+
+
+@pytest.mark.parametrize("val_lengths", [[0], [16], [64, 64], [True]])
+def test_bad_val_lengths_raise_with_an_example(tmp_path, val_lengths):
+    with pytest.raises(ValueError, match=r"val_lengths must be distinct positive integers other than seq_len=16.*e\.g\. val_lengths: \[64\]"):
+        ByteLMDataModule(data_dir=str(tmp_path), seq_len=16, val_lengths=val_lengths)
+
+
+def test_a_val_length_longer_than_the_val_split_names_it(tmp_path, text_dir):
+    data = ByteLMDataModule([str(text_dir)], data_dir=str(tmp_path / "data"), seq_len=16, batch_size=2,
+                            val_fraction=0.3, val_lengths=[10**7])
+    with pytest.raises(ValueError, match="val_lengths entry 10000000 needs at least 10000001 bytes"):
+        data.setup("fit")

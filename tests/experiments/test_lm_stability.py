@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 import experiments.lm_stability as study
 
 
-def test_short_study_records_both_rules_per_seed_and_the_long_run(tmp_path, text_dir):
+def test_short_study_records_every_variant_per_seed_and_the_long_run(tmp_path, text_dir):
     out = tmp_path / "lm.csv"
     rows = study.main([
         "--models", "titans", "--seeds", "0", "1", "--short-steps", "3", "--long-steps", "5", "--val-batches", "1",
@@ -18,7 +20,8 @@ def test_short_study_records_both_rules_per_seed_and_the_long_run(tmp_path, text
         written = list(csv.DictReader(f))
     assert tuple(written[0]) == study.COLUMNS and len(written) == len(rows)
     runs = {(r["variant"], r["seed"], r["steps"]) for r in written}
-    assert runs == {(rule, seed, steps) for seed in ("0", "1") for rule, steps in (("delta", "3"), ("paper", "3"), ("delta", "5"))}
+    by_default = (("delta", "3"), ("paper", "3"), ("delta_shift", "3"), ("delta_shift", "5"))
+    assert runs == {(variant, seed, steps) for seed in ("0", "1") for variant, steps in by_default}
     assert all(r["diverged"] == "False" for r in written)
     assert {int(r["step"]) for r in written if r["steps"] == "5"} == {1, 2, 3, 4, 5}
 
@@ -40,9 +43,14 @@ def test_summary_pairs_the_variants_by_seed():
     assert "-0.100 / +0.050" in shift and "-0.025 [" in shift
 
 
-def test_variants_set_the_memory_settings_they_name():
-    assert study.VARIANTS["delta_shift"] == {"write_rule": "delta", "key_shift": True}
-    assert study.VARIANTS["paper"] == {"write_rule": "paper"}
+@pytest.mark.parametrize("variant, write_rule, key_shift",
+                         [("delta", "delta", False), ("paper", "paper", False), ("delta_shift", "delta", True)])
+def test_variants_set_the_memory_settings_they_name(variant, write_rule, key_shift):
+    # Each variant pins both settings, so its runs stay what they were when a default changes.
+    assert study.VARIANTS[variant] == {"write_rule": write_rule, "key_shift": key_shift}
+    for family in study.FAMILIES.values():
+        config = family("tiny", overrides=study.VARIANTS[variant]).config
+        assert (config.write_rule, config.key_shift) == (write_rule, key_shift)
 
 
 def test_the_long_run_trains_the_variant_it_is_given(tmp_path, text_dir):

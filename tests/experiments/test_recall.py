@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import experiments.recall as recall  # `python -m pytest` runs from the repository root
 from nl_lightning.data.longctx import make_mqar
@@ -86,10 +87,21 @@ def test_titans_variants_differ_only_in_which_layers_attend():
 
 
 @pytest.mark.parametrize("name", ["titans", "hope"])
-def test_shift_variants_differ_only_in_key_shift(name):
-    base, shifted = recall.build_network(name, window=16), recall.build_network(f"{name}_shift", window=16)
-    assert not base.config.key_shift and shifted.config.key_shift
+def test_noshift_variants_differ_only_in_key_shift(name):
+    shifted, base = recall.build_network(name, window=16), recall.build_network(f"{name}_noshift", window=16)
+    assert shifted.config.key_shift and not base.config.key_shift
     assert base.config == type(base.config)(**{**vars(shifted.config), "key_shift": False})
+
+
+def test_key_shift_leaves_the_attention_only_models_unchanged():
+    # The study trains transformer and titans_swa_only once, for both conventions: key_shift acts
+    # only in memory layers, so their parameters are the same with or without it.
+    for name in ("transformer", "titans_swa_only"):
+        torch.manual_seed(0)
+        on = recall.build_network(name, window=16, overrides={"key_shift": True}).state_dict()
+        torch.manual_seed(0)
+        off = recall.build_network(name, window=16, overrides={"key_shift": False}).state_dict()
+        assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
 
 
 def test_override_reads_booleans_numbers_and_names():

@@ -409,7 +409,24 @@ def test_key_shift_starts_the_keys_from_the_previous_token_and_nothing_else():
     hope = small_model(Hope, key_shift=True).blocks[0].mixer
     keys = torch.randn(2, 9, d)
     torch.testing.assert_close(hope.key_conv(keys)[:, 1:], keys[:, :-1])
-    assert small_model(Hope).blocks[0].mixer.key_conv is None  # off by default: the model is unchanged
+    assert small_model(Hope).blocks[0].mixer.key_conv is not None  # on by default
+    assert small_model(Hope, key_shift=False).blocks[0].mixer.key_conv is None  # off: the papers' HOPE
+    plain = small_model(Titans, key_shift=False).blocks[0].mixer
+    torch.testing.assert_close(plain.conv(x)[..., d : 2 * d], x[..., d : 2 * d])  # off: identity, as in the papers
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("rule", ["delta", "paper"])
+def test_key_shift_keeps_the_gradients_at_the_scale_of_the_unshifted_model(family, rule):
+    """Token 0's shifted key is zero (no previous token) and must pass no gradient: through the
+    normalisation of a zero vector and the delta step β/(‖k‖² + ε) it reached 1e13 at initialisation."""
+    tokens = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(1))
+    largest = {}
+    for shift in (False, True):
+        model = small_model(family, key_shift=shift, write_rule=rule)
+        model(tokens).square().mean().backward()
+        largest[shift] = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
+    assert largest[True] < 10 * largest[False], largest
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)

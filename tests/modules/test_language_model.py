@@ -85,6 +85,26 @@ def test_validation_metrics_agree_with_each_other(tmp_path, text_dir):
     assert metrics["val/loss"] == pytest.approx(math.log(256), abs=0.1)
 
 
+def test_validation_at_further_lengths_logs_each_length_by_name(tmp_path, text_dir):
+    module = tiny_lm()
+    data = ByteLMDataModule([str(text_dir)], data_dir=str(tmp_path / "data"), seq_len=32, batch_size=4,
+                            val_fraction=0.3, val_lengths=[128])
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=1,
+                      default_root_dir=tmp_path)
+    results = trainer.validate(module, data, verbose=False)
+    metrics = {k: v for result in results for k, v in result.items()}
+    assert {"val/bpb", "val/loss", "val/ppl", "val/bpb@128", "val/loss@128"} <= set(metrics)
+    assert not any("dataloader_idx" in name for name in metrics)
+    assert metrics["val/bpb@128"] == pytest.approx(metrics["val/loss@128"] / math.log(2), rel=1e-5)
+    # each length is scored on its own windows: the network's loss on the first batch of each loader
+    for loader, suffix in zip(data.val_dataloader(), ("", "@128")):
+        inputs, targets = next(iter(loader))
+        with torch.no_grad():
+            loss = torch.nn.functional.cross_entropy(module(inputs).flatten(0, 1), targets.flatten())
+        assert metrics[f"val/bpb{suffix}"] == pytest.approx(loss.item() / math.log(2), rel=1e-5)
+    assert metrics["val/bpb@128"] != metrics["val/bpb"]
+
+
 def test_a_non_finite_validation_batch_makes_the_loss_nan_instead_of_being_dropped():
     """MeanMetric's default drops NaN with a warning and would report the finite batches' mean."""
     from nl_lightning.modules.recall import RecallModel
