@@ -7,7 +7,8 @@ VENV        ?= .venv
 PYTHON      ?= python3
 TORCH_SPEC  ?= torch==2.13.0
 # The recipe: its config files, stacked in order (README, "Recipes").
-RECIPE      ?= recipes/lm/base.yaml recipes/lm/models/hope.yaml
+# The default: HOPE-tiny with its CMS levels on their own timescales (NestedScheduler).
+RECIPE      ?= recipes/lm/base.yaml recipes/lm/models/hope.yaml recipes/lm/schedules/cms.yaml
 CONSTRAINTS := requirements/constraints.txt
 PIP         := $(VENV)/bin/pip
 STAMP       := $(VENV)/.installed

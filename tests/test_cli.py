@@ -30,6 +30,7 @@ LM_COMPOSITIONS = {
     "titans": ["models/titans.yaml"],
     "hope": ["models/hope.yaml"],
     "hope+cms": ["models/hope.yaml", "schedules/cms.yaml"],
+    "hope+cms+in_context": ["models/hope.yaml", "schedules/cms.yaml", "schedules/cms_in_context.yaml"],
     "transformer+google3": ["models/transformer.yaml", "optim/google3.yaml"],
     "transformer+collab5": ["models/transformer.yaml", "optim/collab5.yaml"],
     **{f"hope+{optimizer}": ["models/hope.yaml", f"optim/{optimizer}.yaml"]
@@ -100,12 +101,25 @@ def test_every_recipe_has_a_smoke_test():
 @pytest.mark.parametrize("name", LM_COMPOSITIONS)
 def test_recipe_trains_a_few_steps_and_writes_checkpoint_and_tensorboard_events(name, workdir):
     save_dir = workdir / f"runs-{name}"
-    main(few_steps(lm_recipe(name), save_dir))
+    scheduled = "schedules/cms.yaml" in LM_COMPOSITIONS[name]
+    args = few_steps(lm_recipe(name), save_dir, steps=10 if scheduled else 3)
+    if scheduled:  # it logs its levels every 10 steps (the recipe's log_every_n_steps): run that long, small
+        args += ["--data.init_args.batch_size=4", "--data.init_args.seq_len=64"]
+    main(args)
     version = single_version_dir(save_dir)
     assert (version / "checkpoints" / "last.ckpt").is_file()
     tags = scalar_tags(version)
     assert {"train/loss", "val/loss", "lr", "train/tokens_per_s", "model/params"} <= tags, tags
     assert (version / "config.yaml").is_file()
+    if scheduled:  # the scheduler logs every CMS level's updates
+        levels = 4 if "schedules/cms_in_context.yaml" in LM_COMPOSITIONS[name] else 3
+        assert {f"nested/cms.{level}/updates" for level in range(levels)} <= tags, tags
+
+
+def test_make_fit_trains_hope_with_its_cms_schedule():
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    (line,) = [line for line in makefile.splitlines() if line.startswith("RECIPE")]
+    assert [REPO_ROOT / path for path in line.partition("?=")[2].split()] == lm_recipe("hope+cms")
 
 
 @pytest.mark.parametrize("recipe", ["hope", "titans"])
