@@ -4,9 +4,12 @@ it, and ``KEY=VALUE`` command-line arguments."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
+import numpy as np
 import yaml
+from scipy.stats import bootstrap
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "docs" / "data"
@@ -32,3 +35,12 @@ def key_values(items: list[str], option: str, example: str) -> dict:
             raise SystemExit(f"{option} {item!r}: write KEY=VALUE, e.g. {option} {example}")
         parsed[key] = yaml.safe_load(value)
     return parsed
+
+
+def paired_interval(differences: list[float]) -> tuple[float, float]:
+    """Bootstrap 95% interval of the mean of per-seed paired differences (percentile method)."""
+    if len(differences) < 2 or len(set(differences)) == 1:
+        return (differences[0], differences[0]) if differences else (math.nan, math.nan)
+    result = bootstrap((np.array(differences),), np.mean, confidence_level=0.95, n_resamples=10_000,
+                       method="percentile", random_state=0)
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)

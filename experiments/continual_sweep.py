@@ -33,11 +33,9 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
-
 from experiments.common import REPO_ROOT, key_values
 from experiments.continual_plots import pareto_front, plot_accuracy_vs_lambda, plot_pareto, write_tensorboard
+from experiments.recipes import build, compose, set_path
 
 METRICS = ("average_accuracy", "backward_transfer", "forgetting", "retention", "learning_accuracy")
 
@@ -63,45 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- planning ---------------------------------------------------------------------------------------
 
 
-def set_path(config: dict, dotted: str, value) -> None:
-    """``config[a][b][0][c] = value`` for ``dotted = "a.b.0.c"`` (list indices as integers)."""
-    *parents, last = dotted.split(".")
-    node = config
-    for key in parents:
-        if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
-                raise KeyError(f"override {dotted!r}: {key!r} is not an index of a list of {len(node)}")
-            node = node[int(key)]
-        else:
-            node = node.setdefault(key, {})
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
 def _fill(value, seed: int):
     """The spec writes ``"{seed}"`` where the run's seed goes."""
     return seed if value == "{seed}" else value
-
-
-class _ParseOnlyCLI(LightningCLI):
-    """LightningCLI that parses and stops: no model, data or trainer is built."""
-
-    def instantiate_classes(self) -> None:
-        pass
-
-
-def compose(configs: list[str]) -> dict:
-    """The config ``nl-lightning fit --config <each of configs>`` runs, resolved into one dict: the
-    files stacked by LightningCLI's own rules (a later ``class_path`` keeps only the ``init_args``
-    the new class takes), so a run of the sweep is the run the composition is on the command line."""
-    cli = _ParseOnlyCLI(
-        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-        args=[arg for path in configs for arg in ("--config", str(REPO_ROOT / path))],
-        auto_configure_optimizers=False, save_config_callback=None,
-    )
-    return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
 
 
 def plan_runs(spec: dict, args: argparse.Namespace) -> list[dict]:
@@ -155,10 +117,7 @@ def run_one(run: dict) -> dict:
     row = {k: run[k] for k in ("method", "lam", "seed")}
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
-        cli = LightningCLI(
-            LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            args=run["config"], run=False, auto_configure_optimizers=False, save_config_callback=None,
-        )
+        cli = build(run["config"])
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         R = cli.model.accuracy_matrix.detach().cpu()
         row.update(continual_summary(R), status="ok", accuracy_matrix=json.dumps([[round(v, 4) for v in r] for r in R.tolist()]))

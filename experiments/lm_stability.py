@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 from functools import partial
 from pathlib import Path
 
@@ -39,9 +38,8 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from scipy.stats import bootstrap
 
-from experiments.common import REPO_ROOT, add_output_arguments
+from experiments.common import REPO_ROOT, add_output_arguments, paired_interval
 from nl_lightning.data import ByteLMDataModule
 from nl_lightning.models import Hope, Titans
 from nl_lightning.modules import LanguageModel
@@ -94,15 +92,6 @@ def run(model: str, variant: str, seed: int, steps: int, val_every: int, args) -
     print(f"{model} {variant} seed {seed} {steps} steps: "
           + ", ".join(f"{r['step']}: {r['val_bpb']:.3f}" for r in rows) + (" DIVERGED" if diverged else ""), flush=True)
     return rows
-
-
-def paired_interval(differences: list[float]) -> tuple[float, float]:
-    """Bootstrap 95% interval of the mean of per-seed paired differences (percentile method)."""
-    if len(differences) < 2 or len(set(differences)) == 1:
-        return (differences[0], differences[0]) if differences else (math.nan, math.nan)
-    result = bootstrap((np.array(differences),), np.mean, confidence_level=0.95, n_resamples=10_000,
-                       method="percentile", random_state=0)
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def summary(rows: list[dict]) -> str:

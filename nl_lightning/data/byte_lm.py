@@ -51,6 +51,9 @@ class ByteLMDataModule(LightningDataModule):
             hold ``batch_size · seq_len // length`` windows (at least one), so that with
             ``limit_val_batches`` every length reads the same bytes and only the context differs.
             ``LanguageModel`` logs them as ``val/bpb@<length>`` (length generalisation).
+        shuffle_seed: the training batches' order comes from its own generator with this seed, so
+            runs with the same seed see the same batches whatever their models drew from the
+            global RNG (paired comparisons between models); ``None`` shuffles with the global RNG.
     """
 
     vocab_size = 256
@@ -65,6 +68,7 @@ class ByteLMDataModule(LightningDataModule):
         max_bytes: int | None = 8_000_000,
         num_workers: int = 0,
         val_lengths: list[int] | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
@@ -86,6 +90,9 @@ class ByteLMDataModule(LightningDataModule):
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_fraction, self.max_bytes, self.num_workers = val_fraction, max_bytes, num_workers
         self.val_lengths = tuple(val_lengths)
+        if shuffle_seed is not None and (isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int)):
+            raise ValueError(f"shuffle_seed must be an integer or null, got {shuffle_seed!r}; e.g. shuffle_seed: 0")
+        self.shuffle_seed = shuffle_seed
         self.datasets: dict[str, ByteWindows] = {}
 
     @property
@@ -124,10 +131,14 @@ class ByteLMDataModule(LightningDataModule):
             )
 
     def _loader(self, split: str, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        generator = None
+        if shuffle and self.shuffle_seed is not None:
+            generator = torch.Generator().manual_seed(self.shuffle_seed)
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size or self.batch_size,
             shuffle=shuffle,
+            generator=generator,
             drop_last=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -143,3 +143,23 @@ def test_a_val_length_longer_than_the_val_split_names_it(tmp_path, text_dir):
                             val_fraction=0.3, val_lengths=[10**7])
     with pytest.raises(ValueError, match="val_lengths entry 10000000 needs at least 10000001 bytes"):
         data.setup("fit")
+
+
+def test_shuffle_seed_gives_the_same_batches_whatever_the_global_rng_did(tmp_path, text_dir):
+    def first_batches(seed, draws):
+        data = ByteLMDataModule([str(text_dir)], data_dir=str(tmp_path / "data"), seq_len=16, batch_size=4,
+                                val_fraction=0.3, shuffle_seed=seed)
+        data.setup("fit")
+        torch.manual_seed(123)
+        torch.randn(draws)  # a model of another size consumes a different amount of the global RNG
+        loader = iter(data.train_dataloader())
+        return [next(loader)[0] for _ in range(3)]
+
+    same = [torch.equal(a, b) for a, b in zip(first_batches(0, 1), first_batches(0, 1000))]
+    assert all(same)
+    assert not all(torch.equal(a, b) for a, b in zip(first_batches(0, 1), first_batches(1, 1)))
+
+
+def test_a_non_integer_shuffle_seed_raises(tmp_path):
+    with pytest.raises(ValueError, match="shuffle_seed must be an integer or null, got '0'"):
+        ByteLMDataModule(data_dir=str(tmp_path), shuffle_seed="0")

@@ -73,7 +73,7 @@ def test_replotting_from_csv_reproduces_the_summary(mini_sweep, tmp_path):
 
 
 def test_a_method_is_its_composition_resolved_as_the_cli_stacks_it():
-    from experiments.continual_sweep import compose
+    from experiments.recipes import compose
 
     configs = ["recipes/continual/base.yaml", "recipes/continual/methods/nested.yaml",
                "recipes/continual/nested/google3.yaml"]

@@ -1,6 +1,7 @@
 """Every model family learns: validation loss falls on the default corpus within a short run; and
 experiments/lm_compare.py compares them."""
 
+import csv
 import math
 
 import pytest
@@ -29,19 +30,76 @@ def test_validation_loss_falls_within_a_short_run(family, tmp_path):
     assert after["val/loss"] < before["val/loss"] - 1.5, (before, after)
 
 
-def test_lm_compare_trains_in_a_subprocess_and_prints_the_table(tmp_path, capsys):
-    """experiments/lm_compare.py end to end at its smallest: one step, one seed, one model."""
-    runs = lm_compare.main(["--steps", "1", "--seeds", "0", "--models", "transformer",
-                            "--val-batches", "1", "--out", str(tmp_path)])
-    (result,) = runs["transformer"]
-    assert result["tokens"] == 16 * 256  # one step of the recipe's batch × sequence length
-    assert math.isfinite(result["bpb"]) and 6.0 < result["bpb"] < 9.0  # near log2(256) after one step
-    assert 0 < result["tokens_per_s"] < 1e7  # tokens per second, not per millisecond or per step
-    assert 100 < result["max_rss_mib"] < 24 * 1024  # torch alone is > 100 MiB; MiB, not KiB or bytes
-    assert "| transformer | 1,869,504 | 4,096 |" in capsys.readouterr().out
-    assert list(tmp_path.glob("transformer_tiny/version_*/events.out.tfevents.*"))  # logged where --out says
+def quick(tmp_path, text_dir, *extra) -> list[str]:
+    """The comparison at a test's size: two models, two rates, two seeds, 4 steps of 2 × 32 bytes."""
+    return ["--models", "hope_cms", "--steps", "4", "--val-every", "2", "--seeds", "0", "1",
+            "--learning-rates", "0.003", "0.006", "--out", str(tmp_path / "lm.csv"), "--plot", str(tmp_path / "lm.png"),
+            "--logs", str(tmp_path / "runs"), "--set", f"data.init_args.paths=[{text_dir}]",
+            f"data.init_args.data_dir={tmp_path / 'data'}", "data.init_args.seq_len=32", "data.init_args.batch_size=2",
+            "data.init_args.val_lengths=[128]", "data.init_args.val_fraction=0.3", "trainer.limit_val_batches=2", *extra]
 
 
-def test_lm_compare_refuses_a_non_positive_step_count():
-    with pytest.raises(SystemExit):
-        lm_compare.main(["--steps", "0"])
+def test_comparison_selects_a_rate_then_runs_the_seeds_and_reports_paired_intervals(tmp_path, text_dir, capsys):
+    rows = lm_compare.main(quick(tmp_path, text_dir))
+    with (tmp_path / "lm.csv").open() as f:
+        written = list(csv.DictReader(f))
+    assert tuple(written[0]) == lm_compare.COLUMNS and len(written) == len(rows)
+    # both rates with seed 0, then seed 1 at the chosen rate only; a row at every validation (steps 2 and 4)
+    runs = {(r["model"], r["lr"], r["seed"]) for r in written}
+    spec = lm_compare.load_spec(lm_compare.parse_args(quick(tmp_path, text_dir)))
+    for model in ("transformer", "hope_cms"):  # the baseline runs whatever --models says
+        chosen = lm_compare.chosen_lr(spec, written, model)
+        finals = {float(r["lr"]): float(r["val_bpb"]) for r in written
+                  if r["model"] == model and r["seed"] == "0" and r["step"] == "4"}
+        assert chosen == min(finals, key=finals.get)
+        assert {(lr, seed) for m, lr, seed in runs if m == model} == {("0.003", "0"), ("0.006", "0"), (f"{chosen:g}", "1")}
+    assert {r["step"] for r in written} == {"2", "4"}
+    assert all(r["tokens"] == str(int(r["step"]) * 2 * 32) for r in written)  # equal tokens per step for every model
+    assert all(math.isfinite(float(r["val_bpb_4x"])) and float(r["tokens_per_s"]) > 0 for r in written)
+    assert all(100 < float(r["peak_rss_mib"]) < 24 * 1024 for r in written)  # MiB, one fresh process per run
+    out = capsys.readouterr().out
+    assert "| hope_cms |" in out and "[" in out  # the paired interval
+    assert any(line.startswith("hope_cms at 4× the training length:") for line in out.splitlines())
+    assert (tmp_path / "lm.png").stat().st_size > 0
+    assert list((tmp_path / "runs" / "hope_cms").glob("*/events.out.tfevents.*"))
+
+
+def test_a_rerun_skips_the_runs_the_csv_has(tmp_path, text_dir, capsys):
+    lm_compare.main(quick(tmp_path, text_dir, "--seeds", "0", "--learning-rates", "0.003"))
+    before = (tmp_path / "lm.csv").read_text()
+    capsys.readouterr()
+    lm_compare.main(quick(tmp_path, text_dir, "--seeds", "0", "--learning-rates", "0.003"))
+    assert "started" not in capsys.readouterr().out
+    assert (tmp_path / "lm.csv").read_text() == before
+
+
+def test_the_same_seed_gives_every_model_the_same_batches(tmp_path):
+    spec = lm_compare.load_spec(lm_compare.parse_args([]))
+    configs = {m: lm_compare.run_config(spec, m, 0.003, 1, tmp_path) for m in spec["models"]}
+    data = {m: c["data"] for m in spec["models"] for c in [configs[m]]}
+    assert all(d == data["transformer"] for d in data.values())
+    assert data["transformer"]["init_args"]["shuffle_seed"] == 1
+    assert all(c["seed_everything"] == 1 and c["trainer"]["max_steps"] == spec["steps"] for c in configs.values())
+    assert {c["model"]["init_args"]["optimizer"]["init_args"]["lr"] for c in configs.values()} == {0.003}
+
+
+def test_the_spec_names_the_five_models_of_the_issue_with_their_schedules(tmp_path):
+    spec = lm_compare.load_spec(lm_compare.parse_args([]))
+    assert list(spec["models"]) == ["transformer", "titans", "hope_no_schedule", "hope_cms", "hope_cms_in_context"]
+    callbacks = {m: [c["class_path"] for c in lm_compare.run_config(spec, m, 0.003, 0, tmp_path)["trainer"]["callbacks"] or []]
+                 for m in spec["models"]}
+    scheduler = "nl_lightning.callbacks.NestedScheduler"
+    assert scheduler not in callbacks["hope_no_schedule"]
+    assert scheduler in callbacks["hope_cms"] and scheduler in callbacks["hope_cms_in_context"]
+    overrides = lm_compare.run_config(spec, "hope_cms_in_context", 0.003, 0, tmp_path)["model"]["init_args"]["network"]["init_args"]["overrides"]
+    assert overrides["cms_in_context"] is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "must be positive"),
+    (["--steps", "250", "--val-every", "100"], "steps a multiple of val_every"),
+    (["--models", "gpt"], "unknown models"),
+])
+def test_bad_arguments_exit_naming_the_problem(argv, message, capsys):
+    with pytest.raises(SystemExit, match=message):
+        lm_compare.main(argv)

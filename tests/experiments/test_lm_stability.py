@@ -26,12 +26,6 @@ def test_short_study_records_every_variant_per_seed_and_the_long_run(tmp_path, t
     assert {int(r["step"]) for r in written if r["steps"] == "5"} == {1, 2, 3, 4, 5}
 
 
-def test_paired_interval_brackets_the_mean_and_collapses_for_one_seed():
-    low, high = study.paired_interval([0.01, 0.03, 0.02])
-    assert low <= 0.02 <= high and low >= 0.01 and high <= 0.03
-    assert study.paired_interval([0.05]) == (0.05, 0.05)
-
-
 def test_summary_pairs_the_variants_by_seed():
     values = {"delta": (3.0, 3.1), "paper": (3.2, 3.2), "delta_shift": (2.9, 3.15)}
     rows = [dict(model="hope", variant=variant, seed=str(s), steps="120", step="120", val_bpb=str(v), diverged="False")
