@@ -37,7 +37,7 @@ class CMSLevel(nn.Module):
         return x + self.mlp(self.norm(x))
 
     def forward_in_context(
-        self, x: torch.Tensor, period: int, lr: float, delta: torch.Tensor | None = None
+        self, x: torch.Tensor, period: int, lr: float, delta: torch.Tensor | None = None, impl: str = "solve"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Level output with a fast delta on the down projection, updated every ``period`` tokens.
 
@@ -46,12 +46,19 @@ class CMSLevel(nn.Module):
         is ``Δ ← Δ − (lr / period) Σ_pairs 2 e_t a_tᵀ`` over the pairs (t, t+1) whose target
         t+1 lies in the chunk, where a_t is the level's hidden activation and e_t the
         prediction error; dividing by the period keeps one chunk's step size independent of C.
+
+        ``impl``: "solve" (default) computes blocks of chunks at once (``_in_context_solve``);
+        "loop" walks the chunks one by one, the reference it equals.
         """
         batch, length, dim = x.shape
         hidden = _swiglu_hidden(self.mlp, self.norm(x))
         base = self.mlp.down(hidden)
         if delta is None:
             delta = x.new_zeros(batch, dim, hidden.shape[-1])
+        if impl == "solve":
+            return _in_context_solve(x, x + base, hidden, delta, period, lr)
+        if impl != "loop":
+            raise ValueError(f"impl must be 'solve' or 'loop', got {impl!r}")
         outputs = []
         pending = None  # (prediction, activation) of the previous chunk's last token
         for start in range(0, length, period):
@@ -69,6 +76,57 @@ class CMSLevel(nn.Module):
                 delta = delta - (lr / period) * 2 * errors.mT @ sources_act
             pending = (prediction[:, -1:], a[:, -1:])
         return torch.cat(outputs, dim=1), delta
+
+
+def _in_context_solve(
+    x: torch.Tensor, fixed: torch.Tensor, hidden: torch.Tensor, delta: torch.Tensor, period: int, lr: float,
+    block_tokens: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk loop of ``CMSLevel.forward_in_context`` as one triangular solve per block of chunks.
+
+    Write r_s = Δ(s) a_s for the fast part of token s's prediction p_s = fixed_s + r_s, where Δ(s)
+    is the delta at the start of s's chunk (starting at S(s)). Δ(s) holds every pair (j, j+1) whose
+    target lies in an earlier chunk, j ≤ S(s) − 2, each with the error e_j = p_j − x_{j+1} of the
+    prediction made then:
+
+        r_s = Δ₀ a_s − c Σ_{j ≤ S(s)−2} (a_jᵀ a_s) (u_j + r_j),   u_j = fixed_j − x_{j+1},   c = 2·lr/period.
+
+    That is (I + c L) r = Δ₀ a − c L u with L_sj = a_jᵀ a_s for j ≤ S(s) − 2: strictly lower
+    triangular, so one unit-triangular solve gives every r of a block, where the loop does the same
+    forward substitution chunk by chunk (hundreds of small steps at period 1). Blocks of
+    ``block_tokens`` (a whole number of chunks) bound the (T × T) Gram matrix's memory; the pair
+    that crosses into a block carries its error from the previous one.
+    """
+    length = x.shape[1]
+    c = 2 * lr / period
+    block = period * max(1, block_tokens // period)
+    outputs = []
+    carried = None  # (prediction, activation) of the last token of the previous block
+    for start in range(0, length, block):
+        stop = min(start + block, length)
+        a, targets = hidden[:, start:stop], x[:, start:stop]
+        n = stop - start
+        chunk_start = torch.div(torch.arange(n, device=x.device), period, rounding_mode="floor") * period
+        rhs = a @ delta.mT  # Δ₀ a_s
+        if carried is not None:  # the pair (start − 1, start): seen by the block's later chunks
+            error = carried[0] - targets[:, 0]  # (B, d)
+            seen = (chunk_start >= 1).to(x.dtype)[None, :, None]
+            rhs = rhs - c * seen * (a @ carried[1].unsqueeze(-1)) * error.unsqueeze(1)
+        included = torch.arange(n, device=x.device)[None, :] <= chunk_start[:, None] - 2  # (s, j)
+        if included.any():
+            gram = (a @ a.mT) * included.to(x.dtype)  # L, zero on and above the diagonal
+            u = torch.cat([fixed[:, start : stop - 1] - targets[:, 1:], torch.zeros_like(targets[:, :1])], dim=1)
+            rhs = rhs - c * gram @ u
+            rhs = torch.linalg.solve_triangular(c * gram, rhs, upper=False, unitriangular=True)
+        prediction = fixed[:, start:stop] + rhs
+        outputs.append(prediction)
+        # Δ at the next block: every pair whose target lies in this block
+        update = (prediction[:, :-1] - targets[:, 1:]).mT @ a[:, :-1]
+        if carried is not None:
+            update = update + error.unsqueeze(-1) * carried[1].unsqueeze(1)
+        delta = delta - c * update
+        carried = (prediction[:, -1], a[:, -1])
+    return torch.cat(outputs, dim=1), delta
 
 
 def _swiglu_hidden(mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:

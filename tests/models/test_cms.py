@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nl_lightning.models.cms import CMSLevel, ContinuumMemory
+from nl_lightning.models.cms import CMSLevel, ContinuumMemory, _in_context_solve, _swiglu_hidden
 
 
 def naive_in_context(level: CMSLevel, x: torch.Tensor, period: int, lr: float):
@@ -35,11 +35,12 @@ def make_level(dim=8, hidden=16, seed=0) -> CMSLevel:
     return level
 
 
+@pytest.mark.parametrize("impl", ["solve", "loop"])
 @pytest.mark.parametrize("period", [1, 3, 4, 16])
-def test_in_context_updates_equal_the_token_by_token_reference(period):
+def test_in_context_updates_equal_the_token_by_token_reference(period, impl):
     level = make_level()
     x = torch.randn(2, 13, 8, dtype=torch.float64, requires_grad=True)
-    out, delta = level.forward_in_context(x, period, lr=0.05)
+    out, delta = level.forward_in_context(x, period, lr=0.05, impl=impl)
     ref_out, ref_delta = naive_in_context(level, x, period, lr=0.05)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(delta, ref_delta)
@@ -47,6 +48,31 @@ def test_in_context_updates_equal_the_token_by_token_reference(period):
     ref_grads = torch.autograd.grad(ref_out.square().sum(), [x, *level.parameters()])
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("period, block_tokens", [(1, 1), (1, 7), (2, 4), (3, 7), (5, 12), (4, 256)])
+def test_the_blockwise_solve_equals_the_chunk_loop_across_blocks_and_from_a_given_state(period, block_tokens):
+    """Blocks smaller than the sequence carry the pair that crosses into them, and a delta handed in
+    (a continued sequence) is where both start: forward, final state and every gradient agree."""
+    level = make_level()
+    x = torch.randn(2, 50, 8, dtype=torch.float64, requires_grad=True)
+    start = (0.1 * torch.randn(2, 8, 16, dtype=torch.float64)).requires_grad_()
+    hidden = _swiglu_hidden(level.mlp, level.norm(x))
+    fixed = x + level.mlp.down(hidden)
+    out, delta = _in_context_solve(x, fixed, hidden, start, period, 0.05, block_tokens=block_tokens)
+    ref_out, ref_delta = level.forward_in_context(x, period, lr=0.05, delta=start, impl="loop")
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(delta, ref_delta)
+    inputs = [x, start, *level.parameters()]
+    grads = torch.autograd.grad(out.square().sum() + delta.square().sum(), inputs)
+    ref_grads = torch.autograd.grad(ref_out.square().sum() + ref_delta.square().sum(), inputs)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_an_unknown_in_context_impl_names_the_choices():
+    with pytest.raises(ValueError, match="impl must be 'solve' or 'loop', got 'fast'"):
+        make_level().forward_in_context(torch.zeros(1, 4, 8, dtype=torch.float64), 1, 0.05, impl="fast")
 
 
 def test_fast_weights_change_only_at_chunk_boundaries():
