@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, TensorDataset
 
 STREAMS = ("permuted", "rotated", "split", "npz")
 SCENARIOS = ("domain", "task", "class")
@@ -293,6 +293,9 @@ class ContinualDataModule(LightningDataModule):
         max_degrees: the last task's rotation for ``rotated``.
         eval_batch_size: batch size of the validation/test loaders (evaluation has no gradient,
             so large batches only save time); None uses ``batch_size``.
+        joint: the upper bound of a stream: every epoch trains on all tasks at once (as many
+            examples per epoch as one task has, drawn from the union, so the run has the
+            sequential stream's steps); batches carry each example's task id.
     """
 
     def __init__(
@@ -309,6 +312,7 @@ class ContinualDataModule(LightningDataModule):
         class_splits: list[list[int]] | None = None,
         max_degrees: float = 90.0,
         eval_batch_size: int | None = 512,
+        joint: bool = False,
     ) -> None:
         super().__init__()
         if stream not in STREAMS:
@@ -373,7 +377,18 @@ class ContinualDataModule(LightningDataModule):
         return self.stream
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._require_stream().tasks[self.current_task].train, shuffle=True)
+        stream = self._require_stream()
+        if not self.hparams.joint:
+            return self._loader(stream.tasks[self.current_task].train, shuffle=True)
+        union = ConcatDataset([
+            TensorDataset(*task.train.tensors, torch.full((len(task.train),), t, dtype=torch.long))
+            for t, task in enumerate(stream.tasks)
+        ])
+        per_epoch = len(stream.tasks[self.current_task].train)
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        generator = torch.Generator().manual_seed(self.hparams.seed * 100_003 + epoch)
+        sampler = RandomSampler(union, num_samples=per_epoch, generator=generator)
+        return DataLoader(union, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(task.test, shuffle=False) for task in self._require_stream().tasks]

@@ -140,7 +140,9 @@ class ContinualClassifier(LightningModule):
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]
-        batch = (x, y, torch.full_like(y, self.current_task))
+        # Batches of a joint stream (ContinualDataModule(joint=True)) carry each example's task.
+        task_ids = batch[2] if len(batch) > 2 else torch.full_like(y, self.current_task)
+        batch = (x, y, task_ids)
         for strategy in self._strategies("transform_batch"):
             batch = strategy.transform_batch(batch, self)
         x, y, task_ids = batch

@@ -5,6 +5,8 @@ Plain PyTorch (no Lightning import), so it works the same inside and outside a T
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable, Literal
 
@@ -23,6 +25,21 @@ _MIN_THRESHOLD = 0.01  # floor on τ where the adaptive gate divides by it
 def _squared_norm(x: Tensor) -> Tensor:
     """‖x‖², accumulated in at least float32 (bf16/fp16 weights would lose the sum)."""
     return torch.linalg.vector_norm(x, dtype=torch.promote_types(x.dtype, torch.float32)).square()
+
+
+def scaled_periods(periods: Sequence[int], slowest: int) -> tuple[int, ...]:
+    """``periods`` (1 first) respaced so the slowest is ``slowest``, keeping their log-scale spacing."""
+    if isinstance(slowest, bool) or not isinstance(slowest, int) or slowest < len(periods):
+        raise ValueError(
+            f"slowest_period must be an integer of at least {len(periods)} (one distinct period per level "
+            f"{list(periods)}), got {slowest!r}"
+        )
+    top = math.log(periods[-1])
+    scaled = [1]
+    for period in periods[1:]:
+        scaled.append(max(scaled[-1] + 1, round(slowest ** (math.log(period) / top))))
+    scaled[-1] = slowest
+    return tuple(scaled)
 
 
 class NestedOptimizer(torch.optim.Optimizer):
@@ -71,6 +88,14 @@ class NestedOptimizer(torch.optim.Optimizer):
             ``transfer_up`` (fast → slow) / ``transfer_down`` (slow → fast), or a mapping
             ``{"UF-M": 0.2}`` with explicit γ; ``[]`` for none. For every level Σ_i γ_ij < 1.
         reg: λ; ``lr · reg · Σ w_k < 1`` is required (checked at construction and every step).
+        slowest_period: the slowest level's period; the others are spaced as the preset's (or
+            ``levels``') on a log scale between 1 and it, ``P_k = round(S^(log P_k / log P_{K−1}))``
+            (kept strictly increasing): collab5 at S = 84 is 1, 3, 9, 28, 84. For streams whose
+            length is not the preset's: e.g. the length of one task in optimizer steps, so that
+            every level ticks within each task.
+        allow_unstable_pull: permit ``lr · reg · Σ w_k ≥ 1``, where the pull toward the slower
+            levels overshoots (an experiment about that regime, e.g. whether the baseline
+            collapses there); off by default, and a warning when on.
 
     State: ``state[p]["levels"][k]`` holds ``weight`` and ``grad_sum`` (k > 0), ``update_rms``
     (0-dim, in p's dtype) and the inner rule's state under ``inner``; counters, surprises, gate
@@ -99,11 +124,19 @@ class NestedOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         inner: InnerRule | None = None,
         eps: float = 1e-8,
+        slowest_period: int | None = None,
+        allow_unstable_pull: bool = False,
     ) -> None:
+        if slowest_period is not None:
+            levels = scaled_periods(resolve_preset(preset, periods=levels).periods, slowest_period)
         config = resolve_preset(
             preset, periods=levels, level_names=level_names, bridges=bridges, transfer_up=transfer_up,
             transfer_down=transfer_down, reg=reg, reg_weights=reg_weights, gate=gate,
         )
+        self.allow_unstable_pull = bool(allow_unstable_pull)
+        if self.allow_unstable_pull:
+            warnings.warn("NestedOptimizer(allow_unstable_pull=True): lr·reg·Σw ≥ 1 is allowed; the pull toward the "
+                          "slower levels can overshoot and oscillate", stacklevel=2)
         for name, value in (("gate_ema", gate_ema), ("scale_ema", scale_ema)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
@@ -204,7 +237,8 @@ class NestedOptimizer(torch.optim.Optimizer):
         """Latest per-level and per-bridge numbers, for a logger (e.g. NestedScheduler).
 
         ``level/<L>/ticks``, ``level/<L>/update_norm`` (L2 norm of the level's last update over
-        all parameters), ``level/<L>/surprise``; ``bridge/<I>-><J>/gate`` and
+        all parameters), ``level/<L>/surprise``; ``bridge/<I>-><J>/fires`` (how often it fired),
+        ``bridge/<I>-><J>/gate`` and
         ``bridge/<I>-><J>/transfer_norm`` (L2 norm of its last transfer). Zero before the first
         tick/firing.
         """
@@ -219,6 +253,8 @@ class NestedOptimizer(torch.optim.Optimizer):
             stats[f"level/{name}/update_norm"] = update_norm[k]
             stats[f"level/{name}/surprise"] = surprise[k]
         for b, bridge_name in enumerate(self._bridge_names()):
+            # a bridge fires whenever its slower endpoint ticks
+            stats[f"bridge/{bridge_name}/fires"] = float(nested["ticks"][self.bridges[b].slower])
             stats[f"bridge/{bridge_name}/gate"] = gate[b]
             stats[f"bridge/{bridge_name}/transfer_norm"] = transfer_norm[b]
         return stats
@@ -352,12 +388,13 @@ class NestedOptimizer(torch.optim.Optimizer):
 
     def _check_pull(self, group: dict, index: int) -> None:
         strength = group["lr"] * group["reg"] * sum(self.reg_weights)
-        if strength >= 1:
+        if strength >= 1 and not self.allow_unstable_pull:
             raise ValueError(
                 f"the λ pull on level {self.level_names[0]} (the live weights) is unstable in param group {index}: "
                 f"lr·reg·Σw = {group['lr']:g}·{group['reg']:g}·{sum(self.reg_weights):g} = {strength:g} ≥ 1; "
                 f"lower "
-                f"reg below {1 / (group['lr'] * sum(self.reg_weights)):g} or lower the learning rate"
+                f"reg below {1 / (group['lr'] * sum(self.reg_weights)):g} or lower the learning rate "
+                "(allow_unstable_pull=True permits it, for experiments about that regime)"
             )
 
     def _check_finite(self) -> None:

@@ -167,6 +167,21 @@ def test_datamodule_serves_task_by_epoch_and_all_tasks_for_validation():
         dm.train_dataloader()
 
 
+def test_joint_stream_draws_every_task_with_its_id_and_one_tasks_worth_per_epoch():
+    dm = ContinualDataModule(stream="split", num_tasks=3, epochs_per_task=2, batch_size=32, joint=True)
+    dm.setup("fit")
+    dm.trainer = _FakeTrainer()
+    dm.trainer.current_epoch = 0
+    batches = list(dm.train_dataloader())
+    x, y, task_ids = (torch.cat(parts) for parts in zip(*batches))
+    assert len(y) == len(dm.stream.tasks[0].train)  # the sequential stream's steps per epoch
+    assert set(task_ids.tolist()) == {0, 1, 2}  # all tasks at once
+    for t, task in enumerate(dm.stream.tasks):  # every example carries its own task's id
+        assert set(y[task_ids == t].tolist()) <= set(task.classes)
+    dm.trainer.current_epoch = 1
+    assert not torch.equal(torch.cat([b[1] for b in dm.train_dataloader()]), y)  # a new draw each epoch
+
+
 def test_datamodule_rejects_bad_configs():
     with pytest.raises(ValueError, match="npz_path"):
         ContinualDataModule(stream="npz")

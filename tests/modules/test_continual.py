@@ -76,6 +76,25 @@ def test_accuracy_matrix_fills_row_by_row_with_the_accuracy_on_every_task(tmp_pa
         assert model.accuracy_matrix[1, j].item() == pytest.approx(accuracy_by_hand(model, data, j), abs=1e-6)
 
 
+def test_joint_training_masks_each_example_by_its_own_task(tmp_path):
+    """The joint upper bound of a task-incremental stream: one batch mixes tasks, and each example's
+    logits are masked to its own task's classes (the ids the batch carries, not the epoch's task)."""
+    seed_everything(0)
+    data = ContinualDataModule(stream="split", scenario="task", num_tasks=2, epochs_per_task=1, batch_size=BATCH,
+                               joint=True)
+    model = ContinualClassifier(arch="mlp", hidden=32, optimizer=sgd)
+    seen = []
+    original = model.mask_logits
+    model.mask_logits = lambda logits, task_ids: (seen.append(task_ids.clone()), original(logits, task_ids))[1]
+    trainer = Trainer(max_epochs=2, reload_dataloaders_every_n_epochs=1, limit_train_batches=TRAIN_BATCHES,
+                      limit_val_batches=VAL_BATCHES, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(model, data)
+    train_ids = torch.cat(seen[: TRAIN_BATCHES])  # the first epoch's training batches
+    assert set(train_ids.tolist()) == {0, 1}
+    assert torch.isfinite(model.accuracy_matrix).all()
+
+
 def test_task_incremental_streams_mask_logits_to_each_examples_task(tmp_path):
     model, data, _ = fit(tmp_path, stream="split", scenario="task")
     classes = [set(task.classes) for task in data.stream.tasks]

@@ -228,6 +228,8 @@ def test_preset_numbers_and_overrides():
         (dict(levels=[1, 5], level_names=["a"]), "one per level"),
         (dict(reg_weights=[1.0, -1.0, 1.0, 1.0]), "non-negative"),
         (dict(gate="learned"), "gate must be one of"),
+        (dict(slowest_period=3), "slowest_period must be an integer of at least 5"),
+        (dict(slowest_period=84.0), "slowest_period must be an integer"),
     ],
 )
 def test_bad_configurations_say_what_to_change(kwargs, message):
@@ -247,6 +249,31 @@ def test_language_model_param_groups_are_accepted_and_group_periods_refused():
         NestedOptimizer([groups[0], {"params": [b], "name": "cms.1", "period": 4}], preset="collab5")
 
 
+@pytest.mark.parametrize("preset, slowest, expected", [
+    ("collab5", 84, (1, 3, 9, 28, 84)), ("collab5", 625, (1, 5, 25, 125, 625)), ("google3", 84, (1, 9, 84)),
+    ("collab5", 5, (1, 2, 3, 4, 5)),
+])
+def test_slowest_period_respaces_the_levels_on_a_log_scale(preset, slowest, expected):
+    opt = NestedOptimizer([torch.nn.Parameter(torch.zeros(3))], preset=preset, lr=0.01, slowest_period=slowest)
+    assert opt.periods == expected
+    p = opt.param_groups[0]["params"][0]
+    for _ in range(slowest):
+        p.grad = torch.ones(3)
+        opt.step()
+    assert opt.level_stats()[f"level/{opt.level_names[-1]}/ticks"] == 1.0  # the slowest level ticked once
+
+
+def test_an_unstable_pull_is_refused_unless_allowed_and_then_warned():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"lr·reg·Σw = 0.04·50·1 = 2 ≥ 1.*allow_unstable_pull=True permits it"):
+        NestedOptimizer([p], preset="google3", lr=0.04, reg=50)
+    with pytest.warns(UserWarning, match="allow_unstable_pull=True"):
+        opt = NestedOptimizer([p], preset="google3", lr=0.04, reg=50, allow_unstable_pull=True)
+    p.grad = torch.ones(3)
+    opt.step()  # takes the step instead of raising
+    assert torch.isfinite(p).all()
+
+
 def test_level_stats_name_every_level_and_bridge():
     p = torch.nn.Parameter(torch.randn(4, 4))
     opt = NestedOptimizer([p], preset="collab5", lr=0.01)
@@ -255,7 +282,9 @@ def test_level_stats_name_every_level_and_bridge():
         p.grad = torch.randn(4, 4)
         opt.step()
     stats = opt.level_stats()
-    assert len(stats) == 5 * 3 + 18 * 2
+    assert len(stats) == 5 * 3 + 18 * 3
+    assert stats["bridge/UF->F/fires"] == stats["bridge/F->UF/fires"] == 1.0  # F ticked once
+    assert stats["bridge/UF->M/fires"] == 0.0
     assert stats["level/UF/ticks"] == 5.0 and stats["level/F/ticks"] == 1.0 and stats["level/M/ticks"] == 0.0
     assert stats["level/F/surprise"] == 1.0 and stats["level/UF/surprise"] > 0 and stats["level/F/update_norm"] > 0
     assert stats["bridge/UF->F/gate"] == stats["bridge/F->UF/gate"] == 0.5  # first firing, adaptive gate
