@@ -208,6 +208,10 @@ class NestedScheduler(Callback):
         if self._logging and self._step % self.log_every_n_steps == 0 and self._step != self._logged_step:
             self._log(trainer)
 
+    def update_counts(self) -> dict[str, int]:
+        """How often each level has been updated so far (``nested/<level>/updates`` in TensorBoard)."""
+        return {level: self._step // period for level, period in self._periods.items()}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self._step,

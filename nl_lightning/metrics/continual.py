@@ -27,6 +27,8 @@ seeds), summed across DDP ranks.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchmetrics import Metric
 
@@ -49,7 +51,7 @@ def _last_trained_task(R: torch.Tensor) -> int:
     return k
 
 
-def _values(R: torch.Tensor) -> dict[str, float]:
+def _values(R: torch.Tensor, strict: bool = True) -> dict[str, float]:
     R = R.detach().to(torch.float64).cpu()
     k = _last_trained_task(R)
     final, diag = R[k, : k + 1], torch.diagonal(R)[: k + 1]
@@ -67,19 +69,24 @@ def _values(R: torch.Tensor) -> dict[str, float]:
         values["backward_transfer"] = (final[:k] - diag[:k]).mean().item()
         values["forgetting"] = (best_before - final[:k]).mean().item()
         learned = diag[:k].sum().item()
-        if learned <= 0:
+        if learned <= 0 and not strict:
+            values["retention"] = math.nan
+        elif learned <= 0:
             raise ValueError(
                 f"retention is undefined: tasks 0…{k - 1} had zero accuracy right after training "
                 "(nothing was learned); check the learning rate / epochs per task"
             )
-        values["retention"] = final[:k].sum().item() / learned
+        else:
+            values["retention"] = final[:k].sum().item() / learned
     return values
 
 
-def continual_summary(R: torch.Tensor) -> dict[str, float]:
+def continual_summary(R: torch.Tensor, strict: bool = True) -> dict[str, float]:
     """All metrics of one accuracy matrix (keys: ``average_accuracy``, ``backward_transfer``,
-    ``forgetting``, ``retention``, ``learning_accuracy``, ``tasks_seen``)."""
-    return _values(R)
+    ``forgetting``, ``retention``, ``learning_accuracy``, ``tasks_seen``). Retention is undefined
+    when the earlier tasks had zero accuracy right after training: ``strict`` raises then, otherwise
+    it is NaN (the other metrics stay defined)."""
+    return _values(R, strict)
 
 
 class _AccuracyMatrixMetric(Metric):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -176,9 +177,13 @@ class ContinualClassifier(LightningModule):
             return
         task, self._pending_row = self._pending_row, None
         self.accuracy_matrix[task] = accuracies.to(self.accuracy_matrix.device)
-        summary = continual_summary(self.accuracy_matrix)
+        summary = continual_summary(self.accuracy_matrix, strict=False)
+        if math.isnan(summary["retention"]):
+            rank_zero_warn(f"retention is undefined after task {task}: the earlier tasks had zero accuracy right after "
+                           "training (nothing was learned yet); it is not logged. Check the learning rate / epochs per task")
         for name in ("average_accuracy", "backward_transfer", "forgetting", "retention", "learning_accuracy"):
-            self.log(f"continual/{name}", summary[name])
+            if not math.isnan(summary[name]):
+                self.log(f"continual/{name}", summary[name])
 
     def on_train_epoch_end(self) -> None:
         if self._pending_row is not None:

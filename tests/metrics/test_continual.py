@@ -92,3 +92,10 @@ def test_bad_matrices_raise_with_reason(bad, message):
 def test_compute_before_update_raises():
     with pytest.raises(RuntimeError, match="before update"):
         AverageAccuracy().compute()
+
+
+def test_undefined_retention_is_nan_when_not_strict_and_the_rest_stays_defined():
+    R = torch.tensor([[0.0, float("nan")], [0.0, 0.5]])
+    values = continual_summary(R, strict=False)
+    assert math.isnan(values["retention"])
+    assert values["average_accuracy"] == 0.25 and values["learning_accuracy"] == 0.25
