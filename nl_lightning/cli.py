@@ -1,7 +1,8 @@
 """``nl-lightning fit|validate|test|predict --config recipe.yaml`` (LightningCLI, subclass mode).
 
 Recipes name classes by import path (``class_path``/``init_args``); several ``--config`` files
-compose. By default every run logs to TensorBoard under ``runs/`` and keeps the last checkpoint.
+compose. By default every run logs to TensorBoard under ``runs/`` and keeps the last checkpoint,
+written atomically (``nl_lightning.checkpoint_io.AtomicCheckpointIO``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ TRAINER_DEFAULTS = {
         "init_args": {"save_dir": "runs", "name": "default"},
     },
     "enable_progress_bar": True,
+    # Checkpoint files are replaced atomically and fsynced: a crash mid-save keeps the last good one.
+    "plugins": [{"class_path": "nl_lightning.checkpoint_io.AtomicCheckpointIO"}],
 }
 
 
