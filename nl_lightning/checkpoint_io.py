@@ -55,3 +55,62 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write(buffer.getbuffer(), path)
+
+    def load_checkpoint(self, path, *args, **kwargs) -> dict[str, Any]:
+        if not _is_local_file_protocol(str(path)):
+            return super().load_checkpoint(path, *args, **kwargs)
+        return load_readable(lambda p: super(AtomicCheckpointIO, self).load_checkpoint(p, *args, **kwargs), path)
+
+
+def _neighbours(path: Path) -> str:
+    others = sorted(p.name for p in path.parent.glob("*.ckpt") if p.name != path.name) if path.parent.is_dir() else []
+    return (f"other checkpoints in {path.parent}: {', '.join(others)} (resume from one with --ckpt_path <file>)"
+            if others else f"no other checkpoint in {path.parent}")
+
+
+def load_readable(load, path) -> dict[str, Any]:
+    """``load(path)``, with a read failure turned into an error that names the file, what is wrong
+    and the fix (the other checkpoints beside it)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; {_neighbours(path)}")
+    try:
+        return load(path)
+    except Exception as error:  # torch.load's failures on a bad file are of many types
+        raise unreadable(path, error) from error
+
+
+def unreadable(path, error: Exception) -> ValueError:
+    """The error for a checkpoint file that ``torch.load`` failed on with ``error``."""
+    path = Path(path)
+    return ValueError(
+        f"checkpoint {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}): it is "
+        f"truncated or not a checkpoint ({path.stat().st_size:,} bytes); {_neighbours(path)}, or start without "
+        "--ckpt_path"
+    )
+
+
+def check_state_dict_matches(module: torch.nn.Module, checkpoint: dict[str, Any], path: str | None,
+                             resizable: tuple[str, ...] = ()) -> None:
+    """Before a checkpoint's weights are loaded into ``module``: the same parameter names and shapes,
+    or an error listing what differs (a checkpoint of another model or preset, or from before a
+    level was added) and the fix. ``resizable``: entries whose size the module takes from the
+    checkpoint."""
+    saved = checkpoint.get("state_dict", {})
+    current = module.state_dict()
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    reshaped = [f"{k}: {tuple(saved[k].shape)} saved, {tuple(current[k].shape)} now" for k in current
+                if k in saved and k not in resizable and hasattr(saved[k], "shape") and saved[k].shape != current[k].shape]
+    if not (missing or unexpected or reshaped):
+        return
+    parts = [f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
+             for items, what in ((missing, "missing from it"), (unexpected, "not in this model"),
+                                 (reshaped, "with other shapes")) if items]
+    saved_with = checkpoint.get("hyper_parameters", {})
+    hint = f"; it was saved with hyper-parameters {saved_with}" if saved_with else ""
+    raise ValueError(
+        f"checkpoint {path or '(given)'} does not fit this model: {'; '.join(parts)}{hint}. It comes from another "
+        "model, preset or level configuration: build the model it was saved from (the same --config files), or "
+        "start without --ckpt_path"
+    )

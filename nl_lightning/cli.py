@@ -7,12 +7,14 @@ written atomically (``nl_lightning.checkpoint_io.AtomicCheckpointIO``).
 
 from __future__ import annotations
 
+from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from nl_lightning.callbacks import TensorBoardHint
+from nl_lightning.checkpoint_io import unreadable
 
 
 def shipped_classes() -> dict[str, list[str]]:
@@ -44,6 +46,17 @@ class NLLightningCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(TensorBoardHint, "tensorboard_hint")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path here, before anything is built, for the hyper-parameters it
+        # saved: a file it cannot read gets the error that names it and the checkpoints beside it.
+        try:
+            super()._parse_ckpt_path()
+        except Exception as error:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            if not path or not Path(path).is_file():
+                raise
+            raise unreadable(path, error) from error
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)

@@ -96,3 +96,48 @@ def test_kills_during_saves_always_leave_a_loadable_last_checkpoint_that_resumes
 def test_fifty_kills_during_saves_leave_no_unreadable_checkpoint(tmp_path):
     steps = kill_during_saves(tmp_path, kills=50, seed=1)
     assert len(steps) == 50 and steps == sorted(steps)
+
+
+def _fit(workdir: Path, model: str, *extra: str) -> Path:
+    """Two steps of an LM recipe through the CLI (in ``workdir``); returns its last.ckpt."""
+    from nl_lightning.cli import main
+
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        main(["fit", "--config", str(REPO_ROOT / "recipes/lm/base.yaml"),
+              "--config", str(REPO_ROOT / f"recipes/lm/models/{model}.yaml"),
+              "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+              "--data.init_args.max_bytes=300000", "--data.init_args.batch_size=2", "--data.init_args.seq_len=64",
+              "--trainer.logger.init_args.name=ckpt", *extra])
+    finally:
+        os.chdir(previous)
+    return max(workdir.glob("runs/ckpt/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+
+
+def test_a_truncated_checkpoint_fails_before_training_naming_the_file_and_the_others(tmp_path):
+    last = _fit(tmp_path, "transformer")
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # what a crash mid-copy leaves
+    with pytest.raises(ValueError, match=r"last\.ckpt cannot be read .* truncated or not a checkpoint.*"
+                                         r"other checkpoints in .*: epoch=0-step=2\.ckpt"):
+        _fit(tmp_path, "transformer", "--ckpt_path", str(last))
+
+
+def test_a_missing_checkpoint_names_the_ones_that_exist(tmp_path):
+    last = _fit(tmp_path, "transformer")
+    with pytest.raises(FileNotFoundError, match=r"nope\.ckpt does not exist; other checkpoints in .*last\.ckpt"):
+        _fit(tmp_path, "transformer", "--ckpt_path", str(last.with_name("nope.ckpt")))
+
+
+def test_a_checkpoint_of_another_model_fails_before_training_naming_what_differs(tmp_path):
+    last = _fit(tmp_path, "transformer")
+    with pytest.raises(ValueError, match=r"does not fit this model: \d+ missing from it .*not in this model.*"
+                                         r"build the model it was saved from"):
+        _fit(tmp_path, "titans", "--ckpt_path", str(last))
+
+
+def test_a_checkpoint_from_before_a_level_was_added_names_the_new_level(tmp_path):
+    last = _fit(tmp_path, "hope")
+    four_levels = '--model.init_args.network.init_args.overrides={cms_periods: [1, 4, 16, 64]}'
+    with pytest.raises(ValueError, match=r"missing from it \(e\.g\. network\.blocks\.0\.cms\.levels\.3\..*with other shapes"):
+        _fit(tmp_path, "hope", four_levels, "--ckpt_path", str(last))

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from nl_lightning.checkpoint_io import check_state_dict_matches
 from nl_lightning.metrics.continual import continual_summary
 from nl_lightning.models.classifiers import CMSClassifier, CNNClassifier, MLPClassifier
 
@@ -222,6 +223,9 @@ class ContinualClassifier(LightningModule):
         if self.network is None and info.get("built"):
             self.network = self._build_network(info["input_shape"], info["num_classes"])
         self.scenario = info.get("scenario", self.scenario)
+        if self.network is not None:
+            check_state_dict_matches(self, checkpoint, self._trainer.ckpt_path if self._trainer is not None else None,
+                                     resizable=("accuracy_matrix",))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args, **kwargs) -> None:
         # R's size is the stream's task count, unknown at __init__: take the checkpoint's.

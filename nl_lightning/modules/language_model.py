@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from nl_lightning.checkpoint_io import check_state_dict_matches
 from nl_lightning.metrics import BitsPerByte
 
 
@@ -152,6 +153,10 @@ class LanguageModel(LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate("test", batch)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before Lightning loads the weights: a checkpoint of another model fails here, naming what differs.
+        check_state_dict_matches(self, checkpoint, self._trainer.ckpt_path if self._trainer is not None else None)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Greedy next-byte predictions for every position of the input window."""
