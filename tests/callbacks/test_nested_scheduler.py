@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from nl_lightning.callbacks import NestedScheduler
-from nl_lightning.optim import LevelAwareAdamW, LevelAwareSGD
+from nl_lightning.optim import LevelAwareAdamW, LevelAwareSGD, NestedOptimizer
 from tests.conftest import changed_at
 
 GLOBAL_BATCH = 8
@@ -76,6 +76,8 @@ class TinyRegression(LightningModule):
             return LevelAwareAdamW(groups, lr=self.lr)
         if self.optimizer_name == "level_aware_sgd":
             return LevelAwareSGD(groups, lr=self.lr)
+        if self.optimizer_name == "nested":  # 3 levels, bridges and the λ pull, DMGD at every level
+            return NestedOptimizer(groups, preset="google3", levels=[1, 2, 4], lr=self.lr, reg=1.0)
         return torch.optim.SGD(groups, lr=self.lr)
 
 
@@ -224,6 +226,19 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_the_same_global_batch(
     ddp = TinyRegression()
     fit(ddp, max_steps=6, callbacks=[NestedScheduler({"slow.*": 3})], strategy="ddp_spawn", devices=2)
     untouched = TinyRegression()
+    for (name, p), q, r in zip(single.named_parameters(), ddp.parameters(), untouched.parameters()):
+        assert not torch.equal(q, r), f"{name} did not come back from the DDP workers"
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_ddp_with_the_nested_optimizer_equals_one_process_with_the_same_global_batch():
+    """NestedOptimizer keeps its slower levels, bridges and gates in optimizer state on every rank:
+    with DDP's averaged gradients every rank takes the single process's steps."""
+    single = TinyRegression(optimizer="nested", lr=0.05)
+    fit(single, max_steps=8, callbacks=[NestedScheduler(levels=None)])
+    ddp = TinyRegression(optimizer="nested", lr=0.05)
+    fit(ddp, max_steps=8, callbacks=[NestedScheduler(levels=None)], strategy="ddp_spawn", devices=2)
+    untouched = TinyRegression(optimizer="nested")
     for (name, p), q, r in zip(single.named_parameters(), ddp.parameters(), untouched.parameters()):
         assert not torch.equal(q, r), f"{name} did not come back from the DDP workers"
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
