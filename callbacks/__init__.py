@@ -9,6 +9,7 @@ from nl_lightning.callbacks.continual import ContinualStrategy
 from nl_lightning.callbacks.dgd_inputs import DGDInputCapture
 from nl_lightning.callbacks.ewc import EWC
 from nl_lightning.callbacks.nested_scheduler import NestedScheduler
+from nl_lightning.callbacks.preemption import PreemptionCheckpoint
 from nl_lightning.callbacks.replay import ExperienceReplay, ReservoirBuffer
 from nl_lightning.callbacks.synaptic_intelligence import SynapticIntelligence
 from nl_lightning.callbacks.tensorboard_hint import TensorBoardHint
@@ -19,6 +20,7 @@ __all__ = [
     "EWC",
     "ExperienceReplay",
     "NestedScheduler",
+    "PreemptionCheckpoint",
     "ReservoirBuffer",
     "SynapticIntelligence",
     "TensorBoardHint",

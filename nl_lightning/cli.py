@@ -13,7 +13,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from nl_lightning.callbacks import TensorBoardHint
+from nl_lightning.callbacks import PreemptionCheckpoint, TensorBoardHint
 from nl_lightning.checkpoint_io import unreadable
 
 
@@ -46,6 +46,8 @@ class NLLightningCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(TensorBoardHint, "tensorboard_hint")
+        # SIGTERM saves last.ckpt and exits 0; checkpoints carry the RNG states.
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path here, before anything is built, for the hyper-parameters it

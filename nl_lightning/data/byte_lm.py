@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from nl_lightning.data.sampling import ResumableRandomSampler
 from nl_lightning.data.byte_corpus import CorpusSpec, build_corpus, open_split, resolve_paths, stdlib_python_files
 
 
@@ -93,6 +94,8 @@ class ByteLMDataModule(LightningDataModule):
         if shuffle_seed is not None and (isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int)):
             raise ValueError(f"shuffle_seed must be an integer or null, got {shuffle_seed!r}; e.g. shuffle_seed: 0")
         self.shuffle_seed = shuffle_seed
+        self._train_sampler: ResumableRandomSampler | None = None
+        self._resume_at: tuple | None = None  # (epoch order, samples done) from a checkpoint
         self.datasets: dict[str, ByteWindows] = {}
 
     @property
@@ -131,14 +134,18 @@ class ByteLMDataModule(LightningDataModule):
             )
 
     def _loader(self, split: str, shuffle: bool, batch_size: int | None = None) -> DataLoader:
-        generator = None
-        if shuffle and self.shuffle_seed is not None:
-            generator = torch.Generator().manual_seed(self.shuffle_seed)
+        sampler = generator = None
+        if shuffle:
+            generator = None if self.shuffle_seed is None else torch.Generator().manual_seed(self.shuffle_seed)
+            sampler = self._train_sampler = ResumableRandomSampler(len(self.datasets[split]), generator)
+            if self._resume_at is not None:
+                sampler.resume(*self._resume_at)
+                self._resume_at = None
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size or self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
+            generator=generator,  # as DataLoader(shuffle=True, generator=...) draws from it too
             drop_last=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -146,6 +153,29 @@ class ByteLMDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
+
+    def state_dict(self) -> dict:
+        """Where the training batches are (saved in every checkpoint): how the current epoch's order
+        was drawn and how many of its batches were trained on, so a resumed run continues with the
+        batches an uninterrupted one would see."""
+        sampler, trainer = self._train_sampler, self._trainer_or_none()
+        if sampler is None or sampler.origin is None or trainer is None:
+            return {}
+        return {"train_order": sampler.origin,
+                "train_batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict:
+            return
+        done = state_dict["train_batches_done"]
+        if done * self.batch_size < len(self.datasets.get("train", ())) or "train" not in self.datasets:
+            self._resume_at = (state_dict["train_order"], done * self.batch_size)
+
+    def _trainer_or_none(self):
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         if not self.val_lengths:
