@@ -232,6 +232,11 @@ def npz_stream(
     for split, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
         if y.ndim != 1 or len(x) != len(y) or len(y) == 0:
             raise ValueError(f"{path}: x_{split} has {len(x)} rows but y_{split} has shape {tuple(y.shape)}; need (N,) labels, N ≥ 1")
+        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+        if bad.any():
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(f"{path}: x_{split} has non-finite values (NaN or inf) in {len(rows)} rows, e.g. {rows[:5]}; "
+                             "they would reach the weights as NaN: drop or clean those rows (e.g. numpy.nan_to_num) first")
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise ValueError(f"{path}: x_train rows {tuple(x_tr.shape[1:])} and x_test rows {tuple(x_te.shape[1:])} differ")
     labels = set(torch.cat([y_tr, y_te]).tolist())
