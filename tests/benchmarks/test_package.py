@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 SOURCES = sorted([*(REPO_ROOT / "benchmarks").glob("*.py"), *(REPO_ROOT / "experiments").glob("*.py")])
-HELPERS = {"__init__", "devices", "timing", "common", "continual_plots"}  # imported by the others, not run
+HELPERS = {"__init__", "devices", "timing", "common", "continual_plots", "recipes"}  # imported by the others, not run
 RUNNABLE = [path for path in SOURCES if path.stem not in HELPERS]
 
 
