@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,51 @@ def check_state_dict_matches(module: torch.nn.Module, checkpoint: dict[str, Any]
         "model, preset or level configuration: build the model it was saved from (the same --config files), or "
         "start without --ckpt_path"
     )
+
+
+def _fsync_tree(root: Path) -> None:
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as f:
+                os.fsync(f.fileno())
+        if hasattr(os, "O_DIRECTORY"):
+            handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(handle)
+            finally:
+                os.close(handle)
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Put the complete directory ``staging`` at ``target`` (a DeepSpeed checkpoint is a directory).
+
+    Directories cannot be renamed over non-empty ones, so the old one steps aside first
+    (``.<name>.old``), the new one takes its name, and only then is the old one deleted. A crash
+    between the two renames leaves the old complete checkpoint at ``.<name>.old``, which
+    ``recover_directory`` puts back.
+    """
+    staging, target = Path(staging), Path(target)
+    _fsync_tree(staging)
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    if hasattr(os, "O_DIRECTORY"):
+        handle = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_directory(target: Path) -> Path:
+    """``target``, or, when a crash interrupted ``replace_directory`` between its renames, the
+    previous complete checkpoint put back at ``target``."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and old.is_dir():
+        os.replace(old, target)
+    return target

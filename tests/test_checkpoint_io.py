@@ -141,3 +141,40 @@ def test_a_checkpoint_from_before_a_level_was_added_names_the_new_level(tmp_path
     four_levels = '--model.init_args.network.init_args.overrides={cms_periods: [1, 4, 16, 64]}'
     with pytest.raises(ValueError, match=r"missing from it \(e\.g\. network\.blocks\.0\.cms\.levels\.3\..*with other shapes"):
         _fit(tmp_path, "hope", four_levels, "--ckpt_path", str(last))
+
+
+def _checkpoint_dir(path: Path, content: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "shard_0.pt").write_text(content)
+    (path / "shard_1.pt").write_text(content)
+    return path
+
+
+def test_replace_directory_swaps_a_complete_directory_in(tmp_path):
+    from nl_lightning.checkpoint_io import replace_directory
+
+    target = _checkpoint_dir(tmp_path / "last.ckpt", "old")
+    replace_directory(_checkpoint_dir(tmp_path / ".last.ckpt.tmp", "new"), target)
+    assert (target / "shard_1.pt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_crash_between_the_renames_leaves_the_old_checkpoint_that_loading_puts_back(tmp_path, monkeypatch):
+    from nl_lightning.checkpoint_io import recover_directory, replace_directory
+
+    target = _checkpoint_dir(tmp_path / "last.ckpt", "old")
+    staging = _checkpoint_dir(tmp_path / ".last.ckpt.tmp", "new")
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(source, destination):
+        calls.append(source)
+        if len(calls) == 2:  # the old one has stepped aside, the new one not yet in: the machine dies
+            raise KeyboardInterrupt("power cut")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        replace_directory(staging, target)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not target.exists()
+    assert (recover_directory(target) / "shard_0.pt").read_text() == "old"

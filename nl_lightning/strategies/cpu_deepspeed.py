@@ -23,12 +23,15 @@ import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
 
+from nl_lightning.strategies.atomic_deepspeed import AtomicDeepSpeedStrategy  # noqa: E402
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-    """Lightning's ``DeepSpeedStrategy`` with the three CUDA assumptions taken out.
+
+class CPUDeepSpeedStrategy(AtomicDeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` with the three CUDA assumptions taken out (and, as
+    ``AtomicDeepSpeedStrategy``, crash-safe checkpoint directories).
 
     Takes the same arguments as ``DeepSpeedStrategy`` (``stage=1|2|3``, ``config=...``);
     ``process_group_backend`` defaults to ``"gloo"``.

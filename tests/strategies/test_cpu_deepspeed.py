@@ -246,3 +246,23 @@ def test_deepspeed_recipe_trains_on_two_cpu_processes_with_the_readme_overrides(
     assert {"train/loss", "val/loss", "nested/cms.2/updates"} <= tags, sorted(tags)
     assert events.Scalars("nested/cms.2/updates")[-1].value == 0.0  # period 16: not due yet at step 10
     assert events.Scalars("nested/cms.1/updates")[-1].value == 2.0  # period 4: steps 4 and 8
+
+
+@pytest.mark.slow  # two DeepSpeed starts in this process: 30-100 s
+def test_deepspeed_checkpoints_are_swapped_in_whole_and_resume(tmp_path):
+    """One CPU process, ZeRO-2: last.ckpt is a DeepSpeed directory written through a staging
+    directory (nothing of it is left), and training resumes from it."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    _, module = worker(tmp_path)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    options = dict(accelerator="cpu", devices=1, precision=32, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, callbacks=[checkpoint])
+    Trainer(max_steps=2, strategy=CPUDeepSpeedStrategy(stage=2), **options).fit(module.TinyRegression())
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.is_dir() and any(last.rglob("*.pt"))
+    assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".")]
+    resumed = Trainer(max_steps=4, strategy=CPUDeepSpeedStrategy(stage=2), **options)
+    resumed.fit(module.TinyRegression(), ckpt_path=str(last))
+    assert resumed.global_step == 4
