@@ -17,9 +17,10 @@ ALLOWED = {
     "optim": set(),
     "metrics": set(),
     "data": set(),
-    "strategies": set(),
+    "checkpoint_io": set(),
+    "strategies": {"checkpoint_io"},
     "evaluation": {"models", "modules", "data", "metrics"},
-    "modules": {"models", "metrics", "ops", "optim", "data", "callbacks"},
+    "modules": {"models", "metrics", "ops", "optim", "data", "callbacks", "checkpoint_io"},
 }
 PLAIN_PYTORCH = ("ops", "models", "optim")  # no Lightning import: they work outside a Trainer and in DeepSpeed
 OP_ENTRY_POINTS = {"nl_lightning.ops", "nl_lightning.ops.conv", "nl_lightning.ops.dgd", "nl_lightning.ops.projection",
