@@ -222,7 +222,7 @@ def tables(spec: dict, rows: list[dict]) -> str:
     seeds = spec["seeds"]
 
     def finals(model: str, column: str) -> dict[int, float]:
-        lr = chosen[model]
+        lr = chosen.get(model)  # None: the model has no finished selection run yet
         if lr is None:
             return {}
         return {s: float(last[(model, lr, s)][column]) for s in seeds

@@ -103,3 +103,20 @@ def test_the_spec_names_the_five_models_of_the_issue_with_their_schedules(tmp_pa
 def test_bad_arguments_exit_naming_the_problem(argv, message, capsys):
     with pytest.raises(SystemExit, match=message):
         lm_compare.main(argv)
+
+
+def test_the_report_of_a_comparison_in_progress_lists_the_finished_models(tmp_path, capsys):
+    """--table on a CSV whose baseline has no finished run yet (a comparison still running, or
+    stopped early) prints what there is instead of failing on the missing baseline."""
+    out = tmp_path / "lm.csv"
+    rows = [dict(model="hope_cms", lr=lr, seed=0, step=600, tokens=600 * 2048, val_bpb=bpb, val_bpb_4x=bpb + 0.1,
+                 tokens_per_s=1000, peak_rss_mib=1000, diverged=False) for lr, bpb in ((0.001, 2.4), (0.003, 2.2), (0.006, 2.1))]
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=lm_compare.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lm_compare.main(["--table", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| hope_cms | 2.400 | 2.200 | 2.100 * |" in printed
+    assert "| hope_cms | 0.006 | 2.100 |" in printed
+    assert "transformer" not in printed.split("Learning rate")[1].split("At 600")[0]
