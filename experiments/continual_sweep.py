@@ -53,7 +53,6 @@ COLUMNS = ("stream", "scenario", "protocol", "method", "lambda", "seed", *METRIC
            "ticks", "fires", "seconds", "cpu_seconds", "accuracy_matrix")
 NESTED = "nl_lightning.optim.NestedOptimizer"
 # The comparisons seed 000's claims are about: (method, baseline, what a win would show).
-# The seed's claims about the nested variants, as paired comparisons (method, baseline, claim).
 CLAIMED_PAIRS = (("collab5", "google3", "collab5 beats google3"),
                  ("collab5", "collab5_adjacent", "non-adjacent bridges help"),
                  ("collab5", "collab5_fixed", "gated beats fixed transfer"))
@@ -330,6 +329,10 @@ def paired_table(rows: list[dict]) -> tuple[str, list[dict]]:
     return "\n".join(lines), records
 
 
+def _lambda_list(lambdas: list[float]) -> str:
+    return ", ".join(f"{lam:g}" for lam in lambdas)
+
+
 def seed_claims(rows: list[dict], summary: list[dict]) -> str:
     """Seed 000's claims beside the measurement, each with the protocol it was measured in."""
     lines = ["| seed claim | seed says | protocol | measured here | verdict |", "|---|---|---|---|---|"]
@@ -364,14 +367,20 @@ def seed_claims(rows: list[dict], summary: list[dict]) -> str:
             if verdicts:
                 wins = [lam for lam, low, _ in verdicts if low > 0]
                 losses = [lam for lam, _, high in verdicts if high < 0]
-                named = lambda lams: f" (λ={', '.join(f'{lam:g}' for lam in lams)})" if lams else ""  # noqa: E731
                 # "holds" only where it is never reversed, and says at which λ: one λ of three is
                 # not the claim's "in general".
-                verdict = (f"holds at λ={', '.join(f'{lam:g}' for lam in wins)} only" if wins and not losses
-                           and len(wins) < len(verdicts) else "holds" if wins and not losses
-                           else "does not hold" if losses else "not separated")
-                lines.append(f"| {claim} ({method} vs {baseline}) | yes | {protocol} | better at {len(wins)}{named(wins)}, "
-                             f"worse at {len(losses)}{named(losses)}, not separated at "
+                if losses:
+                    verdict = "does not hold"
+                elif not wins:
+                    verdict = "not separated"
+                elif len(wins) < len(verdicts):
+                    verdict = f"holds at λ={_lambda_list(wins)} only"
+                else:
+                    verdict = "holds"
+                won = f" (λ={_lambda_list(wins)})" if wins else ""
+                lost = f" (λ={_lambda_list(losses)})" if losses else ""
+                lines.append(f"| {claim} ({method} vs {baseline}) | yes | {protocol} | better at {len(wins)}{won}, "
+                             f"worse at {len(losses)}{lost}, not separated at "
                              f"{len(verdicts) - len(wins) - len(losses)} of {len(verdicts)} λ (paired ACC) | {verdict} |")
         presets = [next((e for e in summary if (e["protocol"], e["method"]) == (protocol, m)), None)
                    for m in ("adaptability", "balanced", "retention")]
