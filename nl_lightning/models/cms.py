@@ -116,8 +116,9 @@ def _in_context_solve(
         if included.any():
             gram = (a @ a.mT) * included.to(x.dtype)  # L, zero on and above the diagonal
             u = torch.cat([fixed[:, start : stop - 1] - targets[:, 1:], torch.zeros_like(targets[:, :1])], dim=1)
-            rhs = rhs - c * gram @ u
-            rhs = torch.linalg.solve_triangular(c * gram, rhs, upper=False, unitriangular=True)
+            # (I + cL)⁻¹ (rhs − cL u) = (I + cL)⁻¹ (rhs + u) − u: one solve, no (n × n)·(n × d) product
+            # (which costs as much as the solve, forward and backward).
+            rhs = torch.linalg.solve_triangular(c * gram, rhs + u, upper=False, unitriangular=True) - u
         prediction = fixed[:, start:stop] + rhs
         outputs.append(prediction)
         # Δ at the next block: every pair whose target lies in this block
