@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.dgd_ops                      # mlp memory, T = 512 1024 2048
     .venv/bin/python -m benchmarks.dgd_ops --kind linear --impls naive chunk
     .venv/bin/python -m benchmarks.dgd_ops --device cuda        # on a GPU (synchronized timing)
+    .venv/bin/python -m benchmarks.dgd_ops --rule delta         # the models' default write rule
 
 The default implementations are naive, chunk, compiled and, for the mlp memory, the fused kernels:
 the C++ one on CPU (cpu; its first call builds the extension) and the Triton one on a GPU
@@ -51,8 +52,14 @@ def make_inputs(args, length, device=torch.device("cpu")):
     return seq, (randn(h, d, dh, scale=0.1), randn(h, dh, d, scale=0.1))
 
 
+# The write rules as the models use them: the paper's DGD with its self-made target, the delta
+# rule with the value as target (ModelConfig's defaults).
+RULE_OPTIONS = {"dgd": dict(rule="dgd", target="self"), "delta": dict(rule="delta", target="value")}
+
+
 def forward_backward(seq, weights, args, impl):
-    o, state = dgd_memory(**seq, weights=weights, kind=args.kind, chunk_size=args.chunk_size, impl=impl)
+    o, state = dgd_memory(**seq, weights=weights, kind=args.kind, chunk_size=args.chunk_size, impl=impl,
+                          **RULE_OPTIONS[args.rule])
     (o.square().mean() + sum(s.square().mean() for s in state.weights)).backward()
     return o.detach()
 
@@ -77,6 +84,8 @@ def time_impls(seq, weights, args) -> dict[str, tuple[float, torch.Tensor]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kind", choices=["linear", "mlp"], default="mlp")
+    parser.add_argument("--rule", choices=list(RULE_OPTIONS), default="dgd",
+                        help="write rule: dgd (the paper's, self-made target) or delta (value target)")
     impls = ["naive", "chunk", "compiled", "cpu", "triton"]
     parser.add_argument("--impls", nargs="+", choices=impls, help="default: every one that applies")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--impls must include naive: ratios are naive time / other time")
 
     print(
-        f"DGD memory fwd+bwd, kind={args.kind}, B={args.batch} H={args.heads} D={args.dim}"
+        f"DGD memory fwd+bwd, kind={args.kind}, rule={args.rule}, B={args.batch} H={args.heads} D={args.dim}"
         + (f" Dh={args.hidden}" if args.kind == "mlp" else "")
         + f" C={args.chunk_size} {args.dtype}, torch {torch.__version__}, "
         + (torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads={torch.get_num_threads()}")

@@ -2,8 +2,7 @@
 
     .venv/bin/python -m benchmarks.throughput transformer titans hope --steps 20
     python -m benchmarks.throughput transformer hope --device cuda --precision bf16-mixed
-    python -m benchmarks.throughput transformer hope --seq-len 1024 --batch-size 4 --override memory_impl=triton \
-        --override write_rule=paper  # the Triton kernels implement the paper's rules only
+    python -m benchmarks.throughput transformer hope --seq-len 1024 --batch-size 4 --override memory_impl=triton
     python -m benchmarks.throughput transformer hope --device cuda --compile '{"backend": "cudagraphs"}'
 
 Each model (``transformer``, ``titans``, ``hope``) is built as the LM recipes build it

@@ -178,18 +178,20 @@ def assert_matches_the_naive_reference(family, overrides, impl, device="cpu"):
         torch.testing.assert_close(grads_fast[name], grad, rtol=1e-8, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_hope_with_the_triton_main_memory_matches_the_naive_reference(triton_device):
+@pytest.mark.parametrize("write_rule", ["paper", "delta"])
+def test_hope_with_the_triton_main_memory_matches_the_naive_reference(triton_device, write_rule):
     """memory_impl="triton": HOPE's main memory through the Triton kernels (the interpreter on a
-    machine without a GPU), the rest on its ATen path; logits and every gradient in float64."""
-    overrides = {"n_layer": 1, "d_model": 32, "n_head": 2, "chunk_size": 4, "proj_chunk_size": 4, "write_rule": "paper"}
+    machine without a GPU), the rest on its ATen path; logits and every gradient in float64, under
+    the paper's rule and the default delta rule (with key_shift, whose first key is zero)."""
+    overrides = {"n_layer": 1, "d_model": 32, "n_head": 2, "chunk_size": 4, "proj_chunk_size": 4,
+                 "write_rule": write_rule}  # fmt: skip
     assert_matches_the_naive_reference(Hope, overrides, "triton", triton_device)
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
-def test_triton_memories_refuse_the_delta_rule_naming_the_paths_that_implement_it(family, triton_device):
-    model = small_model(family, memory_impl="triton", memory_kind="mlp").to(triton_device)
-    with pytest.raises(ValueError, match="use impl='cpu'.*or impl='chunk'"):
-        model(torch.randint(0, 256, (1, 12), device=triton_device))
+def test_titans_with_the_triton_delta_rule_memory_matches_the_naive_reference(triton_device):
+    """memory_impl="triton" with Titans' delta-rule MLP memory (the DGD op's Triton kernels)."""
+    overrides = {"n_layer": 2, "d_model": 32, "n_head": 2, "chunk_size": 4, "memory_kind": "mlp", "write_rule": "delta"}
+    assert_matches_the_naive_reference(Titans, overrides, "triton", triton_device)
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
@@ -551,3 +553,16 @@ def test_training_step_moves_no_values_between_host_and_tensors(family, kind):
         loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
         loss.backward()
     assert spy.crossings == [], f"{family.__name__}'s training step moves values to or from the host: {spy.crossings}"
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
+def test_training_step_with_the_triton_memories_moves_no_values_between_host_and_tensors(family, triton_device):
+    """The same for ``memory_impl="triton"`` (the default delta rule, MLP memory): the launches
+    take their sizes from shapes, never from tensor values, so a step can be recorded as one CUDA
+    graph (the interpreter on a machine without a GPU)."""
+    model = small_model(family, memory_impl="triton", n_layer=1 if family is Hope else 2).to(triton_device).train()
+    tokens = torch.randint(0, 256, (2, 21), device=triton_device)
+    with HostValueSpy() as spy:
+        loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+        loss.backward()
+    assert spy.crossings == [], f"{family.__name__}'s Triton training step moves values to or from the host: {spy.crossings}"

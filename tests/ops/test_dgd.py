@@ -247,9 +247,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from nl_lightning.ops.dgd import triton as triton_mlp
 
-arch, shared_limit = int(sys.argv[1]), int(sys.argv[2])
-options = triton_mlp.launch_options(64, 48, 48, torch.float32)  # HOPE-tiny's main memory
-constants = {name: options.pop(name) for name in ("TINY", "BLOCK_C", "BLOCK_D", "BLOCK_H")}
+arch, shared_limit, delta, self_target = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "delta", sys.argv[4] == "self"
+options = triton_mlp.launch_options(64, 48, 48, torch.float32, (delta, self_target))  # HOPE-tiny's main memory
+constexprs = ("TINY", "BLOCK_C", "BLOCK_D", "BLOCK_H", "DELTA", "SELF_TARGET", "EPS", "CURVATURE_EPS")
+constants = {name: options.pop(name) for name in constexprs}
 for kernel in triton_mlp.kernels():
     names = kernel.arg_names
     first_int = names.index("N")
@@ -261,18 +262,19 @@ for kernel in triton_mlp.kernels():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("rule", "target"), [("delta", "value"), ("dgd", "self")], ids=["delta-value", "dgd-self"])
 @pytest.mark.parametrize(("arch", "shared_kb"), [(80, 163), (90, 227)], ids=["a100", "h100"])
-def test_triton_kernels_compile_for_cuda_within_the_shared_memory(arch, shared_kb):
+def test_triton_kernels_compile_for_cuda_within_the_shared_memory(arch, shared_kb, rule, target):
     # No GPU is needed to run Triton's compiler down to a cubin; this catches what the
     # interpreter does not check (dot shapes, loop-carried types, shared-memory size: every
     # tensor a product reads is staged in shared memory until its last product). In a
     # subprocess because a process that imported Triton in interpreter mode cannot compile.
-    # About 100 s per architecture on 2 cores.
+    # About 100 s per architecture and rule on 2 cores.
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed; install the dev extra to test the Triton kernels")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    command = [sys.executable, "-c", CUDA_COMPILE_CHECK, str(arch), str(shared_kb * 1024)]
+    command = [sys.executable, "-c", CUDA_COMPILE_CHECK, str(arch), str(shared_kb * 1024), rule, target]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -29,7 +29,8 @@ def delta_inputs(kind, *, batch=2, length=T, seed=0):
 def run_with_grads(seq, weights, **options):
     o, state = dgd_memory(**seq, weights=weights, **options)
     gen = torch.Generator().manual_seed(123)
-    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype)).sum() for x in (o, *state.weights))
+    weights_of_loss = [torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device) for x in (o, *state.weights)]
+    loss = sum((x * w).sum() for x, w in zip((o, *state.weights), weights_of_loss))
     return o, state, torch.autograd.grad(loss, [*seq.values(), *weights])
 
 
@@ -90,11 +91,44 @@ def test_compiled_implements_the_delta_rule():
     assert_same_run(run_with_grads(seq, weights, impl="compiled", **options), expected, atol=1e-5, rtol=1e-4)
 
 
-def test_triton_refuses_the_delta_rule_naming_the_paths_that_implement_it():
-    pytest.importorskip("triton")
-    seq, weights = make_inputs("mlp")
-    with pytest.raises(ValueError, match=r"rule='dgd'.*impl='cpu'.*impl='chunk'"):
-        dgd_memory(**seq, weights=weights, kind="mlp", chunk_size=4, impl="triton", rule="delta", target="value")
+@pytest.mark.parametrize(("rule", "target"), [*RULES, ("dgd", "value")], ids=["delta-value", "delta-self", "dgd-value"])
+@pytest.mark.parametrize("chunk_size", [1, 3, T, 16], ids=["online", "C3", "C=T", "C>T"])
+def test_triton_matches_naive_forward_and_grads_float64(triton_device, chunk_size, rule, target):
+    """The Triton kernels' delta rule and value target (hand-written backward; the interpreter on a
+    machine without a GPU) against the token loop; ("dgd", "self") is in test_dgd.py."""
+    seq, weights = delta_inputs("mlp")
+    options = dict(kind="mlp", chunk_size=chunk_size, rule=rule, target=target)
+    expected = run_with_grads(seq, weights, impl="naive", **options)
+    seq = {n: x.detach().to(triton_device).requires_grad_() for n, x in seq.items()}
+    weights = tuple(w.detach().to(triton_device).requires_grad_() for w in weights)
+    actual = run_with_grads(seq, weights, impl="triton", **options)
+    assert_same_run(tuple(_to_cpu(x) for x in actual), expected, **F64)
+
+
+@pytest.mark.parametrize("target", ["value", "self"])
+def test_triton_matches_cpu_float32_at_model_sizes(triton_device, target):
+    """float32 at HOPE-tiny's head size (48, padded to a 64-wide tile), chunks of 64 and a partial
+    one, one-shot gates: the Triton delta rule against the C++ kernel."""
+    from tests.ops.test_dgd import model_size_inputs
+
+    seq, weights = model_size_inputs(batch=1, hidden=48)
+    with torch.no_grad():
+        seq["eta"].uniform_(0.05, 0.5)
+    options = dict(kind="mlp", chunk_size=64, rule="delta", target=target)
+    expected = run_with_grads(seq, weights, impl="cpu", **options)
+    seq = {n: x.detach().to(triton_device).requires_grad_() for n, x in seq.items()}
+    weights = tuple(w.detach().to(triton_device).requires_grad_() for w in weights)
+    actual = run_with_grads(seq, weights, impl="triton", **options)
+    assert_close_to_scale(tuple(_to_cpu(x) for x in actual), expected, rel=1e-5)
+
+
+def _to_cpu(x):
+    """A run's output, state or gradients on the CPU (the Triton run may be on a GPU)."""
+    if isinstance(x, MemoryState):
+        return MemoryState(tuple(w.cpu() for w in x.weights))
+    if isinstance(x, (tuple, list)):
+        return type(x)(t.cpu() for t in x)
+    return x.cpu()
 
 
 @pytest.mark.parametrize(("option", "value"), [("rule", "nlms"), ("target", "key")])

@@ -11,7 +11,7 @@ Each token t writes into a memory M and reads it back:
 ``dgd_memory`` is the entry point; the implementations follow the op contract
 (``ops/contract.py``) side by side: ``naive.py`` (the definition, with the delta rule's stability
 bound), ``chunk.py``, ``compiled.py``, ``cpu.py`` + ``dgd_cpu.cpp`` (the MLP memory) and
-``triton.py`` + ``triton_kernels.py`` (the MLP memory, DGD rule). They agree in forward and backward.
+``triton.py`` + ``triton_kernels.py`` (the MLP memory). They agree in forward and backward.
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ def dgd_memory(
         state: the :class:`MemoryState` a previous call returned, to continue a sequence instead of
             starting from ``weights``. Give exactly one of the two.
         impl: one of the contract's implementations (``ops/contract.py``). ``"cpu"`` and
-            ``"triton"`` are the MLP memory only; ``"triton"`` takes D, Dh and the chunk up to 64,
-            implements ``rule="dgd"`` with ``target="self"`` only and, not yet timed on a GPU, is
-            never picked by ``"auto"`` (``"cpu"`` where it applies, else ``"chunk"``).
+            ``"triton"`` are the MLP memory only; ``"triton"`` takes D, Dh and the chunk up to 64
+            and, not yet timed on a GPU, is never picked by ``"auto"`` (``"cpu"`` where it applies,
+            else ``"chunk"``).
         rule: ``"dgd"`` (the paper's rule) or ``"delta"`` (the layer-local normalised delta rule;
             ``naive.py`` states its bound).
         target: ``"self"`` (the memory's own target v̂ = M(v), the paper's) or ``"value"`` (v).

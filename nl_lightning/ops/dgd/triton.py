@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from nl_lightning.ops.cpu_extension import dense_grad
 from nl_lightning.ops.dgd.chunk import chunk_dgd_memory
-from nl_lightning.ops.dgd.common import per_item_loop
+from nl_lightning.ops.dgd.common import CURVATURE_EPS, NLMS_EPS, per_item_loop
 from nl_lightning.ops.triton_launch import check_launchable, interpreting, on_device
 
 # The widest chunk, head and hidden size the kernels take: at 64 the backward stages 144 KB in
@@ -43,7 +43,8 @@ def kernels():
     return module.dgd_mlp_forward_kernel, module.dgd_mlp_backward_kernel
 
 
-def launch_options(C: int, D: int, Dh: int, dtype: torch.dtype) -> dict:
+def launch_options(C: int, D: int, Dh: int, dtype: torch.dtype, rule: tuple[bool, bool]) -> dict:
+    """The kernels' compile-time constants; ``rule`` is (delta, self_target): the write rule."""
     # Powers of two for tl.arange, and at least 16 for tl.dot. num_stages=1: the chunks depend on
     # each other, so software pipelining the chunk loop only multiplies shared memory.
     # num_warps: a program holds some thirty C x D tiles at once, far more than a few warps'
@@ -57,9 +58,14 @@ def launch_options(C: int, D: int, Dh: int, dtype: torch.dtype) -> dict:
         "BLOCK_H": max(16, triton.next_power_of_2(Dh)),
     }
     tile = blocks["BLOCK_C"] * max(blocks["BLOCK_D"], blocks["BLOCK_H"])
+    delta, self_target = rule
     return {
         "TINY": torch.finfo(dtype).tiny,
         **blocks,
+        "DELTA": delta,
+        "SELF_TARGET": self_target,
+        "EPS": NLMS_EPS,
+        "CURVATURE_EPS": CURVATURE_EPS,
         "num_stages": 1,
         "num_warps": max(4, min(32, tile // 128)),
     }
@@ -67,10 +73,11 @@ def launch_options(C: int, D: int, Dh: int, dtype: torch.dtype) -> dict:
 
 class _MLPChunkLoop(torch.autograd.Function):
     """All chunks of a DGD MLP memory for I = B·H items: q, k, v (I, N, C, D), eta, alpha
-    (I, N, C), w1 (I, D, Dh), w2 (I, Dh, D); returns the read-outs and the end state."""
+    (I, N, C), w1 (I, D, Dh), w2 (I, Dh, D); returns the read-outs and the end state. ``rule`` is
+    (delta, self_target)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, eta, alpha, w1, w2):
+    def forward(ctx, q, k, v, eta, alpha, w1, w2, rule):
         inputs = [x.contiguous() for x in (q, k, v, eta, alpha)]
         items, n, C, D = q.shape
         Dh = w1.shape[-1]
@@ -79,13 +86,14 @@ class _MLPChunkLoop(torch.autograd.Function):
         w1s[:, 0] = w1
         w2s[:, 0] = w2
         out = torch.empty_like(inputs[0])
-        options = launch_options(C, D, Dh, q.dtype)
+        options = launch_options(C, D, Dh, q.dtype, rule)
         block = options["BLOCK_C"]
         inverses = q.new_empty(items, n, 2, block, block)  # the two UT-system inverses per chunk
         forward_kernel, _ = kernels()
         with on_device(q):
             forward_kernel[(items,)](*inputs, w1s, w2s, inverses, out, n, C, D, Dh, **options)
         ctx.save_for_backward(*inputs, w1s, w2s, inverses)
+        ctx.rule = rule
         return out, w1s[:, -1].clone(), w2s[:, -1].clone()
 
     @staticmethod
@@ -94,7 +102,7 @@ class _MLPChunkLoop(torch.autograd.Function):
         *inputs, w1s, w2s, inverses = ctx.saved_tensors
         items, n, C, D = inputs[0].shape
         Dh = w1s.shape[-1]
-        options = launch_options(C, D, Dh, d_out.dtype)
+        options = launch_options(C, D, Dh, d_out.dtype, ctx.rule)
         scratch = d_out.new_empty(items, options["BLOCK_C"], options["BLOCK_C"])
         d_out = dense_grad(d_out, inputs[0])
         d_w1 = dense_grad(d_w1, w1s[:, -1]).clone()  # the kernel overwrites them with d(initial state)
@@ -105,22 +113,14 @@ class _MLPChunkLoop(torch.autograd.Function):
             backward_kernel[(items,)](
                 *inputs, w1s, w2s, inverses, d_out, d_w1, d_w2, scratch, *grads, n, C, D, Dh, **options
             )
-        return (*grads, d_w1, d_w2)
-
-
-_triton_loop = per_item_loop(_MLPChunkLoop)
+        return (*grads, d_w1, d_w2, None)
 
 
 def triton_dgd_memory(q, k, v, eta, alpha, start, *, kind: str, chunk_size: int, rule="dgd", target="self"):
-    """Same arguments, returns and semantics as ``chunk_dgd_memory``; ``kind="mlp"`` with the DGD
-    rule and self-made target, on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``)."""
+    """Same arguments, returns and semantics as ``chunk_dgd_memory``; ``kind="mlp"``, both write
+    rules and targets, on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``)."""
     if kind != "mlp":
         raise ValueError(f"impl='triton' implements kind='mlp' only, got kind={kind!r}; use impl='chunk'.")
-    if (rule, target) != ("dgd", "self"):
-        raise ValueError(
-            f"impl='triton' implements the paper's rule='dgd' with target='self' only, got rule={rule!r}, "
-            f"target={target!r}; use impl='cpu' (CPU) or impl='chunk' (any device), which implement both."
-        )
     check_launchable(q, "impl='triton'", "impl='cpu' or 'chunk'")
     widths = {"chunk_size": min(chunk_size, q.shape[2]), "head dim D": q.shape[-1], "hidden dim Dh": start.weights[0].shape[-1]}
     too_wide = {name: width for name, width in widths.items() if width > MAX_WIDTH}
@@ -129,4 +129,5 @@ def triton_dgd_memory(q, k, v, eta, alpha, start, *, kind: str, chunk_size: int,
             f"impl='triton' keeps a chunk's C x D tiles on chip and supports widths up to {MAX_WIDTH} "
             f"(HOPE's tiny and small presets); got {too_wide}. Use impl='chunk', or a smaller chunk_size."
         )
-    return chunk_dgd_memory(q, k, v, eta, alpha, start, kind=kind, chunk_size=chunk_size, chunk_loop=_triton_loop)
+    loop = per_item_loop(_MLPChunkLoop, (rule == "delta", target == "self"))
+    return chunk_dgd_memory(q, k, v, eta, alpha, start, kind=kind, chunk_size=chunk_size, chunk_loop=loop)

@@ -6,14 +6,19 @@ forward/backward split, written as tile operations. One program runs the whole c
 kernel launches and the state never round-trips through global memory; the ATen chunk kernel
 instead launches ~50 small ops per chunk, which on a GPU leaves it idle between launches.
 
-Per chunk (rows t of the chunk, γ = exp(lg), γ_prev η = η exp(lgp), ρ = RA[last, :])::
+Per chunk (rows t of the chunk, γ = exp(lg), γ_prev = exp(lgp), ρ = RA[last, :])::
 
-    pre = k W2ᵀ, hid = silu(pre), hw1 = hid W1ᵀ, a = v W2ᵀ, d1 = 2 (k + hw1 - v - silu(a) W1ᵀ)
-    m = d1 W1, r2 = KS⁻¹ (-η silu'(pre) m - γ_prev η pre),          KS = I + η PR ⊙ (k kᵀ)
+    pre = k W2ᵀ, hid = silu(pre), hw1 = hid W1ᵀ, d1 = c (k + hw1 - tgt)
+    tgt = v + silu(v W2ᵀ) W1ᵀ (target "self") or v (target "value")
+    m = d1 W1, r2 = KS⁻¹ (-e2 silu'(pre) m - η2 (γ_prev - s) pre),   KS = I + η2 PR ⊙ (k kᵀ)
     z = γ (q W2ᵀ) + (RA ⊙ q kᵀ) r2, hq = silu(z)
-    r1 = S1⁻¹ (-η d1 - γ_prev η hw1),                                  S1 = I + η PR ⊙ (hid hidᵀ)
+    r1 = S1⁻¹ (-η1 d1 - η1 (γ_prev - s) hw1),                          S1 = I + η1 PR ⊙ (hid hidᵀ)
     out = q + γ (hq W1ᵀ) + (RA ⊙ hq hidᵀ) r1
     W1' = γ_L W1 + (ρ r1)ᵀ hid,  W2' = γ_L W2 + (ρ r2)ᵀ k
+
+with the write rule's c, s and steps from the gate β (``dgd_cpu.cpp`` and ``naive.py``):
+``"dgd"``: c = 2, s = 0, η2 = η1 = e2 = β; ``"delta"``: c = 1, s = 1, η2 = β / (|k|² + ε),
+η1 = β / (|hid|² + ε), e2 = η2 (1 - η1 |hid|²) / (κ + ε_κ), κ = Σ_j silu'(pre_j)² |W1[:, j]|².
 
 The unit lower-triangular systems are inverted by forward substitution over the rows of the
 (C x C) tile, the one sequential step within a chunk. The forward saves both inverses (2 C² per
@@ -68,6 +73,29 @@ def _silu_d1(x, s):
 def _silu_d2(x, s):
     """silu''(x) from s = sigmoid(x)."""
     return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
+
+
+@triton.jit
+def _layer_step(beta, norm, DELTA: tl.constexpr, EPS: tl.constexpr):
+    """A layer's step from the gate β and its inputs' squared norms: β / (|x|² + ε) under the delta
+    rule, β under DGD."""
+    if DELTA:
+        step = beta / (norm + EPS)
+    else:
+        step = beta
+    return step
+
+
+@triton.jit
+def _layer_step_backward(beta, step, norm, x, dstep, dx, DELTA: tl.constexpr, EPS: tl.constexpr):
+    """Backward of ``_layer_step``: dL/dβ, and dx plus dL/dx through |x|² (delta rule only)."""
+    if DELTA:
+        inv = 1.0 / (norm + EPS)
+        dbeta = dstep * inv
+        dx = dx + (-2.0 * dstep * step * inv)[:, None] * x
+    else:
+        dbeta = dstep
+    return dbeta, dx
 
 
 @triton.jit
@@ -143,27 +171,62 @@ def _system_inverse(strict, saved, SAVED: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _retained(lgp, DELTA: tl.constexpr):
+    """γ_prev - s: the delta rule (s = 1) keeps the start state's output, DGD (s = 0) does not."""
+    if DELTA:
+        after = tl.exp(lgp) - 1.0
+    else:
+        after = tl.exp(lgp)
+    return after
+
+
+@triton.jit
+def _error(k, v, hw1, w1, w2, DELTA: tl.constexpr, SELF_TARGET: tl.constexpr):
+    """d1 = c (k + hw1 - tgt): c = 1 (delta) or 2 (DGD); tgt = v + silu(v W2ᵀ) W1ᵀ ("self") or v."""
+    if SELF_TARGET:
+        a = _dot(v, tl.trans(w2))
+        d1 = k + hw1 - v - _dot(a * _sigmoid(a), tl.trans(w1))
+    else:
+        d1 = k + hw1 - v
+    if not DELTA:
+        d1 = 2.0 * d1
+    return d1
+
+
+@triton.jit
 def _chunk_values(q, k, v, eta, alpha, w1, w2, inverses, SAVED: tl.constexpr, TINY: tl.constexpr,
-                  BLOCK_C: tl.constexpr):  # fmt: skip
+                  BLOCK_C: tl.constexpr, DELTA: tl.constexpr, SELF_TARGET: tl.constexpr, EPS: tl.constexpr,
+                  CURVATURE_EPS: tl.constexpr):  # fmt: skip
     """One chunk from state (w1, w2): every value the forward makes and the backward reads.
-    ``inverses`` points at this chunk's two saved system inverses (``_system_inverse``)."""
+    ``inverses`` points at this chunk's two saved system inverses (``_system_inverse``); ``eta``
+    holds the gate β."""
     rows = tl.arange(0, BLOCK_C)[:, None]
     log_alpha, lg, lgp, ra, pr = _decays(alpha, TINY, BLOCK_C)
     gamma = tl.exp(lg)
-    gpe = eta * tl.exp(lgp)  # γ_prev η
+    after = _retained(lgp, DELTA)  # γ_prev - s
+    norm_k = _rowsum(k * k)
+    eta2 = _layer_step(eta, norm_k, DELTA, EPS)
+    gpe2 = eta2 * after
     pre = _dot(k, tl.trans(w2))
     s_pre = _sigmoid(pre)
     hid = pre * s_pre
-    a = _dot(v, tl.trans(w2))
-    s_a = _sigmoid(a)
-    sa = a * s_a
+    slope = _silu_d1(pre, s_pre)
+    norm_hid = _rowsum(hid * hid)
+    eta1 = _layer_step(eta, norm_hid, DELTA, EPS)
+    gpe1 = eta1 * after
+    colsq = tl.reduce(w1 * w1, 0, _add)  # |W1[:, j]|²
+    kappa = _rowsum(slope * slope * colsq[None, :])  # κ (read under the delta rule only)
+    if DELTA:
+        e2 = eta2 * (1.0 - eta1 * norm_hid) / (kappa + CURVATURE_EPS)
+    else:
+        e2 = eta2
     hw1 = _dot(hid, tl.trans(w1))
-    d1 = 2.0 * (k + hw1 - v - _dot(sa, tl.trans(w1)))
+    d1 = _error(k, v, hw1, w1, w2, DELTA, SELF_TARGET)
     m = _dot(d1, w1)
     # Layer W2 (inputs k).
     gram_k = _dot(k, tl.trans(k))
-    ks_inv = _system_inverse(eta[:, None] * pr * gram_k, inverses, SAVED, BLOCK_C)
-    r2 = _dot(ks_inv, -eta[:, None] * _silu_d1(pre, s_pre) * m - gpe[:, None] * pre)
+    ks_inv = _system_inverse(eta2[:, None] * pr * gram_k, inverses, SAVED, BLOCK_C)
+    r2 = _dot(ks_inv, -e2[:, None] * slope * m - gpe2[:, None] * pre)
     qk = _dot(q, tl.trans(k))
     zq = _dot(q, tl.trans(w2))
     z = gamma[:, None] * zq + _dot(ra * qk, r2)
@@ -171,14 +234,14 @@ def _chunk_values(q, k, v, eta, alpha, w1, w2, inverses, SAVED: tl.constexpr, TI
     hq = z * s_z
     # Layer W1 (inputs hid).
     gram = _dot(hid, tl.trans(hid))
-    s1_inv = _system_inverse(eta[:, None] * pr * gram, inverses + BLOCK_C * BLOCK_C, SAVED, BLOCK_C)
-    r1 = _dot(s1_inv, -eta[:, None] * d1 - gpe[:, None] * hw1)
+    s1_inv = _system_inverse(eta1[:, None] * pr * gram, inverses + BLOCK_C * BLOCK_C, SAVED, BLOCK_C)
+    r1 = _dot(s1_inv, -eta1[:, None] * d1 - gpe1[:, None] * hw1)
     p = _dot(hq, tl.trans(hid))
     oq = _dot(hq, tl.trans(w1))
     rho = tl.reduce(tl.where(rows == BLOCK_C - 1, ra, 0.0), 0, _add)  # γ_L / γ_i (padded rows keep α = 1)
     gamma_end = tl.exp(tl.reduce(log_alpha, 0, _add))
-    return (lgp, gamma, gpe, ra, pr, gram_k, qk, pre, s_pre, hid, hw1, d1, m, r2, zq, z, s_z, hq,
-            gram, r1, p, oq, rho, gamma_end)  # fmt: skip
+    return (lgp, gamma, after, ra, pr, gram_k, qk, pre, s_pre, slope, hid, hw1, d1, m, r2, zq, z, s_z, hq,
+            gram, r1, p, oq, rho, gamma_end, norm_k, norm_hid, eta1, eta2, e2, gpe1, gpe2, kappa, colsq)  # fmt: skip
 
 
 # Integer arguments Triton must not specialise on (it would compile a new binary whenever an int
@@ -192,6 +255,7 @@ def dgd_mlp_forward_kernel(
     Q, K, V, ETA, ALPHA, W1S, W2S, INVERSES, OUT,
     N, C, D, DH,
     TINY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    DELTA: tl.constexpr, SELF_TARGET: tl.constexpr, EPS: tl.constexpr, CURVATURE_EPS: tl.constexpr,
 ):  # fmt: skip
     """Inputs (I items, N chunks, C tokens): q, k, v (I, N, C, D); eta, alpha (I, N, C).
     W1S (I, N + 1, D, Dh), W2S (I, N + 1, Dh, D): index 0 holds the initial state; the kernel
@@ -218,9 +282,10 @@ def dgd_mlp_forward_kernel(
         eta = tl.load(ETA + chunk * C + rc, mask=rc < C, other=0.0)
         alpha = tl.load(ALPHA + chunk * C + rc, mask=rc < C, other=1.0)
         inverses = INVERSES + chunk * 2 * BLOCK_C * BLOCK_C
-        (lgp, gamma, gpe, ra, pr, gram_k, qk, pre, s_pre, hid, hw1, d1, m, r2, zq, z, s_z, hq,
-         gram, r1, p, oq, rho, gamma_end) = _chunk_values(q, k, v, eta, alpha, w1, w2, inverses, False, TINY,
-                                                          BLOCK_C)  # fmt: skip
+        (lgp, gamma, after, ra, pr, gram_k, qk, pre, s_pre, slope, hid, hw1, d1, m, r2, zq, z, s_z, hq,
+         gram, r1, p, oq, rho, gamma_end, norm_k, norm_hid, eta1, eta2, e2, gpe1, gpe2, kappa,
+         colsq) = _chunk_values(q, k, v, eta, alpha, w1, w2, inverses, False, TINY, BLOCK_C,
+                                           DELTA, SELF_TARGET, EPS, CURVATURE_EPS)  # fmt: skip
         out = q + gamma[:, None] * oq + _dot(ra * p, r1)
         tl.store(OUT + tokens_off, out, mask=tokens_mask)
         w1 = gamma_end * w1 + _dot(tl.trans(rho[:, None] * r1), hid)
@@ -236,6 +301,7 @@ def dgd_mlp_backward_kernel(
     DQ, DK, DV, DETA, DALPHA,
     N, C, D, DH,
     TINY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    DELTA: tl.constexpr, SELF_TARGET: tl.constexpr, EPS: tl.constexpr, CURVATURE_EPS: tl.constexpr,
 ):  # fmt: skip
     """Gradients of every input of the forward kernel. DW1 (I, D, Dh), DW2 (I, Dh, D) hold
     dL/d(end state) on entry and dL/d(initial state) on return; DQ.. DALPHA are written whole.
@@ -270,15 +336,17 @@ def dgd_mlp_backward_kernel(
         # The recomputation's reads ask L2 to keep their lines (each is read again below, where the
         # chain rule reaches it); the second reads are the last. The different hints also keep
         # the compiler from merging the two reads into one value staged for the whole chunk.
-        (lgp, gamma, gpe, ra, pr, gram_k, qk, pre, s_pre, hid, hw1, d1, m, r2, zq, z, s_z, hq,
-         gram, r1, p, oq, rho, gamma_end) = _chunk_values(
+        (lgp, gamma, after, ra, pr, gram_k, qk, pre, s_pre, slope, hid, hw1, d1, m, r2, zq, z, s_z, hq,
+         gram, r1, p, oq, rho, gamma_end, norm_k, norm_hid, eta1, eta2, e2, gpe1, gpe2, kappa,
+         colsq) = _chunk_values(
             tl.load(Q + tokens_off, mask=tokens_mask, other=0.0, eviction_policy="evict_last"),
             tl.load(K + tokens_off, mask=tokens_mask, other=0.0, eviction_policy="evict_last"),
             tl.load(V + tokens_off, mask=tokens_mask, other=0.0, eviction_policy="evict_last"),
             eta, alpha,
             tl.load(w1_at, mask=w1_mask, other=0.0, eviction_policy="evict_last"),
             tl.load(w2_at, mask=w2_mask, other=0.0, eviction_policy="evict_last"),
-            INVERSES + chunk * 2 * BLOCK_C * BLOCK_C, True, TINY, BLOCK_C)  # fmt: skip
+            INVERSES + chunk * 2 * BLOCK_C * BLOCK_C, True, TINY, BLOCK_C, DELTA, SELF_TARGET, EPS,
+            CURVATURE_EPS)  # fmt: skip
 
         # W1' = γ_L W1 + (ρ r1)ᵀ hid.
         w1 = tl.load(w1_at, mask=w1_mask, other=0.0, eviction_policy="evict_first")
@@ -301,17 +369,19 @@ def dgd_mlp_backward_kernel(
         dp = drd * ra
         dhq += _dot(dp, hid)
         dhid += _dot(tl.trans(dp), hq)
-        # r1 = S1⁻¹ rhs1, rhs1 = -η d1 - γ_prev η hw1; S1's strictly lower part η PR ⊙ gram.
+        # r1 = S1⁻¹ rhs1, rhs1 = -η1 d1 - gpe1 hw1; S1's strictly lower part η1 PR ⊙ gram.
         s1_inv = tl.load(INVERSES + (chunk * 2 + 1) * BLOCK_C * BLOCK_C + rows * BLOCK_C + cols)
         drhs1 = _dot(tl.trans(s1_inv), dr1)
         ds1 = tl.where(lower, -_dot(drhs1, tl.trans(r1)), 0.0)
-        deta = -_rowsum(d1 * drhs1) + _rowsum(ds1 * pr * gram)
-        dgpe = -_rowsum(hw1 * drhs1)
-        dd1 = -eta[:, None] * drhs1
-        dhw1 = -gpe[:, None] * drhs1
-        dpr = ds1 * eta[:, None] * gram
-        dgram = ds1 * eta[:, None] * pr
+        deta1 = -_rowsum(d1 * drhs1) + _rowsum(ds1 * pr * gram)
+        dgpe1 = -_rowsum(hw1 * drhs1)
+        dd1 = -eta1[:, None] * drhs1
+        dhw1 = -gpe1[:, None] * drhs1
+        dpr = ds1 * eta1[:, None] * gram
+        dgram = ds1 * eta1[:, None] * pr
         dhid += _dot(dgram + tl.trans(dgram), hid)
+        # gpe1 = η1 (γ_prev - s), η1 = β / (|hid|² + ε) (delta rule).
+        dbeta, dhid = _layer_step_backward(eta, eta1, norm_hid, hid, deta1 + dgpe1 * after, dhid, DELTA, EPS)
         # hq = silu(z), z = γ zq + KR r2, zq = q W2ᵀ, KR = RA ⊙ qk.
         dz = dhq * _silu_d1(z, s_z)
         dgamma += _rowsum(zq * dz)
@@ -330,36 +400,51 @@ def dgd_mlp_backward_kernel(
         q = tl.load(Q + tokens_off, mask=tokens_mask, other=0.0, eviction_policy="evict_first")
         dq += _dot(dzq, w2)
         dw2_start += _dot(tl.trans(dzq), q)
-        # r2 = KS⁻¹ rhs2, rhs2 = -η silu'(pre) m - γ_prev η pre; KS's strictly lower part η PR ⊙ k kᵀ.
+        # r2 = KS⁻¹ rhs2, rhs2 = -e2 silu'(pre) m - gpe2 pre; KS's strictly lower part η2 PR ⊙ k kᵀ.
         ks_inv = tl.load(INVERSES + chunk * 2 * BLOCK_C * BLOCK_C + rows * BLOCK_C + cols)
         drhs2 = _dot(tl.trans(ks_inv), dr2)
         dks = tl.where(lower, -_dot(drhs2, tl.trans(r2)), 0.0)
-        slope = _silu_d1(pre, s_pre)
-        deta += -_rowsum(slope * m * drhs2) + _rowsum(dks * pr * gram_k)
-        dgpe += -_rowsum(pre * drhs2)
-        dd2 = -eta[:, None] * drhs2
+        de2 = -_rowsum(slope * m * drhs2)
+        deta2 = _rowsum(dks * pr * gram_k)
+        dgpe2 = -_rowsum(pre * drhs2)
+        dd2 = -e2[:, None] * drhs2
         dm = dd2 * slope
-        dpre = -gpe[:, None] * drhs2 + dd2 * m * _silu_d2(pre, s_pre)
-        dpr += dks * eta[:, None] * gram_k
-        dgram_k = dks * eta[:, None] * pr
-        # m = d1 W1; d1 = 2 (k + hw1 - v - sa W1ᵀ), sa = silu(a), a = v W2ᵀ.
+        dpre = -gpe2[:, None] * drhs2 + dd2 * m * _silu_d2(pre, s_pre)
+        dpr += dks * eta2[:, None] * gram_k
+        dgram_k = dks * eta2[:, None] * pr
+        # e2 = η2 f r (delta rule): f = 1 - η1 |hid|² = 1 - β |hid|² / (|hid|² + ε), r = 1 / (κ + ε_κ),
+        # κ = Σ_j silu'(pre_j)² |W1[:, j]|²; e2 = η2 under DGD.
+        if DELTA:
+            inv1 = 1.0 / (norm_hid + EPS)
+            r = 1.0 / (kappa + CURVATURE_EPS)
+            deta2 += de2 * (1.0 - eta1 * norm_hid) * r
+            df = de2 * eta2 * r
+            dbeta -= df * norm_hid * inv1
+            dhid += (-2.0 * df * eta * EPS * inv1 * inv1)[:, None] * hid
+            dkappa = -de2 * e2 * r
+            dpre += (2.0 * dkappa)[:, None] * slope * _silu_d2(pre, s_pre) * colsq[None, :]
+            dw1_start += 2.0 * tl.reduce(dkappa[:, None] * slope * slope, 0, _add)[None, :] * w1
+        else:
+            deta2 += de2
+        # m = d1 W1; d1 = c (k + hw1 - tgt) (_error).
         dd1 += _dot(dm, tl.trans(w1))
-        dd1 = 2.0 * dd1
+        if not DELTA:
+            dd1 = 2.0 * dd1
         dk += dd1
         dhw1 += dd1
         dv = -dd1
-        # silu(a) and d1 once more from the inputs read again here, rather than kept from the
-        # recomputation: two tiles less staged in shared memory across the chunk.
+        # d1 (and silu(a)) once more from the inputs read again here, rather than kept from the
+        # recomputation: tiles less staged in shared memory across the chunk.
         v = tl.load(V + tokens_off, mask=tokens_mask, other=0.0, eviction_policy="evict_first")
-        a = _dot(v, tl.trans(w2))
-        s_a = _sigmoid(a)
-        sa_w1 = _dot(a * s_a, tl.trans(w1))
-        dw1_start += _dot(tl.trans(2.0 * (k + hw1 - v - sa_w1)), dm)  # d1ᵀ dm
-        dsa = -_dot(dd1, w1)
-        dw1_start -= _dot(tl.trans(dd1), a * s_a)
-        da = dsa * _silu_d1(a, s_a)
-        dv += _dot(da, w2)
-        dw2_start += _dot(tl.trans(da), v)
+        dw1_start += _dot(tl.trans(_error(k, v, hw1, w1, w2, DELTA, SELF_TARGET)), dm)  # d1ᵀ dm
+        if SELF_TARGET:  # tgt = v + silu(a) W1ᵀ, a = v W2ᵀ
+            a = _dot(v, tl.trans(w2))
+            s_a = _sigmoid(a)
+            dsa = -_dot(dd1, w1)
+            dw1_start -= _dot(tl.trans(dd1), a * s_a)
+            da = dsa * _silu_d1(a, s_a)
+            dv += _dot(da, w2)
+            dw2_start += _dot(tl.trans(da), v)
         # hw1 = hid W1ᵀ, hid = silu(pre), pre = k W2ᵀ.
         dhid += _dot(dhw1, w1)
         dw1_start += _dot(tl.trans(dhw1), hid)
@@ -372,16 +457,19 @@ def dgd_mlp_backward_kernel(
         dqk = dkr * ra
         dq += _dot(dqk, k)
         dk += _dot(tl.trans(dqk), q)
-        # γ = exp(lg), γ_prev η = η exp(lgp), γ_L = exp(Σ log α), ρ = RA[last, :].
-        deta += dgpe * tl.exp(lgp)
+        # gpe2 = η2 (γ_prev - s), η2 = β / (|k|² + ε) (delta rule).
+        dbeta2, dk = _layer_step_backward(eta, eta2, norm_k, k, deta2 + dgpe2 * after, dk, DELTA, EPS)
+        dbeta += dbeta2
+        # γ = exp(lg), γ_prev = exp(lgp) (in gpe_l = η_l (γ_prev - s)), γ_L = exp(Σ log α), ρ = RA[last, :].
+        dlgp = (dgpe1 * eta1 + dgpe2 * eta2) * tl.exp(lgp)
         dra += tl.where(rows == BLOCK_C - 1, drho[None, :], 0.0)
         dlog = tl.full([BLOCK_C], 0.0, eta.dtype) + dgamma_end * gamma_end
-        dalpha = _decays_backward(alpha, ra, pr, dlog, dgamma * gamma, dgpe * gpe, dra, dpr, scratch, TINY, BLOCK_C)
+        dalpha = _decays_backward(alpha, ra, pr, dlog, dgamma * gamma, dlgp, dra, dpr, scratch, TINY, BLOCK_C)
 
         tl.store(DQ + tokens_off, dq, mask=tokens_mask)
         tl.store(DK + tokens_off, dk, mask=tokens_mask)
         tl.store(DV + tokens_off, dv, mask=tokens_mask)
-        tl.store(DETA + chunk * C + rc, deta, mask=rc < C)
+        tl.store(DETA + chunk * C + rc, dbeta, mask=rc < C)
         tl.store(DALPHA + chunk * C + rc, dalpha, mask=rc < C)
         dw1 = dw1_start
         dw2 = dw2_start
