@@ -5,7 +5,10 @@
     .venv/bin/python -m experiments.lm_compare --steps 4 --seeds 0 1 --learning-rates 0.003 0.006 \\
         --models transformer hope_cms --set data.init_args.batch_size=2 --out /tmp/lm.csv   # a quick look
 
-The spec (``recipes/sweeps/lm_compare.yaml``) names each model's composition of ``recipes/lm/``:
+The spec (``recipes/sweeps/lm_compare.yaml``) names each model's composition of ``recipes/lm/``
+(a list of files, or a mapping with ``configs``, ``overrides`` of that model's own, applied after the
+spec's, and ``baseline``, the model its differences are to, by default the spec's ``baseline``;
+``recipes/sweeps/chunk_size.yaml`` uses both):
 Transformer++, Titans, HOPE without the CMS schedule, HOPE with its CMS levels on their own
 timescales (``NestedScheduler``), and HOPE with the scheduled and in-context CMS; all tiny (≈1.9M
 parameters), with the memory defaults. Every run is built by LightningCLI from its composition and
@@ -115,13 +118,26 @@ def run_one(run: dict) -> list[dict]:
 # -- planning ---------------------------------------------------------------------------------------
 
 
+MODEL_KEYS = ("configs", "overrides", "baseline")
+
+
+def model_entry(spec: dict, model: str) -> dict:
+    """A spec model as a mapping: ``configs`` (recipe files), ``overrides`` (its own, dotted paths)
+    and ``baseline`` (the model its paired differences are to)."""
+    entry = spec["models"][model]
+    entry = {"configs": entry} if isinstance(entry, list) else entry
+    return {"overrides": {}, "baseline": spec["baseline"], **entry}
+
+
 def run_config(spec: dict, model: str, lr: float, seed: int, logs: Path) -> dict:
-    config = copy.deepcopy(compose(spec["models"][model]))
+    entry = model_entry(spec, model)
+    config = copy.deepcopy(compose(entry["configs"]))
     overrides = {
         "trainer.max_steps": spec["steps"], "trainer.val_check_interval": spec["val_every"],
         "trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                            "init_args": {"save_dir": str(logs), "name": model, "version": f"lr{lr:g}_seed{seed}"}},
         **spec.get("overrides", {}),
+        **entry["overrides"],
     }
     for path, value in overrides.items():
         set_path(config, path, seed if value == "{seed}" else lr if value == "{lr}" else value)
@@ -218,8 +234,9 @@ def tables(spec: dict, rows: list[dict]) -> str:
             cells.append(text + (" *" if chosen[m] == float(lr) else ""))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
 
-    base = spec["baseline"]
     seeds = spec["seeds"]
+    baselines = {m: model_entry(spec, m)["baseline"] for m in models}
+    shared = len(set(baselines.values())) == 1
 
     def finals(model: str, column: str) -> dict[int, float]:
         lr = chosen.get(model)  # None: the model has no finished selection run yet
@@ -228,16 +245,19 @@ def tables(spec: dict, rows: list[dict]) -> str:
         return {s: float(last[(model, lr, s)][column]) for s in seeds
                 if (model, lr, s) in last and int(last[(model, lr, s)]["step"]) >= spec["steps"]}
 
+    to = next(iter(baselines.values())) if shared else "each model's baseline (after its name)"
     lines += ["", f"At {spec['steps']} steps, seeds {', '.join(map(str, seeds))} at each model's rate; "
-              f"differences are to {base}, seed by seed (bootstrap 95% interval of the mean):", "",
+              f"differences are to {to}, seed by seed (bootstrap 95% interval of the mean):", "",
               "| model | lr | val bits/byte per seed | − baseline per seed | mean [95% CI] | @4× per seed "
               "| @4× − baseline, mean [95% CI] | tokens/s vs baseline | peak RSS (MiB) |",
               "|---|---|---|---|---|---|---|---|---|"]
-    base_bpb, base_long, base_speed = finals(base, "val_bpb"), finals(base, "val_bpb_4x"), finals(base, "tokens_per_s")
     for m in models:
+        base = baselines[m]
+        name = m if shared or m == base else f"{m} (vs {base})"
+        base_bpb, base_long, base_speed = finals(base, "val_bpb"), finals(base, "val_bpb_4x"), finals(base, "tokens_per_s")
         bpb, long, speed, rss = (finals(m, c) for c in ("val_bpb", "val_bpb_4x", "tokens_per_s", "peak_rss_mib"))
         if not bpb:
-            lines.append(f"| {m} | {chosen[m] if chosen[m] is not None else '–'} | runs missing | | | | | | |")
+            lines.append(f"| {name} | {chosen[m] if chosen[m] is not None else '–'} | runs missing | | | | | | |")
             continue
         paired = [s for s in bpb if s in base_bpb]
         cells = [" / ".join(f"{bpb[s]:.3f}" for s in bpb)]
@@ -251,7 +271,7 @@ def tables(spec: dict, rows: list[dict]) -> str:
             cells.append(f"{np.mean(diffs):+.3f} [{low:+.3f}, {high:+.3f}]" if m != base and diffs else "–")
         ratio = np.mean([speed[s] / base_speed[s] for s in paired]) if paired else math.nan
         cells += [f"{ratio:.2f}× ({np.mean(list(speed.values())):,.0f})", f"{np.mean(list(rss.values())):,.0f}"]
-        lines.append(f"| {m} | {chosen[m]:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {chosen[m]:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -259,8 +279,8 @@ def verdicts(spec: dict, rows: list[dict]) -> list[str]:
     """One line per model and length: is its difference to the baseline outside the interval?"""
     out = []
     last = final_rows(rows)
-    base = spec["baseline"]
     for m in spec["models"]:
+        base = model_entry(spec, m)["baseline"]
         lr, base_lr = chosen_lr(spec, rows, m), chosen_lr(spec, rows, base)
         if m == base or lr is None or base_lr is None:
             continue
@@ -340,8 +360,21 @@ def load_spec(args: argparse.Namespace) -> dict:
     unknown = [m for m in args.models or [] if m not in spec["models"]]
     if unknown:
         raise SystemExit(f"unknown models {unknown}; the spec {args.spec} has {list(spec['models'])}")
-    if args.models:
-        keep = list(dict.fromkeys([spec["baseline"], *args.models]))  # the baseline always runs
+    for model in spec["models"]:
+        entry = spec["models"][model]
+        if isinstance(entry, dict) and (set(entry) - set(MODEL_KEYS) or "configs" not in entry):
+            raise SystemExit(f"model {model!r} of {args.spec}: a list of recipe files, or a mapping with 'configs' and "
+                             f"optionally 'overrides' and 'baseline'; got the keys {sorted(entry)}")
+        if model_entry(spec, model)["baseline"] not in spec["models"]:
+            raise SystemExit(f"model {model!r} of {args.spec}: its baseline {model_entry(spec, model)['baseline']!r} "
+                             f"is not one of the spec's models {list(spec['models'])}")
+    if args.models:  # a model's baseline always runs, and the baseline's own
+        keep, todo = set(), list(args.models)
+        while todo:
+            model = todo.pop()
+            if model not in keep:
+                keep.add(model)
+                todo.append(model_entry(spec, model)["baseline"])
         spec["models"] = {m: spec["models"][m] for m in spec["models"] if m in keep}
     spec["overrides"] = {**spec.get("overrides", {}), **key_values(args.set, "--set", "data.init_args.batch_size=2")}
     if spec["steps"] <= 0 or spec["val_every"] <= 0 or spec["steps"] % spec["val_every"]:

@@ -43,7 +43,9 @@ def set_path(config: dict, dotted: str, value) -> None:
                 raise KeyError(f"override {dotted!r}: {key!r} is not an index of a list of {len(node)}")
             node = node[int(key)]
         else:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:  # absent, or unset in the composed config (e.g. overrides: null)
+                node[key] = {}
+            node = node[key]
     if isinstance(node, list):
         node[int(last)] = value
     else:

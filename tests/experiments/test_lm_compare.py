@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Trainer, seed_everything
 
 import experiments.lm_compare as lm_compare
+from experiments.recipes import set_path
 from nl_lightning.data import ByteLMDataModule
 from nl_lightning.models import Hope, Titans, TransformerPP
 from nl_lightning.modules import LanguageModel
@@ -120,3 +122,68 @@ def test_the_report_of_a_comparison_in_progress_lists_the_finished_models(tmp_pa
     assert "| hope_cms | 2.400 | 2.200 | 2.100 * |" in printed
     assert "| hope_cms | 0.006 | 2.100 |" in printed
     assert "transformer" not in printed.split("Learning rate")[1].split("At 600")[0]
+
+
+CHUNK_SPEC = lm_compare.REPO_ROOT / "recipes" / "sweeps" / "chunk_size.yaml"
+
+
+def test_the_chunk_size_spec_gives_each_model_its_chunk_and_its_family_as_baseline(tmp_path):
+    spec = lm_compare.load_spec(lm_compare.parse_args(["--spec", str(CHUNK_SPEC)]))
+    configs = {m: lm_compare.run_config(spec, m, 0.003, 2, tmp_path) for m in spec["models"]}
+    for model, config in configs.items():
+        family, chunk = model.split("_c")
+        network = config["model"]["init_args"]["network"]
+        assert network["class_path"] == f"nl_lightning.models.{'Hope' if family == 'hope' else 'Titans'}"
+        overrides = network["init_args"]["overrides"] or {}
+        expected = {} if chunk == "64" else {"chunk_size": int(chunk)}  # 64: the preset's own
+        if family == "hope" and chunk != "64":
+            expected["proj_chunk_size"] = int(chunk)
+        assert overrides == expected, model
+        assert lm_compare.model_entry(spec, model)["baseline"] == (f"{family}_c64" if chunk != "64" else "titans_c64")
+        assert config["data"] == configs["titans_c64"]["data"]  # the same bytes for every model of a seed
+    assert configs["titans_c64"]["data"]["init_args"]["seq_len"] == 1024
+
+
+def _write_rows(path, finals):
+    """A finished comparison's CSV: one final row per (model, seed) at lr 0.003, 300 steps."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=lm_compare.COLUMNS)
+        writer.writeheader()
+        for (model, seed), bpb in finals.items():
+            writer.writerow(dict(model=model, lr=0.003, seed=seed, step=300, tokens=300 * 2048, val_bpb=bpb,
+                                 val_bpb_4x=bpb + 0.5, tokens_per_s=1000, peak_rss_mib=900, diverged=False))
+
+
+def test_a_model_with_its_own_baseline_is_compared_to_it(tmp_path, capsys):
+    out = tmp_path / "chunks.csv"
+    finals = {("titans_c64", s): 2.0 for s in (0, 1, 2)}
+    finals |= {("hope_c64", s): 2.2 + 0.01 * s for s in (0, 1, 2)}
+    finals |= {("hope_c256", s): 2.5 + 0.01 * s for s in (0, 1, 2)}  # +0.3 on hope_c64, +0.5 on titans_c64
+    _write_rows(out, finals)
+    lm_compare.main(["--table", "--spec", str(CHUNK_SPEC), "--out", str(out), "--models", "hope_c256"])
+    printed = capsys.readouterr().out
+    assert "differences are to each model's baseline" in printed
+    assert "| hope_c256 (vs hope_c64) | 0.003 | 2.500 / 2.510 / 2.520 | +0.300 / +0.300 / +0.300 |" in printed
+    assert "hope_c256 at the training length: worse than hope_c64 (+0.300 bits/byte" in printed
+    # --models hope_c256 keeps its baseline and the baseline's own
+    assert "| hope_c64 (vs titans_c64) | 0.003 | 2.200 / 2.210 / 2.220 | +0.200 / +0.210 / +0.220 |" in printed
+    assert "| titans_c64 | 0.003 |" in printed and "titans_c256" not in printed
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"config": ["recipes/lm/base.yaml"]}, "a mapping with 'configs'"),
+    ({"configs": ["recipes/lm/base.yaml"], "baseline": "gpt"}, "its baseline 'gpt' is not one of the spec's models"),
+])
+def test_a_bad_model_entry_in_a_spec_exits_naming_it(tmp_path, entry, message):
+    spec = yaml.safe_load(lm_compare.SPEC.read_text())
+    spec["models"]["broken"] = entry
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit, match=f"model 'broken' of {path}: .*{message}"):
+        lm_compare.main(["--spec", str(path), "--table", "--out", str(tmp_path / "none.csv")])
+
+
+def test_an_override_sets_a_key_under_one_the_composed_config_left_unset():
+    config = {"model": {"init_args": {"network": {"init_args": {"overrides": None}}}}}
+    set_path(config, "model.init_args.network.init_args.overrides.chunk_size", 256)
+    assert config["model"]["init_args"]["network"]["init_args"]["overrides"] == {"chunk_size": 256}
