@@ -187,3 +187,12 @@ def test_an_override_sets_a_key_under_one_the_composed_config_left_unset():
     config = {"model": {"init_args": {"network": {"init_args": {"overrides": None}}}}}
     set_path(config, "model.init_args.network.init_args.overrides.chunk_size", 256)
     assert config["model"]["init_args"]["network"]["init_args"]["overrides"] == {"chunk_size": 256}
+
+
+def test_the_chunk_size_study_runs(tmp_path, text_dir):
+    """recipes/sweeps/chunk_size.yaml for a few steps: HOPE at chunk 256, with its baselines (HOPE at 64, Titans)."""
+    argv = quick(tmp_path, text_dir, "--spec", str(CHUNK_SPEC), "--seeds", "0", "--learning-rates", "0.003")
+    argv[argv.index("hope_cms")] = "hope_c256"
+    rows = lm_compare.main(argv)
+    assert {r["model"] for r in rows} == {"hope_c256", "hope_c64", "titans_c64"}
+    assert all(math.isfinite(float(r["val_bpb"])) for r in rows)
