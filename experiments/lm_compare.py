@@ -365,8 +365,9 @@ def load_spec(args: argparse.Namespace) -> dict:
         if isinstance(entry, dict) and (set(entry) - set(MODEL_KEYS) or "configs" not in entry):
             raise SystemExit(f"model {model!r} of {args.spec}: a list of recipe files, or a mapping with 'configs' and "
                              f"optionally 'overrides' and 'baseline'; got the keys {sorted(entry)}")
-        if model_entry(spec, model)["baseline"] not in spec["models"]:
-            raise SystemExit(f"model {model!r} of {args.spec}: its baseline {model_entry(spec, model)['baseline']!r} "
+        baseline = model_entry(spec, model)["baseline"]
+        if baseline not in spec["models"]:
+            raise SystemExit(f"model {model!r} of {args.spec}: its baseline {baseline!r} "
                              f"is not one of the spec's models {list(spec['models'])}")
     if args.models:  # a model's baseline always runs, and the baseline's own
         keep, todo = set(), list(args.models)

@@ -113,10 +113,7 @@ def test_the_report_of_a_comparison_in_progress_lists_the_finished_models(tmp_pa
     out = tmp_path / "lm.csv"
     rows = [dict(model="hope_cms", lr=lr, seed=0, step=600, tokens=600 * 2048, val_bpb=bpb, val_bpb_4x=bpb + 0.1,
                  tokens_per_s=1000, peak_rss_mib=1000, diverged=False) for lr, bpb in ((0.001, 2.4), (0.003, 2.2), (0.006, 2.1))]
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=lm_compare.COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    lm_compare.write_rows(out, rows, ["hope_cms"])
     lm_compare.main(["--table", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "| hope_cms | 2.400 | 2.200 | 2.100 * |" in printed
@@ -146,12 +143,9 @@ def test_the_chunk_size_spec_gives_each_model_its_chunk_and_its_family_as_baseli
 
 def _write_rows(path, finals):
     """A finished comparison's CSV: one final row per (model, seed) at lr 0.003, 300 steps."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=lm_compare.COLUMNS)
-        writer.writeheader()
-        for (model, seed), bpb in finals.items():
-            writer.writerow(dict(model=model, lr=0.003, seed=seed, step=300, tokens=300 * 2048, val_bpb=bpb,
-                                 val_bpb_4x=bpb + 0.5, tokens_per_s=1000, peak_rss_mib=900, diverged=False))
+    rows = [dict(model=model, lr=0.003, seed=seed, step=300, tokens=300 * 2048, val_bpb=bpb, val_bpb_4x=bpb + 0.5,
+                 tokens_per_s=1000, peak_rss_mib=900, diverged=False) for (model, seed), bpb in finals.items()]
+    lm_compare.write_rows(path, rows, [])
 
 
 def test_a_model_with_its_own_baseline_is_compared_to_it(tmp_path, capsys):

@@ -18,9 +18,9 @@ from nl_lightning.ops.dgd.naive import w2_error_scale
 RULES = [("delta", "value"), ("delta", "self")]
 
 
-def delta_inputs(kind, *, batch=2, length=T, seed=0):
+def delta_inputs(kind, *, batch=2, length=T, seed=0, device="cpu"):
     """``make_inputs`` with β drawn over all of (0, 1) (one-shot steps included) instead of DGD's small η."""
-    seq, weights = make_inputs(kind, batch=batch, length=length, seed=seed)
+    seq, weights = make_inputs(kind, batch=batch, length=length, seed=seed, device=device)
     with torch.no_grad():
         seq["eta"].uniform_(0.05, 1.0)
     return seq, weights
@@ -96,39 +96,24 @@ def test_compiled_implements_the_delta_rule():
 def test_triton_matches_naive_forward_and_grads_float64(triton_device, chunk_size, rule, target):
     """The Triton kernels' delta rule and value target (hand-written backward; the interpreter on a
     machine without a GPU) against the token loop; ("dgd", "self") is in test_dgd.py."""
-    seq, weights = delta_inputs("mlp")
+    seq, weights = delta_inputs("mlp", device=triton_device)
     options = dict(kind="mlp", chunk_size=chunk_size, rule=rule, target=target)
     expected = run_with_grads(seq, weights, impl="naive", **options)
-    seq = {n: x.detach().to(triton_device).requires_grad_() for n, x in seq.items()}
-    weights = tuple(w.detach().to(triton_device).requires_grad_() for w in weights)
-    actual = run_with_grads(seq, weights, impl="triton", **options)
-    assert_same_run(tuple(_to_cpu(x) for x in actual), expected, **F64)
+    assert_same_run(run_with_grads(seq, weights, impl="triton", **options), expected, **F64)
 
 
 @pytest.mark.parametrize("target", ["value", "self"])
-def test_triton_matches_cpu_float32_at_model_sizes(triton_device, target):
+def test_triton_matches_chunk_float32_at_model_sizes(triton_device, target):
     """float32 at HOPE-tiny's head size (48, padded to a 64-wide tile), chunks of 64 and a partial
-    one, one-shot gates: the Triton delta rule against the C++ kernel."""
+    one, one-shot gates: the Triton delta rule against the ATen chunk kernel."""
     from tests.ops.test_dgd import model_size_inputs
 
-    seq, weights = model_size_inputs(batch=1, hidden=48)
+    seq, weights = model_size_inputs(batch=1, hidden=48, device=triton_device)
     with torch.no_grad():
         seq["eta"].uniform_(0.05, 0.5)
     options = dict(kind="mlp", chunk_size=64, rule="delta", target=target)
-    expected = run_with_grads(seq, weights, impl="cpu", **options)
-    seq = {n: x.detach().to(triton_device).requires_grad_() for n, x in seq.items()}
-    weights = tuple(w.detach().to(triton_device).requires_grad_() for w in weights)
-    actual = run_with_grads(seq, weights, impl="triton", **options)
-    assert_close_to_scale(tuple(_to_cpu(x) for x in actual), expected, rel=1e-5)
-
-
-def _to_cpu(x):
-    """A run's output, state or gradients on the CPU (the Triton run may be on a GPU)."""
-    if isinstance(x, MemoryState):
-        return MemoryState(tuple(w.cpu() for w in x.weights))
-    if isinstance(x, (tuple, list)):
-        return type(x)(t.cpu() for t in x)
-    return x.cpu()
+    expected = run_with_grads(seq, weights, impl="chunk", **options)
+    assert_close_to_scale(run_with_grads(seq, weights, impl="triton", **options), expected, rel=1e-5)
 
 
 @pytest.mark.parametrize(("option", "value"), [("rule", "nlms"), ("target", "key")])

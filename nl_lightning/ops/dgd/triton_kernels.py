@@ -409,7 +409,8 @@ def dgd_mlp_backward_kernel(
         dgpe2 = -_rowsum(pre * drhs2)
         dd2 = -e2[:, None] * drhs2
         dm = dd2 * slope
-        dpre = -gpe2[:, None] * drhs2 + dd2 * m * _silu_d2(pre, s_pre)
+        curve = _silu_d2(pre, s_pre)
+        dpre = -gpe2[:, None] * drhs2 + dd2 * m * curve
         dpr += dks * eta2[:, None] * gram_k
         dgram_k = dks * eta2[:, None] * pr
         # e2 = η2 f r (delta rule): f = 1 - η1 |hid|² = 1 - β |hid|² / (|hid|² + ε), r = 1 / (κ + ε_κ),
@@ -422,7 +423,7 @@ def dgd_mlp_backward_kernel(
             dbeta -= df * norm_hid * inv1
             dhid += (-2.0 * df * eta * EPS * inv1 * inv1)[:, None] * hid
             dkappa = -de2 * e2 * r
-            dpre += (2.0 * dkappa)[:, None] * slope * _silu_d2(pre, s_pre) * colsq[None, :]
+            dpre += (2.0 * dkappa)[:, None] * slope * curve * colsq[None, :]
             dw1_start += 2.0 * tl.reduce(dkappa[:, None] * slope * slope, 0, _add)[None, :] * w1
         else:
             deta2 += de2
