@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sysconfig
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -106,8 +107,10 @@ def build_corpus(spec: CorpusSpec, out_dir: str | Path) -> Path:
     splits = assign_splits(spec)
     sizes = {}
     for split, files in splits.items():
-        # Write to a temporary name and rename, so an interrupted build never looks complete.
-        tmp = out_dir / f"{split}.bin.tmp"
+        # Write to a temporary name and rename, so an interrupted build never looks complete. The
+        # name is this build's own: sweeps start several workers at once on a fresh checkout, and
+        # each builds the same files (identical bytes; the last rename wins).
+        tmp = _temporary(out_dir, f"{split}.bin")
         with open(tmp, "wb") as sink:
             for path in files:
                 with open(path, "rb") as source:
@@ -117,8 +120,18 @@ def build_corpus(spec: CorpusSpec, out_dir: str | Path) -> Path:
     if sum(sizes.values()) == 0:
         raise ValueError(f"the corpus is empty: its {len(spec.files)} file(s) contain 0 bytes; give files with text")
     meta = {**asdict(spec), "fingerprint": spec.fingerprint, "sizes": sizes, "splits": splits}
-    meta_path.write_text(json.dumps(meta, indent=1))
+    # meta.json last, and whole: a concurrent reader that finds it finds complete splits.
+    tmp = _temporary(out_dir, "meta.json")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_path)
     return out_dir
+
+
+def _temporary(out_dir: Path, name: str) -> Path:
+    """A new empty file beside ``name`` in ``out_dir`` that no other build uses."""
+    handle, path = tempfile.mkstemp(dir=out_dir, prefix=f"{name}.", suffix=".tmp")
+    os.close(handle)
+    return Path(path)
 
 
 def open_split(corpus_dir: str | Path, split: str) -> np.ndarray:

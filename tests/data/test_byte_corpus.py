@@ -163,3 +163,33 @@ def test_shuffle_seed_gives_the_same_batches_whatever_the_global_rng_did(tmp_pat
 def test_a_non_integer_shuffle_seed_raises(tmp_path):
     with pytest.raises(ValueError, match="shuffle_seed must be an integer or null, got '0'"):
         ByteLMDataModule(data_dir=str(tmp_path), shuffle_seed="0")
+
+
+def test_builds_running_at_once_do_not_break_each_other(tmp_path, text_dir, monkeypatch):
+    """Sweep workers on a fresh checkout build the same corpus at the same time. Here a second
+    build runs to completion between the first one's write and its rename (the order that broke
+    a worker with FileNotFoundError when both wrote one shared temporary name); both succeed and
+    leave the complete corpus."""
+    import os
+
+    from nl_lightning.data import byte_corpus
+
+    spec = CorpusSpec(tuple(resolve_paths([str(text_dir / "*.py")])), val_fraction=0.3, max_bytes=None)
+    out_dir = tmp_path / "cache"
+    real_replace, interleaved = os.replace, []
+
+    def replace_after_a_concurrent_build(src, dst):
+        if not interleaved:
+            interleaved.append(str(src))
+            byte_corpus.build_corpus(spec, out_dir)  # the other worker, start to finish
+        real_replace(src, dst)
+
+    monkeypatch.setattr(byte_corpus.os, "replace", replace_after_a_concurrent_build)
+    byte_corpus.build_corpus(spec, out_dir)
+    assert interleaved and not list(out_dir.glob("*.tmp"))
+    meta = json.loads((out_dir / "meta.json").read_text())
+    assert meta["fingerprint"] == spec.fingerprint
+    splits = assign_splits(spec)
+    for split in ("train", "val"):
+        expected = b"".join(open(p, "rb").read() for p in splits[split])
+        assert (out_dir / f"{split}.bin").read_bytes() == expected
