@@ -34,7 +34,8 @@ class ModelConfig:
     # The implementation every memory op of the model runs (nl_lightning/ops/contract.py): "auto"
     # (the C++ kernels on CPU where they apply, "chunk" elsewhere), "chunk", "naive", "compiled",
     # "cpu" (CPU; HOPE's MLP memories, Titans' both kinds), "triton" (GPU, or the Triton
-    # interpreter; Titans' linear memory, HOPE's MLP main memory under the paper rule).
+    # interpreter; Titans' linear memory, the MLP memories under either write rule, HOPE's
+    # projection memories' writes; chunks and hidden sizes up to 64).
     memory_impl: str = "auto"
     conv_kernel: int = 4  # short causal depthwise convolution on q, k, v
     # The memories' keys start from the previous token (their convolution starts as a one-token shift,

@@ -179,13 +179,27 @@ def assert_matches_the_naive_reference(family, overrides, impl, device="cpu"):
 
 
 @pytest.mark.parametrize("write_rule", ["paper", "delta"])
-def test_hope_with_the_triton_main_memory_matches_the_naive_reference(triton_device, write_rule):
-    """memory_impl="triton": HOPE's main memory through the Triton kernels (the interpreter on a
-    machine without a GPU), the rest on its ATen path; logits and every gradient in float64, under
-    the paper's rule and the default delta rule (with key_shift, whose first key is zero)."""
+def test_hope_with_the_triton_memories_matches_the_naive_reference(triton_device, write_rule, monkeypatch):
+    """memory_impl="triton": HOPE's main memory and its projection memories' writes through their
+    Triton kernels (the interpreter on a machine without a GPU), the rest on its ATen path; logits
+    and every gradient in float64, under the paper's rule and the default delta rule (with
+    key_shift, whose first key is zero)."""
+    from nl_lightning.ops.dgd import triton as dgd_triton
+    from nl_lightning.ops.projection import triton as projection_triton
+
+    calls = {}
+    for module, name in ((dgd_triton, "triton_dgd_memory"), (projection_triton, "triton_projection_memory")):
+        original = getattr(module, name)
+
+        def counted(*args, name=name, original=original, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
     overrides = {"n_layer": 1, "d_model": 32, "n_head": 2, "chunk_size": 4, "proj_chunk_size": 4,
                  "write_rule": write_rule}  # fmt: skip
     assert_matches_the_naive_reference(Hope, overrides, "triton", triton_device)
+    assert calls == {"triton_dgd_memory": 1, "triton_projection_memory": 1}  # one layer, one forward
 
 
 def test_titans_with_the_triton_delta_rule_memory_matches_the_naive_reference(triton_device):
@@ -557,7 +571,8 @@ def test_training_step_moves_no_values_between_host_and_tensors(family, kind):
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
 def test_training_step_with_the_triton_memories_moves_no_values_between_host_and_tensors(family, triton_device):
-    """The same for ``memory_impl="triton"`` (the default delta rule, MLP memory): the launches
+    """The same for ``memory_impl="triton"`` (the default delta rule, MLP memory; HOPE's projection
+    memories' writes too): the launches
     take their sizes from shapes, never from tensor values, so a step can be recorded as one CUDA
     graph (the interpreter on a machine without a GPU)."""
     model = small_model(family, memory_impl="triton", n_layer=1 if family is Hope else 2).to(triton_device).train()

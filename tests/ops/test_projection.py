@@ -76,11 +76,10 @@ def test_matches_the_reference_loop_forward_and_grads_float64(impl, rule, length
         assert actual[-1].abs().max() > 0
 
 
-@pytest.mark.parametrize("impl", ["compiled", "triton"])
-def test_compiled_and_triton_run_the_chunk_path(impl):
+def test_compiled_runs_the_chunk_path():
     x, weights, bias = projection_inputs()
     expected = run("chunk", x, weights, bias, chunk_size=4, rule="dgd")
-    for a, e in zip(run(impl, x, weights, bias, chunk_size=4, rule="dgd"), expected):
+    for a, e in zip(run("compiled", x, weights, bias, chunk_size=4, rule="dgd"), expected):
         torch.testing.assert_close(a, e, atol=0, rtol=0)
 
 

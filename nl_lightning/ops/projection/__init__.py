@@ -1,6 +1,6 @@
 """HOPE's self-modifying projection memories (k, v, η, α) as an op (``ops/contract.py``):
 ``naive.py`` (the loop, each chunk's write through the DGD op's token loop), ``chunk.py``,
-``cpu.py`` + ``projection_cpu.cpp``."""
+``cpu.py`` + ``projection_cpu.cpp``, ``triton.py`` + ``triton_kernels.py`` (each chunk's write)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,18 @@ from collections.abc import Sequence
 
 import torch
 
-from nl_lightning.ops.contract import check_chunk_size, check_impl, resolve_impl
+from nl_lightning.ops.contract import check_chunk_size, check_impl, implementation, resolve_impl
 from nl_lightning.ops.dgd.common import RULES
 from nl_lightning.ops.projection.chunk import chunk_projection_memories
 from nl_lightning.ops.projection.cpu import cpu_projection_memories
 from nl_lightning.ops.projection.naive import MEMORIES, naive_projection_memories, projection_gates
 
-IMPLEMENTED = ("naive", "chunk", "cpu")
-_FUNCTIONS = {"naive": naive_projection_memories, "chunk": chunk_projection_memories, "cpu": cpu_projection_memories}  # "triton": none yet
-# No compiled or Triton kernel of the loop yet: under those the loop runs its chunk path, whose
-# per-chunk writes are single kernel calls (the models pass one memory_impl to all their ops).
-CHUNK_PATH = ("compiled", "triton")
+IMPLEMENTED = ("naive", "chunk", "cpu", "triton")
+# "triton" is imported on first use (contract.implementation): it needs the optional triton package.
+_FUNCTIONS = {"naive": naive_projection_memories, "chunk": chunk_projection_memories, "cpu": cpu_projection_memories}
+# No compiled loop of its own: under "compiled" the loop runs its chunk path, whose per-chunk
+# writes are single kernel calls (the models pass one memory_impl to all their ops).
+CHUNK_PATH = ("compiled",)
 
 __all__ = ["IMPLEMENTED", "MEMORIES", "projection_gates", "projection_memories"]
 
@@ -44,8 +45,9 @@ def projection_memories(
         eta_scale: η = eta_scale · σ(mean(read-out of M_η) + b_η) (``projection_gates``).
         rule: ``"dgd"`` (the paper's DGD rule with the self-made target M_□(v)) or ``"delta"`` (the
             normalised delta rule with target M_□,slow(v)).
-        impl: ``"naive"``, ``"chunk"``, ``"cpu"`` or ``"auto"``; ``"compiled"`` and ``"triton"``
-            run the chunk path (no kernel of their own yet).
+        impl: ``"naive"``, ``"chunk"``, ``"cpu"``, ``"triton"`` (each chunk's write one kernel launch;
+            CUDA, or the interpreter; chunks and hidden size up to 64) or ``"auto"``; ``"compiled"``
+            runs the chunk path.
 
     Returns:
         (B, 4, T, D): the read-outs M_□,chunk start(x_t) of the four memories.
@@ -68,4 +70,5 @@ def projection_memories(
     if gate_bias.shape != (2,):
         raise ValueError(f"gate_bias must be (2,): the biases of η and α; got {tuple(gate_bias.shape)}.")
     impl = resolve_impl(impl, x)
-    return _FUNCTIONS[impl](x, weights, gate_bias, chunk_size=chunk_size, eta_scale=eta_scale, rule=rule)
+    function = implementation("projection", impl, _FUNCTIONS)
+    return function(x, weights, gate_bias, chunk_size=chunk_size, eta_scale=eta_scale, rule=rule)
