@@ -49,15 +49,18 @@ TINY=(--seq-len 1024 --max-bytes 2000000)
 # nl_lightning.callbacks); tests/ is a package, so pytest puts the checkout on sys.path, last.
 # HOPE's DGD memory and its projection memories' writes as Triton kernels (impl="triton", both
 # write rules), checked only under the interpreter so far: the tests at the model's sizes (the
-# 64-wide kernels compile in about half a minute), then the main memory's
-# timing against the ATen chunk kernel at HOPE-tiny's shape (D = Dh = 48, C = 64; same blocks, so
-# the compiled kernels come from Triton's cache), then HOPE-tiny's training step with it (tokens/s;
+# 64-wide kernels compile in about half a minute), then each op's timing against its ATen chunk
+# path at HOPE-tiny's shapes (main memory D = Dh = 48, projections D = 192, Dh = 48, C = 64; same
+# blocks, so the compiled kernels come from Triton's cache), then HOPE-tiny's training step with
+# them (tokens/s;
 # the MFU column misses the Triton kernels' FLOPs, which torch's FLOP counter cannot see).
 step dgd_triton 420 "${INSTALLED[@]}" python3 -P -m pytest --import-mode=append -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k triton \
     tests/ops/test_dgd.py tests/ops/test_dgd_delta_rule.py tests/ops/test_projection_triton.py \
     tests/models/test_memory_models.py
 step dgd_ops_triton 120 python3 -m benchmarks.dgd_ops --device cuda --impls naive chunk triton --dim 48 --hidden 48 \
     --batch 4 --heads 4 --lengths 1024 2048 --repeats 5 --rule delta
+step projection_ops_triton 120 python3 -m benchmarks.projection_ops --device cuda --impls chunk triton \
+    --lengths 1024 4096 --repeats 5
 step throughput_hope_triton 150 python3 -m benchmarks.throughput transformer hope \
     --device cuda --steps 10 --warmup 3 "${TINY[@]}" --batch-size 4 --override memory_impl=triton
 step tests 240 "${INSTALLED[@]}" python3 -P -m pytest --import-mode=append -v -p no:cacheprovider --durations=12 "${PER_TEST[@]}" -k "${TESTS:-cuda or triton}" \
