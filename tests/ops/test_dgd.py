@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import ON_DEVICES, as_leaves, on_one_and_two_threads
+from tests.ops.cuda_compile import run_compile_check
 
 import nl_lightning.ops.dgd as dgd_ops
 from nl_lightning.ops import cpu_extension
@@ -242,22 +240,12 @@ def test_triton_kernels_compile_once_for_any_length_and_chunk_size():
 CUDA_COMPILE_CHECK = """
 import sys
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from tests.ops.cuda_compile import assert_compiles
 from nl_lightning.ops.dgd import triton as triton_mlp
 
 arch, shared_limit, delta, self_target = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "delta", sys.argv[4] == "self"
 options = triton_mlp.launch_options(64, 48, 48, torch.float32, (delta, self_target))  # HOPE-tiny's main memory
-constexprs = ("TINY", "BLOCK_C", "BLOCK_D", "BLOCK_H", "DELTA", "SELF_TARGET", "EPS", "CURVATURE_EPS")
-constants = {name: options.pop(name) for name in constexprs}
-for kernel in triton_mlp.kernels():
-    names = kernel.arg_names
-    first_int = names.index("N")
-    signature = {n: "*fp32" if i < first_int else "constexpr" if n in constants else "i32" for i, n in enumerate(names)}
-    source = ASTSource(kernel, signature, constexprs={(names.index(n),): v for n, v in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    assert compiled.metadata.shared <= shared_limit, (kernel.__name__, compiled.metadata.shared, shared_limit)
+assert_compiles(triton_mlp.kernels(), options, "N", arch, shared_limit)
 """
 
 
@@ -265,18 +253,8 @@ for kernel in triton_mlp.kernels():
 @pytest.mark.parametrize(("rule", "target"), [("delta", "value"), ("dgd", "self")], ids=["delta-value", "dgd-self"])
 @pytest.mark.parametrize(("arch", "shared_kb"), [(80, 163), (90, 227)], ids=["a100", "h100"])
 def test_triton_kernels_compile_for_cuda_within_the_shared_memory(arch, shared_kb, rule, target):
-    # No GPU is needed to run Triton's compiler down to a cubin; this catches what the
-    # interpreter does not check (dot shapes, loop-carried types, shared-memory size: every
-    # tensor a product reads is staged in shared memory until its last product). In a
-    # subprocess because a process that imported Triton in interpreter mode cannot compile.
-    # About 100 s per architecture and rule on 2 cores.
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed; install the dev extra to test the Triton kernels")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    command = [sys.executable, "-c", CUDA_COMPILE_CHECK, str(arch), str(shared_kb * 1024), rule, target]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # No GPU needed (tests/ops/cuda_compile.py). About 100 s per architecture and rule on 2 cores.
+    run_compile_check(CUDA_COMPILE_CHECK, str(arch), str(shared_kb * 1024), rule, target)
 
 
 def _count_calls(monkeypatch):

@@ -6,13 +6,11 @@ refusals, and (slow) compiled for the GPUs within their shared memory."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tests.ops.cuda_compile import run_compile_check
 from tests.ops.test_projection import ETA_SCALE, NAMES, projection_inputs, run
 
 from nl_lightning.ops.projection import projection_memories
@@ -92,23 +90,12 @@ def test_triton_kernels_compile_once_for_any_length_and_width():
 CUDA_COMPILE_CHECK = """
 import sys
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from tests.ops.cuda_compile import assert_compiles
 from nl_lightning.ops.projection import triton as triton_projection
 
 arch, shared_limit, delta = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "delta"
 options = triton_projection.write_options(64, 192, 48, torch.float32, delta)  # HOPE-tiny's projections
-constexprs = ("TINY", "BLOCK_C", "BLOCK_D", "BLOCK_H", "DELTA", "SELF_TARGET", "EPS", "CURVATURE_EPS")
-constants = {name: options.pop(name) for name in constexprs}
-for kernel in triton_projection.kernels():
-    names = kernel.arg_names
-    first_int = names.index("C")
-    signature = {n: "*fp32" if i < first_int else "constexpr" if n in constants else "i32" for i, n in enumerate(names)}
-    source = ASTSource(kernel, signature, constexprs={(names.index(n),): v for n, v in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    assert compiled.metadata.shared <= shared_limit, (kernel.__name__, compiled.metadata.shared, shared_limit)
-    print(kernel.__name__, compiled.metadata.shared, compiled.metadata.num_warps)
+assert_compiles(triton_projection.kernels(), options, "C", arch, shared_limit)
 """
 
 
@@ -116,13 +103,5 @@ for kernel in triton_projection.kernels():
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize(("arch", "shared_kb"), [(80, 163), (90, 227)], ids=["a100", "h100"])
 def test_triton_kernels_compile_for_cuda_within_the_shared_memory(arch, shared_kb, rule):
-    # As tests/ops/test_dgd.py's twin: Triton's compiler down to a cubin needs no GPU, and catches
-    # what the interpreter does not (dot shapes, loop-carried types, shared memory). In a
-    # subprocess: a process that imported Triton in interpreter mode cannot compile.
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed; install the dev extra to test the Triton kernels")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    command = [sys.executable, "-c", CUDA_COMPILE_CHECK, str(arch), str(shared_kb * 1024), rule]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # As tests/ops/test_dgd.py's twin (no GPU needed: tests/ops/cuda_compile.py); ~15 s each.
+    run_compile_check(CUDA_COMPILE_CHECK, str(arch), str(shared_kb * 1024), rule)

@@ -171,6 +171,52 @@ def _system_inverse(strict, saved, SAVED: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _w2_step(eta2, eta1, norm_hid, slope, colsq, DELTA: tl.constexpr, CURVATURE_EPS: tl.constexpr):
+    """κ = Σ_j silu'(pre_j)² |W1[:, j]|² and W2's step e2: η2 (1 - η1 |hid|²) / (κ + ε_κ) under the
+    delta rule (curvature-normalised), η2 under DGD (κ unused)."""
+    kappa = _rowsum(slope * slope * colsq[None, :])
+    if DELTA:
+        e2 = eta2 * (1.0 - eta1 * norm_hid) / (kappa + CURVATURE_EPS)
+    else:
+        e2 = eta2
+    return kappa, e2
+
+
+@triton.jit
+def _key_system_backward(ks_inv, dr2, r2, slope, m, pre, s_pre, pr, gram_k, eta2, e2, gpe2, lower):
+    """Backward of W2's update vectors r2 = KS⁻¹ rhs2, rhs2 = -e2 silu'(pre) m - gpe2 pre, KS's
+    strictly lower part η2 PR ⊙ k kᵀ: dL/de2, dL/dη2 (through KS), dL/dgpe2, dL/dm, dL/dpre so
+    far, silu''(pre), and what reaches PR and k kᵀ."""
+    drhs2 = _dot(tl.trans(ks_inv), dr2)
+    dks = tl.where(lower, -_dot(drhs2, tl.trans(r2)), 0.0)
+    de2 = -_rowsum(slope * m * drhs2)
+    deta2 = _rowsum(dks * pr * gram_k)
+    dgpe2 = -_rowsum(pre * drhs2)
+    dd2 = -e2[:, None] * drhs2
+    curve = _silu_d2(pre, s_pre)
+    dpre = -gpe2[:, None] * drhs2 + dd2 * m * curve
+    return de2, deta2, dgpe2, dd2 * slope, dpre, curve, dks * eta2[:, None] * gram_k, dks * eta2[:, None] * pr
+
+
+@triton.jit
+def _curvature_backward(de2, eta, eta1, eta2, e2, norm_hid, kappa, hid, slope, curve, colsq, EPS: tl.constexpr,
+                        CURVATURE_EPS: tl.constexpr):  # fmt: skip
+    """Backward of W2's step under the delta rule, e2 = η2 f r with f = 1 - η1 |hid|² =
+    1 - β |hid|² / (|hid|² + ε), r = 1 / (κ + ε_κ), κ = Σ_j silu'(pre_j)² |W1[:, j]|²: what
+    reaches η2, β, hid, pre and |W1[:, j]|² (W1's gradient is then dcolsq ⊙ W1)."""
+    inv1 = 1.0 / (norm_hid + EPS)
+    r = 1.0 / (kappa + CURVATURE_EPS)
+    df = de2 * eta2 * r
+    dkappa = -de2 * e2 * r
+    deta2 = de2 * (1.0 - eta1 * norm_hid) * r
+    dbeta = -df * norm_hid * inv1
+    dhid = (-2.0 * df * eta * EPS * inv1 * inv1)[:, None] * hid
+    dpre = (2.0 * dkappa)[:, None] * slope * curve * colsq[None, :]
+    dcolsq = 2.0 * tl.reduce(dkappa[:, None] * slope * slope, 0, _add)
+    return deta2, dbeta, dhid, dpre, dcolsq
+
+
+@triton.jit
 def _retained(lgp, DELTA: tl.constexpr):
     """γ_prev - s: the delta rule (s = 1) keeps the start state's output, DGD (s = 0) does not."""
     if DELTA:
@@ -215,11 +261,7 @@ def _chunk_values(q, k, v, eta, alpha, w1, w2, inverses, SAVED: tl.constexpr, TI
     eta1 = _layer_step(eta, norm_hid, DELTA, EPS)
     gpe1 = eta1 * after
     colsq = tl.reduce(w1 * w1, 0, _add)  # |W1[:, j]|²
-    kappa = _rowsum(slope * slope * colsq[None, :])  # κ (read under the delta rule only)
-    if DELTA:
-        e2 = eta2 * (1.0 - eta1 * norm_hid) / (kappa + CURVATURE_EPS)
-    else:
-        e2 = eta2
+    kappa, e2 = _w2_step(eta2, eta1, norm_hid, slope, colsq, DELTA, CURVATURE_EPS)
     hw1 = _dot(hid, tl.trans(w1))
     d1 = _error(k, v, hw1, w1, w2, DELTA, SELF_TARGET)
     m = _dot(d1, w1)
@@ -402,29 +444,17 @@ def dgd_mlp_backward_kernel(
         dw2_start += _dot(tl.trans(dzq), q)
         # r2 = KS⁻¹ rhs2, rhs2 = -e2 silu'(pre) m - gpe2 pre; KS's strictly lower part η2 PR ⊙ k kᵀ.
         ks_inv = tl.load(INVERSES + chunk * 2 * BLOCK_C * BLOCK_C + rows * BLOCK_C + cols)
-        drhs2 = _dot(tl.trans(ks_inv), dr2)
-        dks = tl.where(lower, -_dot(drhs2, tl.trans(r2)), 0.0)
-        de2 = -_rowsum(slope * m * drhs2)
-        deta2 = _rowsum(dks * pr * gram_k)
-        dgpe2 = -_rowsum(pre * drhs2)
-        dd2 = -e2[:, None] * drhs2
-        dm = dd2 * slope
-        curve = _silu_d2(pre, s_pre)
-        dpre = -gpe2[:, None] * drhs2 + dd2 * m * curve
-        dpr += dks * eta2[:, None] * gram_k
-        dgram_k = dks * eta2[:, None] * pr
-        # e2 = η2 f r (delta rule): f = 1 - η1 |hid|² = 1 - β |hid|² / (|hid|² + ε), r = 1 / (κ + ε_κ),
-        # κ = Σ_j silu'(pre_j)² |W1[:, j]|²; e2 = η2 under DGD.
-        if DELTA:
-            inv1 = 1.0 / (norm_hid + EPS)
-            r = 1.0 / (kappa + CURVATURE_EPS)
-            deta2 += de2 * (1.0 - eta1 * norm_hid) * r
-            df = de2 * eta2 * r
-            dbeta -= df * norm_hid * inv1
-            dhid += (-2.0 * df * eta * EPS * inv1 * inv1)[:, None] * hid
-            dkappa = -de2 * e2 * r
-            dpre += (2.0 * dkappa)[:, None] * slope * curve * colsq[None, :]
-            dw1_start += 2.0 * tl.reduce(dkappa[:, None] * slope * slope, 0, _add)[None, :] * w1
+        de2, deta2, dgpe2, dm, dpre, curve, dpr2, dgram_k = _key_system_backward(
+            ks_inv, dr2, r2, slope, m, pre, s_pre, pr, gram_k, eta2, e2, gpe2, lower)
+        dpr += dpr2
+        if DELTA:  # W2's curvature-normalised step; e2 = η2 under DGD
+            deta2_e, dbeta_e, dhid_e, dpre_e, dcolsq = _curvature_backward(
+                de2, eta, eta1, eta2, e2, norm_hid, kappa, hid, slope, curve, colsq, EPS, CURVATURE_EPS)
+            deta2 += deta2_e
+            dbeta += dbeta_e
+            dhid += dhid_e
+            dpre += dpre_e
+            dw1_start += dcolsq[None, :] * w1
         else:
             deta2 += de2
         # m = d1 W1; d1 = c (k + hw1 - tgt) (_error).

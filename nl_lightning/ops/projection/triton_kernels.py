@@ -34,16 +34,18 @@ import triton.language as tl
 
 from nl_lightning.ops.dgd.triton_kernels import (
     _add,
+    _curvature_backward,
     _decays,
     _decays_backward,
     _dot,
+    _key_system_backward,
     _layer_step,
     _retained,
     _rowsum,
     _sigmoid,
     _silu_d1,
-    _silu_d2,
     _system_inverse,
+    _w2_step,
 )
 
 # Integer arguments Triton must not specialise on (a new chunk length, width or stride would
@@ -52,31 +54,54 @@ RUNTIME_INTS = ["C", "D", "DH", "MEMORIES", "V_STRIDE_B", "V_STRIDE_M"]
 
 
 @triton.jit
+def _program_inputs(K, V, ETA, ALPHA, W1, W2, C, D, DH, MEMORIES, V_STRIDE_B, V_STRIDE_M, BLOCK_C: tl.constexpr):
+    """This program's (batch item, memory): its index, where its keys, targets and state start,
+    and the item's gates (rows past C: η = 0, α = 1, which leave the state unchanged)."""
+    program = tl.program_id(0).to(tl.int64)
+    batch = program // MEMORIES
+    rc = tl.arange(0, BLOCK_C)
+    eta = tl.load(ETA + batch * C + rc, mask=rc < C, other=0.0)
+    alpha = tl.load(ALPHA + batch * C + rc, mask=rc < C, other=1.0)
+    v_base = V + batch * V_STRIDE_B + (program % MEMORIES) * V_STRIDE_M
+    return program, K + batch * C * D, v_base, W1 + program * D * DH, W2 + program * DH * D, eta, alpha
+
+
+@triton.jit
+def _block(d0, C, D, DH, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Offsets and masks of the column block starting at ``d0``: in a (C, D) token tensor, in W1
+    (D, Dh) and in W2 (Dh, D)."""
+    rc = tl.arange(0, BLOCK_C)
+    cols = d0 + tl.arange(0, BLOCK_D)
+    rh = tl.arange(0, BLOCK_H)
+    tokens_off = rc[:, None] * D + cols[None, :]
+    tokens_mask = (rc < C)[:, None] & (cols < D)[None, :]
+    w1_off = cols[:, None] * DH + rh[None, :]
+    w1_mask = (cols < D)[:, None] & (rh < DH)[None, :]
+    w2_off = rh[:, None] * D + cols[None, :]
+    w2_mask = (rh < DH)[:, None] & (cols < D)[None, :]
+    return tokens_off, tokens_mask, w1_off, w1_mask, w2_off, w2_mask
+
+
+@triton.jit
 def _key_sums(k_base, v_base, w1_base, w2_base, eta, C, D, DH, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_H: tl.constexpr, SELF_TARGET: tl.constexpr):  # fmt: skip
     """The first pass over D: pre = k W2ᵀ, k kᵀ, |k|², a = v W2ᵀ (self target) and |W1[:, j]|²."""
-    rc = tl.arange(0, BLOCK_C)
-    rd = tl.arange(0, BLOCK_D)
-    rh = tl.arange(0, BLOCK_H)
     pre = tl.full([BLOCK_C, BLOCK_H], 0.0, eta.dtype)
     a = tl.full([BLOCK_C, BLOCK_H], 0.0, eta.dtype)
     gram_k = tl.full([BLOCK_C, BLOCK_C], 0.0, eta.dtype)
     norm_k = tl.full([BLOCK_C], 0.0, eta.dtype)
     colsq = tl.full([BLOCK_H], 0.0, eta.dtype)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + rd
-        tokens_mask = (rc < C)[:, None] & (cols < D)[None, :]
-        k = tl.load(k_base + rc[:, None] * D + cols[None, :], mask=tokens_mask, other=0.0)
-        w1_mask = (cols < D)[:, None] & (rh < DH)[None, :]
-        w2_mask = (rh < DH)[:, None] & (cols < D)[None, :]
-        w1 = tl.load(w1_base + cols[:, None] * DH + rh[None, :], mask=w1_mask, other=0.0)
-        w2 = tl.load(w2_base + rh[:, None] * D + cols[None, :], mask=w2_mask, other=0.0)
+        tokens_off, tokens_mask, w1_off, w1_mask, w2_off, w2_mask = _block(d0, C, D, DH, BLOCK_C, BLOCK_D, BLOCK_H)
+        k = tl.load(k_base + tokens_off, mask=tokens_mask, other=0.0)
+        w1 = tl.load(w1_base + w1_off, mask=w1_mask, other=0.0)
+        w2 = tl.load(w2_base + w2_off, mask=w2_mask, other=0.0)
         pre += _dot(k, tl.trans(w2))
         gram_k += _dot(k, tl.trans(k))
         norm_k += _rowsum(k * k)
         colsq += tl.reduce(w1 * w1, 0, _add)
         if SELF_TARGET:
-            v = tl.load(v_base + rc[:, None] * D + cols[None, :], mask=tokens_mask, other=0.0)
+            v = tl.load(v_base + tokens_off, mask=tokens_mask, other=0.0)
             a += _dot(v, tl.trans(w2))
     return pre, a, gram_k, norm_k, colsq
 
@@ -100,11 +125,7 @@ def _chunk_terms(k_base, v_base, w1_base, w2_base, eta, alpha, inverses, C, D, D
     slope = _silu_d1(pre, s_pre)
     norm_hid = _rowsum(hid * hid)
     eta1 = _layer_step(eta, norm_hid, DELTA, EPS)
-    kappa = _rowsum(slope * slope * colsq[None, :])  # κ (read under the delta rule only)
-    if DELTA:
-        e2 = eta2 * (1.0 - eta1 * norm_hid) / (kappa + CURVATURE_EPS)
-    else:
-        e2 = eta2
+    kappa, e2 = _w2_step(eta2, eta1, norm_hid, slope, colsq, DELTA, CURVATURE_EPS)
     gram = _dot(hid, tl.trans(hid))
     ks_inv = _system_inverse(eta2[:, None] * pr * gram_k, inverses, SAVED, BLOCK_C)
     s1_inv = _system_inverse(eta1[:, None] * pr * gram, inverses + BLOCK_C * BLOCK_C, SAVED, BLOCK_C)
@@ -140,17 +161,8 @@ def projection_write_forward_kernel(
     V_STRIDE_M (0: shared by the memories); ETA, ALPHA (B, C); W1 (B, M, D, Dh), W2 (B, M, Dh, D)
     the chunk-start state; NEW_W1, NEW_W2 the end state (written); INVERSES (B, M, 2, BLOCK_C,
     BLOCK_C) the two system inverses (written, for the backward)."""
-    program = tl.program_id(0).to(tl.int64)
-    batch = program // MEMORIES
-    rc = tl.arange(0, BLOCK_C)
-    rd = tl.arange(0, BLOCK_D)
-    rh = tl.arange(0, BLOCK_H)
-    k_base = K + batch * C * D
-    v_base = V + batch * V_STRIDE_B + (program % MEMORIES) * V_STRIDE_M
-    w1_base = W1 + program * D * DH
-    w2_base = W2 + program * DH * D
-    eta = tl.load(ETA + batch * C + rc, mask=rc < C, other=0.0)
-    alpha = tl.load(ALPHA + batch * C + rc, mask=rc < C, other=1.0)
+    program, k_base, v_base, w1_base, w2_base, eta, alpha = _program_inputs(
+        K, V, ETA, ALPHA, W1, W2, C, D, DH, MEMORIES, V_STRIDE_B, V_STRIDE_M, BLOCK_C)
     (lgp, after, ra, pr, pre, a, silu_a, gram_k, norm_k, colsq, eta2, s_pre, hid, slope, norm_hid, eta1, kappa, e2,
      gram, ks_inv, s1_inv, rho, gamma_end) = _chunk_terms(
         k_base, v_base, w1_base, w2_base, eta, alpha, INVERSES + program * 2 * BLOCK_C * BLOCK_C, C, D, DH, False,
@@ -159,11 +171,7 @@ def projection_write_forward_kernel(
     # W1, block by block: its update needs the block's own columns only; m = d1 W1 sums over them.
     m = tl.full([BLOCK_C, BLOCK_H], 0.0, eta.dtype)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + rd
-        tokens_off = rc[:, None] * D + cols[None, :]
-        tokens_mask = (rc < C)[:, None] & (cols < D)[None, :]
-        w1_off = cols[:, None] * DH + rh[None, :]
-        w1_mask = (cols < D)[:, None] & (rh < DH)[None, :]
+        tokens_off, tokens_mask, w1_off, w1_mask, w2_off, w2_mask = _block(d0, C, D, DH, BLOCK_C, BLOCK_D, BLOCK_H)
         k = tl.load(k_base + tokens_off, mask=tokens_mask, other=0.0)
         tgt = tl.load(v_base + tokens_off, mask=tokens_mask, other=0.0)
         w1 = tl.load(w1_base + w1_off, mask=w1_mask, other=0.0)
@@ -175,10 +183,8 @@ def projection_write_forward_kernel(
     # W2: r2 needs the whole m; then each block of W2' from its columns of k.
     r2 = _dot(ks_inv, -e2[:, None] * slope * m - (eta2 * after)[:, None] * pre)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + rd
-        w2_off = rh[:, None] * D + cols[None, :]
-        w2_mask = (rh < DH)[:, None] & (cols < D)[None, :]
-        k = tl.load(k_base + rc[:, None] * D + cols[None, :], mask=(rc < C)[:, None] & (cols < D)[None, :], other=0.0)
+        tokens_off, tokens_mask, w1_off, w1_mask, w2_off, w2_mask = _block(d0, C, D, DH, BLOCK_C, BLOCK_D, BLOCK_H)
+        k = tl.load(k_base + tokens_off, mask=tokens_mask, other=0.0)
         w2 = tl.load(w2_base + w2_off, mask=w2_mask, other=0.0)
         tl.store(NEW_W2 + program * DH * D + w2_off, gamma_end * w2 + _dot(tl.trans(rho[:, None] * r2), k),
                  mask=w2_mask)
@@ -195,20 +201,11 @@ def projection_write_backward_kernel(
     """Gradients of the forward kernel's inputs from DNEW_W1, DNEW_W2 (dL/d end state), per
     program: DK, DV (B, M, C, D), DETA, DALPHA (B, M, C) (``triton.py`` sums the shared ones over
     the memories), DW1, DW2 like W1, W2. SCRATCH (B, M, BLOCK_C, BLOCK_C): working memory."""
-    program = tl.program_id(0).to(tl.int64)
-    batch = program // MEMORIES
+    program, k_base, v_base, w1_base, w2_base, eta, alpha = _program_inputs(
+        K, V, ETA, ALPHA, W1, W2, C, D, DH, MEMORIES, V_STRIDE_B, V_STRIDE_M, BLOCK_C)
     rc = tl.arange(0, BLOCK_C)
-    rd = tl.arange(0, BLOCK_D)
-    rh = tl.arange(0, BLOCK_H)
     rows = rc[:, None]
-    cols_c = rc[None, :]
-    lower = cols_c < rows
-    k_base = K + batch * C * D
-    v_base = V + batch * V_STRIDE_B + (program % MEMORIES) * V_STRIDE_M
-    w1_base = W1 + program * D * DH
-    w2_base = W2 + program * DH * D
-    eta = tl.load(ETA + batch * C + rc, mask=rc < C, other=0.0)
-    alpha = tl.load(ALPHA + batch * C + rc, mask=rc < C, other=1.0)
+    lower = rc[None, :] < rows
     (lgp, after, ra, pr, pre, a, silu_a, gram_k, norm_k, colsq, eta2, s_pre, hid, slope, norm_hid, eta1, kappa, e2,
      gram, ks_inv, s1_inv, rho, gamma_end) = _chunk_terms(
         k_base, v_base, w1_base, w2_base, eta, alpha, INVERSES + program * 2 * BLOCK_C * BLOCK_C, C, D, DH, True,
@@ -228,13 +225,7 @@ def projection_write_backward_kernel(
     dgpe1 = tl.full([BLOCK_C], 0.0, eta.dtype)
     dgamma_end_h = tl.full([BLOCK_H], 0.0, eta.dtype)  # Σ over D of W ⊙ dW', per hidden unit
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + rd
-        tokens_off = rc[:, None] * D + cols[None, :]
-        tokens_mask = (rc < C)[:, None] & (cols < D)[None, :]
-        w1_off = cols[:, None] * DH + rh[None, :]
-        w1_mask = (cols < D)[:, None] & (rh < DH)[None, :]
-        w2_off = rh[:, None] * D + cols[None, :]
-        w2_mask = (rh < DH)[:, None] & (cols < D)[None, :]
+        tokens_off, tokens_mask, w1_off, w1_mask, w2_off, w2_mask = _block(d0, C, D, DH, BLOCK_C, BLOCK_D, BLOCK_H)
         k = tl.load(k_base + tokens_off, mask=tokens_mask, other=0.0)
         tgt = tl.load(v_base + tokens_off, mask=tokens_mask, other=0.0)
         w1 = tl.load(w1_base + w1_off, mask=w1_mask, other=0.0)
@@ -265,33 +256,23 @@ def projection_write_backward_kernel(
     r2 = _dot(ks_inv, -e2[:, None] * slope * m - gpe2[:, None] * pre)
     dr2 = rho[:, None] * dlr2
     drho += _rowsum(r2 * dlr2)
-    drhs2 = _dot(tl.trans(ks_inv), dr2)
-    dks = tl.where(lower, -_dot(drhs2, tl.trans(r2)), 0.0)
-    de2 = -_rowsum(slope * m * drhs2)
-    deta2 = _rowsum(dks * pr * gram_k)
-    dgpe2 = -_rowsum(pre * drhs2)
-    dd2 = -e2[:, None] * drhs2
-    dm = dd2 * slope
-    curve = _silu_d2(pre, s_pre)
-    dpre = -gpe2[:, None] * drhs2 + dd2 * m * curve
-    dpr += dks * eta2[:, None] * gram_k
-    dgram_k = dks * eta2[:, None] * pr
+    de2, deta2, dgpe2, dm, dpre, curve, dpr2, dgram_k = _key_system_backward(
+        ks_inv, dr2, r2, slope, m, pre, s_pre, pr, gram_k, eta2, e2, gpe2, lower)
+    dpr += dpr2
     # The steps: η1 = β / (|hid|² + ε), η2 = β / (|k|² + ε) under the delta rule, and W2's
     # e2 = η2 f / (κ + ε_κ) with f = 1 - η1 |hid|², κ = Σ_j silu'(pre_j)² |W1[:, j]|²; all β under DGD.
     dstep1 = deta1 + dgpe1 * after
     if DELTA:
         inv1 = 1.0 / (norm_hid + EPS)
         inv_k = 1.0 / (norm_k + EPS)
-        r = 1.0 / (kappa + CURVATURE_EPS)
         dbeta = dstep1 * inv1
         dhid += (-2.0 * dstep1 * eta1 * inv1)[:, None] * hid
-        deta2 += de2 * (1.0 - eta1 * norm_hid) * r
-        df = de2 * eta2 * r
-        dbeta -= df * norm_hid * inv1
-        dhid += (-2.0 * df * eta * EPS * inv1 * inv1)[:, None] * hid
-        dkappa = -de2 * e2 * r
-        dpre += (2.0 * dkappa)[:, None] * slope * curve * colsq[None, :]
-        dcolsq = 2.0 * tl.reduce(dkappa[:, None] * slope * slope, 0, _add)  # dW1 += dcolsq ⊙ W1
+        deta2_e, dbeta_e, dhid_e, dpre_e, dcolsq = _curvature_backward(
+            de2, eta, eta1, eta2, e2, norm_hid, kappa, hid, slope, curve, colsq, EPS, CURVATURE_EPS)
+        deta2 += deta2_e
+        dbeta += dbeta_e
+        dhid += dhid_e
+        dpre += dpre_e  # and dW1 gets dcolsq ⊙ W1 (pass 2)
         dstep2 = deta2 + dgpe2 * after
         dbeta += dstep2 * inv_k
         dk_scale = -2.0 * dstep2 * eta2 * inv_k  # dk += dk_scale ⊙ k (|k|² in η2)
@@ -304,13 +285,7 @@ def projection_write_backward_kernel(
     # whole, block by block; k's and the target's get their parts that need no dL/dpre.
     dsa = tl.full([BLOCK_C, BLOCK_H], 0.0, eta.dtype)  # dL/dsilu(a) (self target)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + rd
-        tokens_off = rc[:, None] * D + cols[None, :]
-        tokens_mask = (rc < C)[:, None] & (cols < D)[None, :]
-        w1_off = cols[:, None] * DH + rh[None, :]
-        w1_mask = (cols < D)[:, None] & (rh < DH)[None, :]
-        w2_off = rh[:, None] * D + cols[None, :]
-        w2_mask = (rh < DH)[:, None] & (cols < D)[None, :]
+        tokens_off, tokens_mask, w1_off, w1_mask, w2_off, w2_mask = _block(d0, C, D, DH, BLOCK_C, BLOCK_D, BLOCK_H)
         k = tl.load(k_base + tokens_off, mask=tokens_mask, other=0.0)
         tgt = tl.load(v_base + tokens_off, mask=tokens_mask, other=0.0)
         w1 = tl.load(w1_base + w1_off, mask=w1_mask, other=0.0)
@@ -339,11 +314,7 @@ def projection_write_backward_kernel(
     # Pass 3: what reaches the blocks through pre = k W2ᵀ (and a = v W2ᵀ): W2's gradient, and the
     # rest of k's and v's.
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + rd
-        tokens_off = rc[:, None] * D + cols[None, :]
-        tokens_mask = (rc < C)[:, None] & (cols < D)[None, :]
-        w2_off = rh[:, None] * D + cols[None, :]
-        w2_mask = (rh < DH)[:, None] & (cols < D)[None, :]
+        tokens_off, tokens_mask, w1_off, w1_mask, w2_off, w2_mask = _block(d0, C, D, DH, BLOCK_C, BLOCK_D, BLOCK_H)
         k = tl.load(k_base + tokens_off, mask=tokens_mask, other=0.0)
         w2 = tl.load(w2_base + w2_off, mask=w2_mask, other=0.0)
         dnw2 = tl.load(DNEW_W2 + program * DH * D + w2_off, mask=w2_mask, other=0.0)
