@@ -128,15 +128,18 @@ def test_the_chunk_size_spec_gives_each_model_its_chunk_and_its_family_as_baseli
     spec = lm_compare.load_spec(lm_compare.parse_args(["--spec", str(CHUNK_SPEC)]))
     configs = {m: lm_compare.run_config(spec, m, 0.003, 2, tmp_path) for m in spec["models"]}
     for model, config in configs.items():
-        family, chunk = model.split("_c")
+        family, sizes = model.split("_c")  # <family>_c<chunk>[_p<projection chunk>]
+        chunk, _, proj_chunk = sizes.partition("_p")
+        proj_chunk = proj_chunk or (chunk if family == "hope" else "64")
         network = config["model"]["init_args"]["network"]
         assert network["class_path"] == f"nl_lightning.models.{'Hope' if family == 'hope' else 'Titans'}"
         overrides = network["init_args"]["overrides"] or {}
         expected = {} if chunk == "64" else {"chunk_size": int(chunk)}  # 64: the preset's own
-        if family == "hope" and chunk != "64":
-            expected["proj_chunk_size"] = int(chunk)
+        if proj_chunk != "64":
+            expected["proj_chunk_size"] = int(proj_chunk)
         assert overrides == expected, model
-        assert lm_compare.model_entry(spec, model)["baseline"] == (f"{family}_c64" if chunk != "64" else "titans_c64")
+        default = (chunk, proj_chunk) == ("64", "64")
+        assert lm_compare.model_entry(spec, model)["baseline"] == ("titans_c64" if default else f"{family}_c64")
         assert config["data"] == configs["titans_c64"]["data"]  # the same bytes for every model of a seed
     assert configs["titans_c64"]["data"]["init_args"]["seq_len"] == 1024
 
