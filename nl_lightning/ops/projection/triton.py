@@ -50,9 +50,7 @@ def kernels():
 def write_options(C: int, D: int, Dh: int, dtype: torch.dtype, delta: bool, block_d: int = BLOCK_D) -> dict:
     """The kernels' compile-time constants: the DGD kernels' (same helpers, same rule flags; the
     target is the memory's own under the delta rule, self-made under DGD), with D in blocks."""
-    options = launch_options(C, min(D, block_d), Dh, dtype, (delta, not delta))
-    options["BLOCK_D"] = max(16, min(block_d, options["BLOCK_D"]))
-    return options
+    return launch_options(C, min(D, block_d), Dh, dtype, (delta, not delta))
 
 
 class _ProjectionWrite(torch.autograd.Function):
@@ -62,6 +60,7 @@ class _ProjectionWrite(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, key, target, eta, alpha, w1, w2, delta, block_d):
+        # The first chunk's state is the slow weights expanded over the batch: copied here.
         key, target, eta, alpha, w1, w2 = (x.contiguous() for x in (key, target, eta, alpha, w1, w2))
         batch, memories, D, Dh = w1.shape
         C = key.shape[1]
@@ -108,8 +107,7 @@ def triton_write(block_d: int = BLOCK_D):
     @float32_under_autocast
     def write(state, key, value, target, eta, alpha, rule):
         delta = rule == "delta"
-        w1, w2 = (w.contiguous() for w in state)  # the first chunk's state is the slow weights expanded
-        return _ProjectionWrite.apply(key, target if delta else value, eta, alpha, w1, w2, delta, block_d)
+        return _ProjectionWrite.apply(key, target if delta else value, eta, alpha, *state, delta, block_d)
 
     return write
 

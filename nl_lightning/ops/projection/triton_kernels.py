@@ -40,6 +40,7 @@ from nl_lightning.ops.dgd.triton_kernels import (
     _dot,
     _key_system_backward,
     _layer_step,
+    _layer_step_backward,
     _retained,
     _rowsum,
     _sigmoid,
@@ -261,23 +262,22 @@ def projection_write_backward_kernel(
     dpr += dpr2
     # The steps: η1 = β / (|hid|² + ε), η2 = β / (|k|² + ε) under the delta rule, and W2's
     # e2 = η2 f / (κ + ε_κ) with f = 1 - η1 |hid|², κ = Σ_j silu'(pre_j)² |W1[:, j]|²; all β under DGD.
-    dstep1 = deta1 + dgpe1 * after
+    dbeta, dhid = _layer_step_backward(eta, eta1, norm_hid, hid, deta1 + dgpe1 * after, dhid, DELTA, EPS)
     if DELTA:
-        inv1 = 1.0 / (norm_hid + EPS)
-        inv_k = 1.0 / (norm_k + EPS)
-        dbeta = dstep1 * inv1
-        dhid += (-2.0 * dstep1 * eta1 * inv1)[:, None] * hid
         deta2_e, dbeta_e, dhid_e, dpre_e, dcolsq = _curvature_backward(
             de2, eta, eta1, eta2, e2, norm_hid, kappa, hid, slope, curve, colsq, EPS, CURVATURE_EPS)
         deta2 += deta2_e
         dbeta += dbeta_e
         dhid += dhid_e
         dpre += dpre_e  # and dW1 gets dcolsq ⊙ W1 (pass 2)
+        # η2's |k|² sums over D, so its gradient to k is a per-row scale of each block (pass 2),
+        # not _layer_step_backward's whole tile.
+        inv_k = 1.0 / (norm_k + EPS)
         dstep2 = deta2 + dgpe2 * after
         dbeta += dstep2 * inv_k
-        dk_scale = -2.0 * dstep2 * eta2 * inv_k  # dk += dk_scale ⊙ k (|k|² in η2)
+        dk_scale = -2.0 * dstep2 * eta2 * inv_k  # dk += dk_scale ⊙ k
     else:
-        dbeta = dstep1 + de2 + deta2 + dgpe2 * after
+        dbeta += de2 + deta2 + dgpe2 * after
         dcolsq = tl.full([BLOCK_H], 0.0, eta.dtype)
         dk_scale = tl.full([BLOCK_C], 0.0, eta.dtype)
 
